@@ -1,0 +1,1 @@
+"""Router training and threshold selection (torch side)."""

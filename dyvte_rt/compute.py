@@ -1,0 +1,49 @@
+"""Prefill compute accounting (DESIGN §7), in multiply-adds.
+
+A measured latency ratio is judged against the theoretical ratio computed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """The decoder sizes that determine per-layer cost."""
+
+    hidden: int  # d: residual width
+    kv_width: int  # d_kv: num_key_value_heads * head_dim (= d for MHA)
+    mlp: int  # m: SwiGLU intermediate width
+    num_layers: int  # L
+
+
+def layer_macs(n: int, dims: DecoderDims) -> int:
+    """C(n) = 2·n·d² (q,o) + 2·n·d·d_kv (k,v) + 2·n²·d (scores, values) + 3·n·d·m (SwiGLU)."""
+    d = dims.hidden
+    return 2 * n * d * d + 2 * n * d * dims.kv_width + 2 * n * n * d + 3 * n * d * dims.mlp
+
+
+@dataclass(frozen=True)
+class PrefillMacs:
+    full: int  # L·C(N): every layer sees every token
+    actual: int  # Σ_{l≤k} C(N) + Σ_{l>k} C(N−V)
+
+    @property
+    def saved_fraction(self) -> float:
+        return 0.0 if self.full == 0 else 1.0 - self.actual / self.full
+
+
+def prefill_macs(dims: DecoderDims, n_tokens: int, n_visual: int, exit_layer: int | None) -> PrefillMacs:
+    """Prefill cost of a prompt of `n_tokens` (of which `n_visual` visual) exiting after `exit_layer`."""
+    if not 0 <= n_visual <= n_tokens:
+        raise ValueError(f"need 0 <= n_visual <= n_tokens, got {n_visual} and {n_tokens}")
+    full = dims.num_layers * layer_macs(n_tokens, dims)
+    if exit_layer is None:
+        return PrefillMacs(full=full, actual=full)
+    if not 0 <= exit_layer < dims.num_layers:
+        raise ValueError(f"exit layer {exit_layer} outside 0..{dims.num_layers - 1}")
+    with_visual = exit_layer + 1
+    without = dims.num_layers - with_visual
+    actual = with_visual * layer_macs(n_tokens, dims) + without * layer_macs(n_tokens - n_visual, dims)
+    return PrefillMacs(full=full, actual=actual)

@@ -1,0 +1,1 @@
+"""Backends (ONNX Runtime, TensorRT) behind one session interface; never imports torch."""

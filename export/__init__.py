@@ -1,0 +1,1 @@
+"""Torch side: model loading, family adapters, the PyTorch DyVTE reference and ONNX export."""

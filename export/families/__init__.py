@@ -1,0 +1,34 @@
+"""The registry of model families: one adapter per Hugging Face architecture, listed here once.
+
+Adding a family (InternVL, LLaVA-NeXT, ...) is one adapter file and one line below, plus a tiny
+test model (a guard test fails if a registered family has none).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dyvte_rt.errors import UnsupportedModelError
+from export.families.base import FamilyAdapter
+from export.families.llava import LlavaAdapter
+
+FAMILIES: dict[str, type[FamilyAdapter]] = {
+    "LlavaForConditionalGeneration": LlavaAdapter,
+}
+
+
+def adapter_class_for(architecture: str) -> type[FamilyAdapter]:
+    try:
+        return FAMILIES[architecture]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"architecture {architecture!r} is not supported",
+            hint=f"supported architectures: {', '.join(sorted(FAMILIES))}",
+        ) from None
+
+
+def adapter_for(model: nn.Module) -> FamilyAdapter:
+    return adapter_class_for(type(model).__name__)(model)
+
+
+__all__ = ["FAMILIES", "FamilyAdapter", "adapter_class_for", "adapter_for"]

@@ -1,0 +1,55 @@
+"""The protocol a model family implements so that the reference and the exporter can use it.
+
+An adapter wraps one loaded Hugging Face model and exposes the parts DyVTE needs; everything
+family-specific (where the vision tower lives, how features are selected) stays behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from dyvte_rt.compute import DecoderDims
+
+
+class FamilyAdapter(Protocol):
+    """One loaded multimodal model, seen through the parts DyVTE splits it into."""
+
+    family: str  # registry key written to the manifest, e.g. "llava"
+    tolerance: float  # max abs logit error accepted in fp32 parity checks
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def dims(self) -> DecoderDims: ...
+
+    @property
+    def image_token_id(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        """Layers called as `layer(h, attention_mask=, position_embeddings=, cache=)`."""
+        ...
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] pixels -> [B, V, D] projected visual tokens."""
+        ...
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, N] ids -> [B, N, D] token embeddings (image placeholders still unfilled)."""
+        ...
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for `position_ids` [B, S], in the layout the decoder layers expect."""
+        ...
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: [B, S, D] -> [B, S, vocab]."""
+        ...

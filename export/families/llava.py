@@ -1,0 +1,94 @@
+"""LLaVA-1.5 style models (`LlavaForConditionalGeneration`, transformers 5.x).
+
+Works with any decoder transformers provides under it whose layers follow the Llama layout
+(Llama MHA/GQA, Qwen2 with attention biases, ...): the decoder layers are called as they are,
+so per-family details such as biases or q/k norms come with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dyvte_rt.compute import DecoderDims
+from dyvte_rt.errors import UnsupportedModelError
+
+
+class LlavaAdapter:
+    family = "llava"
+    tolerance = 1e-4
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        config = model.config
+        text = config.text_config
+        _check_full_attention(text)
+        self._vision_layer = config.vision_feature_layer
+        self._select = config.vision_feature_select_strategy
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self._dims = DecoderDims(
+            hidden=text.hidden_size,
+            kv_width=text.num_key_value_heads * head_dim,
+            mlp=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
+        )
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def dims(self) -> DecoderDims:
+        return self._dims
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self._model.config.image_token_id)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = self._model.generation_config.eos_token_id
+        if eos is None:
+            eos = self._model.config.text_config.eos_token_id
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+    @property
+    def _language_model(self) -> nn.Module:
+        return self._model.model.language_model
+
+    @property
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return self._language_model.layers
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self._model.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=self._vision_layer,
+            vision_feature_select_strategy=self._select,
+            return_dict=True,
+        )
+        return torch.stack(list(out.pooler_output), dim=0)  # [B, V, D]
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._language_model.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._model.lm_head(self._language_model.norm(hidden))
+
+
+def _check_full_attention(text_config) -> None:
+    """Sliding-window layers would need a different mask; refuse them rather than be wrong."""
+    layer_types = getattr(text_config, "layer_types", None) or []
+    windowed = sorted({t for t in layer_types if t != "full_attention"})
+    if windowed:
+        raise UnsupportedModelError(
+            f"decoder layers of type {windowed} are not supported (only full attention)",
+            hint="disable sliding-window attention in the checkpoint's text config",
+        )

@@ -1,0 +1,148 @@
+"""Resolve `--model` to a local checkpoint and load it safely.
+
+`--model` is an alias (`llava-7b`), a local checkpoint directory (llava-hf layout) or a repo id
+already in the local Hugging Face cache. Nothing is ever downloaded: a missing model is one
+clear error naming the repo id and how to obtain it. Weights load from safetensors only, and
+remote code runs only when the user passes `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dyvte_rt.errors import DyvteError, ModelNotFoundError, UnsupportedModelError
+
+ALIASES: dict[str, str] = {
+    "llava-7b": "llava-hf/llava-1.5-7b-hf",
+    "llava-13b": "llava-hf/llava-1.5-13b-hf",
+}
+
+DTYPES = ("fp32", "fp16", "bf16")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint in memory with everything the reference and the exporter need."""
+
+    source: str  # what the user asked for (alias, path or repo id)
+    repo_id: str | None  # the Hugging Face repo id, where one is known
+    path: Path  # local checkpoint directory
+    model: object  # transformers PreTrainedModel, in eval mode
+    processor: object  # transformers processor (image processor + tokenizer + chat template)
+    adapter: object  # export.families.FamilyAdapter
+
+
+def resolve_checkpoint(spec: str) -> tuple[Path, str | None]:
+    """Map `--model` to (local directory, repo id or None) without touching the network."""
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        return local.resolve(), None
+    repo_id = ALIASES.get(spec, spec)
+    if not _REPO_ID.match(repo_id):
+        raise ModelNotFoundError(
+            f"model {spec!r} is not a checkpoint directory, a known alias or a Hugging Face repo id",
+            hint=f"aliases: {', '.join(sorted(ALIASES))}; or pass a directory in the llava-hf layout",
+        )
+    return _from_hf_cache(spec, repo_id), repo_id
+
+
+def _from_hf_cache(spec: str, repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    named = repo_id if spec == repo_id else f"{spec} ({repo_id})"
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise ModelNotFoundError(
+            f"model {named} is not in the local Hugging Face cache ({_hub_cache()}) and dyvte-rt never "
+            f"downloads",
+            hint=f"on a machine with network access run `hf download {repo_id}` and copy the cache here, "
+            f"or pass --model /path/to/checkpoint",
+        ) from None
+    if not any(path.glob("*.safetensors")):
+        raise ModelNotFoundError(
+            f"model {named} is in the local cache but its safetensors weights are missing",
+            hint=f"complete the download with `hf download {repo_id}`",
+        )
+    return path
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def read_architecture(path: Path) -> str:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{path} has no config.json; it is not a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(config_file.read_text())
+        return config["architectures"][0]
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+        raise UnsupportedModelError(f"{config_file} does not name the model's architecture") from None
+
+
+def _check_weights(path: Path) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise UnsupportedModelError(
+            f"{path} has only pickle weights (.bin/.pt), which dyvte-rt does not load",
+            hint="convert the checkpoint to safetensors (save_pretrained(..., safe_serialization=True))",
+        )
+    raise ModelNotFoundError(f"{path} holds no safetensors weights")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise DyvteError(f"unknown dtype {name!r}", hint=f"choose one of {', '.join(DTYPES)}")
+    return table[name]
+
+
+def load_checkpoint(
+    spec: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load a checkpoint for the reference / exporter; every failure a user can fix is a DyvteError."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach for the hub
+    path, repo_id = resolve_checkpoint(spec)
+    from export.families import adapter_class_for
+
+    adapter_cls = adapter_class_for(read_architecture(path))
+    _check_weights(path)
+
+    import transformers
+
+    model_cls = getattr(transformers, read_architecture(path))
+    try:
+        model = model_cls.from_pretrained(
+            path,
+            dtype=torch_dtype(dtype),
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+        )
+        processor = transformers.AutoProcessor.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UnsupportedModelError(f"cannot load the checkpoint at {path}: {_first_line(err)}") from None
+    model = model.to(device).eval()
+    return LoadedModel(
+        source=spec, repo_id=repo_id, path=path, model=model, processor=processor, adapter=adapter_cls(model)
+    )
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,148 @@
+"""Answer a question about an image with the PyTorch reference (no export needed).
+
+    python -m export.reference --model DIR --image photo.png --question "what is this?" --exit layer:1
+
+Useful to see the exit semantics on a checkpoint before exporting it, and as the ground truth
+when a bundle's answer looks wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dyvte_rt.errors import DyvteError, InputError
+from dyvte_rt.policy import DEFAULT_THRESHOLD, parse_policy
+from export.loading import DTYPES
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    model: str
+    image: Path
+    question: str
+    exit: str = "never"
+    threshold: float | None = None  # None: the routers file's threshold, else 0.5
+    routers: Path | None = None
+    max_new_tokens: int = 32
+    dtype: str = "fp32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    as_json: bool = False
+
+
+def parse_args(argv: list[str] | None) -> ReferenceConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.reference",
+        description="Run the PyTorch DyVTE reference on one image and question (greedy decoding).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="alias (llava-7b, llava-13b), checkpoint directory, or repo id in the local HF cache",
+    )
+    parser.add_argument("--image", type=Path, required=True, help="image file")
+    parser.add_argument("--question", required=True, help="question about the image")
+    parser.add_argument("--exit", default="never", help="exit policy: never, router, or layer:K")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="router exit threshold (default: the routers file's, else 0.5)",
+    )
+    parser.add_argument("--routers", type=Path, default=None, help="trained routers (.safetensors)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the checkpoint's own Python code to run (off by default)",
+    )
+    parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+    return ReferenceConfig(**vars(parser.parse_args(argv)))
+
+
+def run(config: ReferenceConfig) -> dict:
+    """Load, prompt, generate; returns what the CLI prints."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from export.loading import load_checkpoint
+    from export.reference.model import DyVTEReference
+    from export.reference.routers import RouterBank
+
+    if not config.question.strip():
+        raise InputError("the question is empty", hint="ask something about the image")
+    try:
+        with Image.open(config.image) as handle:
+            image = handle.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"image {config.image} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"cannot read image {config.image}: {err}") from None
+    routers = RouterBank.load(config.routers) if config.routers else None
+    threshold = (
+        config.threshold
+        if config.threshold is not None
+        else (routers.threshold if routers is not None else DEFAULT_THRESHOLD)
+    )
+    policy = parse_policy(config.exit, threshold)
+    loaded = load_checkpoint(config.model, config.dtype, config.device, config.trust_remote_code)
+    reference = DyVTEReference(loaded.adapter, routers=routers)
+    processor = loaded.processor
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config.question}]}
+    ]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(config.device)
+    if routers is not None:
+        reference.routers = routers.to(config.device)
+    with torch.inference_mode():
+        result = reference.generate(
+            inputs["input_ids"], inputs["pixel_values"].to(loaded.model.dtype), policy, config.max_new_tokens
+        )
+    prefill = result.prefill
+    return {
+        "answer": processor.tokenizer.decode(result.tokens, skip_special_tokens=True).strip(),
+        "token_ids": result.tokens,
+        "policy": policy.describe(),
+        "exit_layer": prefill.exit_layer,
+        "exit_probs": {str(k): round(v, 6) for k, v in prefill.exit_probs.items()},
+        "prompt_tokens": prefill.n_tokens,
+        "visual_tokens": prefill.n_visual,
+        "prefill_macs": {
+            "full": prefill.macs.full,
+            "actual": prefill.macs.actual,
+            "saved_fraction": round(prefill.macs.saved_fraction, 4),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        report = run(config)
+    except DyvteError as err:
+        print(f"error: {err.one_line()}", file=sys.stderr)
+        return err.exit_code
+    if config.as_json:
+        print(json.dumps(report))
+    else:
+        exit_text = "none" if report["exit_layer"] is None else f"after layer {report['exit_layer']}"
+        print(report["answer"])
+        print(
+            f"[{report['policy']}] visual tokens exit: {exit_text}; prefill multiply-adds "
+            f"{report['prefill_macs']['actual'] / 1e9:.3f} G of {report['prefill_macs']['full'] / 1e9:.3f} G "
+            f"({100 * report['prefill_macs']['saved_fraction']:.1f}% saved)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The PyTorch reference of DyVTE's exit semantics (DESIGN §3) over a Hugging Face model.
+
+Everything else (ONNX graphs, the numpy runtime, calibration) is tested against this module,
+and this module is tested against the plain Hugging Face model with policy `never`.
+
+Shapes: B = 1 (batch 1 is the first target), N prompt tokens, V visual tokens, D hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dyvte_rt.compute import PrefillMacs, prefill_macs
+from dyvte_rt.errors import InputError
+from dyvte_rt.policy import ExitPolicy, check_policy_fits, exit_probability
+from export.families import FamilyAdapter
+from export.reference.cache import KVCache
+from export.reference.masks import causal_mask
+from export.reference.routers import RouterBank, feature_positions, router_features
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # [1, S, vocab] at every position still present after the last layer
+    positions: torch.Tensor  # [1, S] original position ids of those positions
+    cache: KVCache
+    exit_layer: int | None  # visual tokens took part in layers 0..exit_layer
+    exit_probs: dict[int, float]  # router p(exit) per evaluated candidate layer
+    macs: PrefillMacs
+    n_tokens: int  # N
+    n_visual: int  # V
+    features: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [1, 2D], if collected
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # generated ids, EOS included if produced
+    prefill: PrefillResult
+
+    @property
+    def exit_layer(self) -> int | None:
+        return self.prefill.exit_layer
+
+
+def merge_image_features(
+    token_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
+    """Place visual tokens at the image-token positions, in order (export-friendly gather).
+
+    token_embeds [B, N, D], input_ids [B, N], image_features [B, V, D] -> [B, N, D].
+    """
+    is_image = input_ids == image_token_id  # [B, N]
+    index = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(min=0)  # [B, N]
+    index = index.unsqueeze(-1).expand(-1, -1, image_features.shape[-1])  # [B, N, D]
+    gathered = torch.gather(image_features.to(token_embeds.dtype), 1, index)  # [B, N, D]
+    return torch.where(is_image.unsqueeze(-1), gathered, token_embeds)
+
+
+class DyVTEReference(nn.Module):
+    def __init__(
+        self,
+        adapter: FamilyAdapter,
+        routers: RouterBank | None = None,
+        candidate_layers: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.model = adapter.model
+        self.routers = routers
+        num_layers = adapter.dims.num_layers
+        if candidate_layers is None:
+            candidate_layers = routers.layers if routers is not None else tuple(range(num_layers - 1))
+        bad = [k for k in candidate_layers if not 0 <= k < num_layers - 1]
+        if bad:
+            raise InputError(f"candidate exit layers {bad} outside 0..{num_layers - 2}")
+        self.candidate_layers = tuple(sorted(candidate_layers))
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.dims.num_layers
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """[1, N] ids (+ [1, 3, H, W] pixels) -> [1, N, D] input embeddings."""
+        image_id = self.adapter.image_token_id
+        safe_ids = input_ids.masked_fill(input_ids == image_id, 0)  # placeholder rows are replaced
+        embeds = self.adapter.embed_tokens(safe_ids)
+        n_image = int((input_ids == image_id).sum())
+        if n_image == 0:
+            return embeds
+        if pixel_values is None:
+            raise InputError(f"the prompt has {n_image} image tokens but no image was given")
+        features = self.adapter.image_features(pixel_values)  # [1, V, D]
+        if features.shape[1] != n_image:
+            raise InputError(f"the prompt has {n_image} image tokens but the image gives {features.shape[1]}")
+        return merge_image_features(embeds, input_ids, features, image_id)
+
+    def run_layer(
+        self, index: int, hidden: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One decoder layer exactly as transformers ships it, with our cache and mask."""
+        layer = self.adapter.decoder_layers[index]
+        return layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            position_embeddings=self.adapter.rotary(hidden, position_ids),
+            cache=cache,
+            use_cache=True,
+        )
+
+    # -- prefill / decode / generate ----------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        policy: ExitPolicy,
+        collect_features: bool = False,
+    ) -> PrefillResult:
+        _check_batch_one(input_ids)
+        check_policy_fits(policy, self.num_layers, self.candidate_layers)
+        if policy.needs_routers and self.routers is None:
+            raise InputError("policy 'router' needs trained routers, and none are loaded")
+        hidden = self.embed(input_ids, pixel_values)  # [1, N, D]
+        n_tokens = hidden.shape[1]
+        is_visual = input_ids[0] == self.adapter.image_token_id  # [N]
+        n_visual = int(is_visual.sum())
+        positions = torch.arange(n_tokens, device=hidden.device)[None]  # [1, N]
+        mean_at = feature_positions(input_ids, self.adapter.image_token_id).to(hidden.device)
+        cache = KVCache(self.num_layers)
+        mask = causal_mask(n_tokens, 0, hidden.dtype, hidden.device)
+        exit_layer: int | None = None
+        exit_probs: dict[int, float] = {}
+        features: dict[int, torch.Tensor] = {}
+        for index in range(self.num_layers):
+            hidden = self.run_layer(index, hidden, positions, cache, mask)
+            if exit_layer is not None or n_visual == 0 or index not in self.candidate_layers:
+                continue
+            feats = router_features(hidden, mean_at)  # [1, 2D]
+            if collect_features:
+                features[index] = feats
+            prob = None
+            if self.routers is not None and index in self.routers.layers:
+                logits = self.routers.logits(index, feats.to(next(self.routers.parameters()).dtype))
+                prob = exit_probability(logits.float().cpu().numpy())
+                exit_probs[index] = prob
+            if policy.decide(index, prob):
+                exit_layer = index
+                keep = ~is_visual
+                hidden, positions = hidden[:, keep], positions[:, keep]  # [1, N-V, D], [1, N-V]
+                mask = causal_mask(hidden.shape[1], 0, hidden.dtype, hidden.device)
+        return PrefillResult(
+            logits=self.adapter.head(hidden),
+            positions=positions,
+            cache=cache,
+            exit_layer=exit_layer,
+            exit_probs=exit_probs,
+            macs=prefill_macs(self.adapter.dims, n_tokens, n_visual, exit_layer),
+            n_tokens=n_tokens,
+            n_visual=n_visual,
+            features=features,
+        )
+
+    @torch.no_grad()
+    def decode_one_token(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+        """token [1, 1] at original position `position` -> next-token logits [1, vocab]."""
+        hidden = self.adapter.embed_tokens(token)  # [1, 1, D]
+        positions = torch.full((1, 1), position, dtype=torch.long, device=hidden.device)
+        for index in range(self.num_layers):
+            mask = causal_mask(1, cache.length(index), hidden.dtype, hidden.device)  # all zeros
+            hidden = self.run_layer(index, hidden, positions, cache, mask)
+        return self.adapter.head(hidden)[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        policy: ExitPolicy,
+        max_new_tokens: int = 32,
+    ) -> GenerationResult:
+        """Greedy generation; stops after EOS or `max_new_tokens`."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        result = self.prefill(input_ids, pixel_values, policy)
+        eos = set(self.adapter.eos_token_ids)
+        token = result.logits[:, -1].argmax(dim=-1, keepdim=True)  # [1, 1]
+        tokens = [int(token)]
+        position = result.n_tokens  # decode continues the original numbering
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            logits = self.decode_one_token(token, position, result.cache)
+            token = logits.argmax(dim=-1, keepdim=True)
+            tokens.append(int(token))
+            position += 1
+        return GenerationResult(tokens=tokens, prefill=result)
+
+
+def _check_batch_one(input_ids: torch.Tensor) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise InputError(
+            f"the reference runs batch 1 (got input_ids of shape {tuple(input_ids.shape)})",
+            hint="run requests one at a time; per-sample exits in a batch come with batching support",
+        )

@@ -1,0 +1,190 @@
+"""Tiny random-weight LLaVA checkpoints in the llava-hf layout, for tests and quick trials.
+
+Each is a real local checkpoint (config, safetensors, tokenizer, processor, chat template) that
+`--model DIR` loads exactly like a downloaded one. Backbones cover the decoder variants the
+LLaVA adapter must handle: Llama with MHA, Llama with GQA, Qwen2 (attention biases).
+
+    python -m export.tiny_models --backbone llama-gqa --out /tmp/tiny-llava
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from export.word_tokenizer import BOS, EOS, IMAGE, PAD, UNK, build_word_tokenizer
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), as llava-hf renders it.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+TINY_WORDS = (
+    "user assistant system : ? . , ! ' the a an is are what which where how many color colour shape "
+    "of in on at to and or this that image picture there red green blue yellow purple orange black "
+    "white circle square triangle star one two three four left right top bottom middle center yes no "
+    "describe answer question word short big small"
+).split()
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny checkpoint; visual tokens = (image_size / patch_size)²."""
+
+    image_size: int = 32
+    patch_size: int = 8  # -> 16 visual tokens
+    vision_hidden: int = 32
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 4
+    layers: int = 4
+    mlp: int = 128
+    init_std: float = 0.1  # larger than HF's 0.02 so the random model is not near-uniform
+    head_std: float = 0.6  # sharper LM head: greedy picks win by clear margins, not near-ties
+
+
+def _llama(spec: TinySpec, vocab: int) -> PretrainedConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.mlp,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        initializer_range=spec.init_std,
+    )
+
+
+def _qwen2(spec: TinySpec, vocab: int) -> PretrainedConfig:
+    return Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.mlp,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        initializer_range=spec.init_std,
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+    )
+
+
+@dataclass(frozen=True)
+class TinyBackbone:
+    text_config: Callable[[TinySpec, int], PretrainedConfig]
+    spec: TinySpec
+
+
+TINY_BACKBONES: dict[str, TinyBackbone] = {
+    "llama-mha": TinyBackbone(_llama, TinySpec(kv_heads=4)),
+    "llama-gqa": TinyBackbone(_llama, TinySpec(kv_heads=2)),
+    "qwen2": TinyBackbone(_qwen2, TinySpec(kv_heads=2)),
+}
+
+# Which tiny backbones exercise each registered family (a guard test checks every family has one).
+TINY_MODELS_BY_FAMILY: dict[str, tuple[str, ...]] = {"llava": tuple(TINY_BACKBONES)}
+
+
+def build_tiny_llava(backbone: str, out: Path, seed: int = 0) -> Path:
+    """Write a tiny random LLaVA checkpoint to `out` and return it."""
+    choice = TINY_BACKBONES[backbone]
+    spec = choice.spec
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_word_tokenizer(TINY_WORDS),
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+        initializer_range=spec.init_std,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=choice.text_config(spec, len(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, spec.head_std)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": spec.image_size},
+            crop_size={"height": spec.image_size, "width": spec.image_size},
+        ),
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.tiny_models",
+        description="Write a tiny random-weight LLaVA checkpoint (llava-hf layout) for tests and trials.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--backbone", choices=sorted(TINY_BACKBONES), default="llama-gqa")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    args = parser.parse_args(argv)
+    path = build_tiny_llava(args.backbone, args.out, args.seed)
+    print(f"wrote tiny {args.backbone} LLaVA checkpoint to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

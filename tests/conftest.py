@@ -1,0 +1,65 @@
+"""Session fixtures: each tiny checkpoint is built and loaded once per test run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BACKBONES = ("llama-mha", "llama-gqa", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from export.tiny_models import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {name: build_tiny_llava(name, root / name, seed=index) for index, name in enumerate(BACKBONES)}
+
+
+@pytest.fixture(scope="session")
+def loaded_models(tiny_checkpoints):
+    from export.loading import load_checkpoint
+
+    return {name: load_checkpoint(str(path)) for name, path in tiny_checkpoints.items()}
+
+
+@pytest.fixture(params=BACKBONES)
+def backbone(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def sample_image(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    pixels = (np.random.RandomState(0).rand(45, 61, 3) * 255).astype("uint8")
+    path = tmp_path_factory.mktemp("images") / "odd-size.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@dataclass
+class Prompt:
+    input_ids: object  # torch.LongTensor [1, N]
+    pixel_values: object  # torch.FloatTensor [1, 3, H, W]
+    inputs: object  # the processor's full output, for calling the HF model directly
+
+
+def make_prompt(loaded, image_path: Path, question: str) -> Prompt:
+    from PIL import Image
+
+    processor = loaded.processor
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=Image.open(image_path).convert("RGB"), text=text, return_tensors="pt")
+    return Prompt(inputs["input_ids"], inputs["pixel_values"], inputs)
+
+
+@pytest.fixture
+def prompt_factory(sample_image):
+    return lambda loaded, question="what color is the circle on the left?": make_prompt(
+        loaded, sample_image, question
+    )

@@ -38,6 +38,10 @@ class ExitPolicy(Protocol):
 
     def describe(self) -> str: ...
 
+    def spec(self) -> str:
+        """The string `parse_policy` turns back into this policy (thresholds travel separately)."""
+        ...
+
 
 @dataclass(frozen=True)
 class NeverExit:
@@ -49,6 +53,9 @@ class NeverExit:
         return False
 
     def describe(self) -> str:
+        return "never"
+
+    def spec(self) -> str:
         return "never"
 
 
@@ -63,6 +70,9 @@ class FixedLayerExit:
         return layer == self.layer
 
     def describe(self) -> str:
+        return f"layer:{self.layer}"
+
+    def spec(self) -> str:
         return f"layer:{self.layer}"
 
 
@@ -84,6 +94,9 @@ class RouterExit:
 
     def describe(self) -> str:
         return f"router(threshold={self.threshold:g})"
+
+    def spec(self) -> str:
+        return "router"
 
 
 _LAYER_SPEC = re.compile(r"^layer:(\d+)$")

@@ -110,36 +110,69 @@ def torch_dtype(name: str):
     return table[name]
 
 
-def load_checkpoint(
-    spec: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False
-) -> LoadedModel:
-    """Load a checkpoint for the reference / exporter; every failure a user can fix is a DyvteError."""
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What can be known about a checkpoint without loading its weights."""
+
+    source: str
+    repo_id: str | None
+    path: Path
+    architecture: str
+    config: dict  # config.json as written
+
+    @property
+    def adapter_class(self):
+        from export.families import adapter_class_for
+
+        return adapter_class_for(self.architecture)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter_class.num_layers_in(self.config)
+
+
+def inspect_checkpoint(spec: str) -> CheckpointInfo:
+    """Resolve `--model` and read its config: every cheap check happens before weights load."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach for the hub
     path, repo_id = resolve_checkpoint(spec)
-    from export.families import adapter_class_for
-
-    adapter_cls = adapter_class_for(read_architecture(path))
+    architecture = read_architecture(path)
+    info = CheckpointInfo(spec, repo_id, path, architecture, json.loads((path / "config.json").read_text()))
+    info.adapter_class  # noqa: B018 - raises for unsupported architectures
     _check_weights(path)
+    return info
 
+
+def load_checkpoint(
+    spec: str | CheckpointInfo, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load a checkpoint for the reference / exporter; every failure a user can fix is a DyvteError."""
+    info = spec if isinstance(spec, CheckpointInfo) else inspect_checkpoint(spec)
     import transformers
 
-    model_cls = getattr(transformers, read_architecture(path))
+    model_cls = getattr(transformers, info.architecture)
     try:
         model = model_cls.from_pretrained(
-            path,
+            info.path,
             dtype=torch_dtype(dtype),
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
         )
         processor = transformers.AutoProcessor.from_pretrained(
-            path, local_files_only=True, trust_remote_code=trust_remote_code
+            info.path, local_files_only=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise UnsupportedModelError(f"cannot load the checkpoint at {path}: {_first_line(err)}") from None
+        raise UnsupportedModelError(
+            f"cannot load the checkpoint at {info.path}: {_first_line(err)}"
+        ) from None
     model = model.to(device).eval()
     return LoadedModel(
-        source=spec, repo_id=repo_id, path=path, model=model, processor=processor, adapter=adapter_cls(model)
+        source=info.source,
+        repo_id=info.repo_id,
+        path=info.path,
+        model=model,
+        processor=processor,
+        adapter=info.adapter_class(model),
     )
 
 

@@ -63,3 +63,37 @@ def prompt_factory(sample_image):
     return lambda loaded, question="what color is the circle on the left?": make_prompt(
         loaded, sample_image, question
     )
+
+
+@pytest.fixture(scope="session")
+def bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """One exported bundle per tiny backbone (default exit layers, no routers)."""
+    from export.build import BuildConfig, build_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for name, checkpoint in tiny_checkpoints.items():
+        build_bundle(BuildConfig(model=str(checkpoint), out=root / name, quiet=True))
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def router_bundle(tiny_checkpoints, tmp_path_factory):
+    """A llama-gqa bundle whose routers fire at layer 2 (p = 0.99), plus the routers file."""
+    from export.build import BuildConfig, build_bundle
+
+    root = tmp_path_factory.mktemp("router-bundle")
+    from tests.helpers import routers_firing_at
+
+    bank = routers_firing_at(64, range(0, 3), fire_at=2)
+    bank.save(root / "routers.safetensors")
+    build_bundle(
+        BuildConfig(
+            model=str(tiny_checkpoints["llama-gqa"]),
+            out=root / "bundle",
+            routers=root / "routers.safetensors",
+            quiet=True,
+        )
+    )
+    return root / "bundle", root / "routers.safetensors"

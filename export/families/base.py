@@ -21,6 +21,11 @@ class FamilyAdapter(Protocol):
     family: str  # registry key written to the manifest, e.g. "llava"
     tolerance: float  # max abs logit error accepted in fp32 parity checks
 
+    @classmethod
+    def num_layers_in(cls, config: dict) -> int:
+        """Decoder layer count read from config.json, before any weights load."""
+        ...
+
     @property
     def model(self) -> nn.Module: ...
 

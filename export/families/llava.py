@@ -35,6 +35,13 @@ class LlavaAdapter:
             num_layers=text.num_hidden_layers,
         )
 
+    @classmethod
+    def num_layers_in(cls, config: dict) -> int:
+        try:
+            return int(config["text_config"]["num_hidden_layers"])
+        except (KeyError, TypeError, ValueError):
+            raise UnsupportedModelError("config.json has no text_config.num_hidden_layers") from None
+
     @property
     def model(self) -> nn.Module:
         return self._model
@@ -65,13 +72,14 @@ class LlavaAdapter:
         return self._language_model.layers
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self._model.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=self._vision_layer,
-            vision_feature_select_strategy=self._select,
-            return_dict=True,
-        )
-        return torch.stack(list(out.pooler_output), dim=0)  # [B, V, D]
+        # HF's get_image_features splits the batch into a Python list, which pins the batch size
+        # in an exported graph; the same selection with tensor ops only:
+        out = self._model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        layers = [self._vision_layer] if isinstance(self._vision_layer, int) else list(self._vision_layer)
+        selected = [out.hidden_states[k] for k in layers]  # each [B, 1 + V, Dv]
+        if self._select == "default":
+            selected = [h[:, 1:] for h in selected]  # drop CLS
+        return self._model.model.multi_modal_projector(torch.cat(selected, dim=-1))  # [B, V, D]
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._language_model.embed_tokens(input_ids)

@@ -50,12 +50,15 @@ def merge_image_features(
 ) -> torch.Tensor:
     """Place visual tokens at the image-token positions, in order (export-friendly gather).
 
-    token_embeds [B, N, D], input_ids [B, N], image_features [B, V, D] -> [B, N, D].
+    token_embeds [B, N, D], input_ids [B, N], image_features [B, V, D] -> [B, N, D]. V may be 0
+    (text-only prompts, decode steps): a zero row is appended so the gather always has a source.
     """
+    batch, _, dim = token_embeds.shape
+    padded = torch.cat([image_features.to(token_embeds.dtype), token_embeds.new_zeros(batch, 1, dim)], dim=1)
     is_image = input_ids == image_token_id  # [B, N]
-    index = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(min=0)  # [B, N]
-    index = index.unsqueeze(-1).expand(-1, -1, image_features.shape[-1])  # [B, N, D]
-    gathered = torch.gather(image_features.to(token_embeds.dtype), 1, index)  # [B, N, D]
+    index = torch.cumsum(is_image.long(), dim=1) - 1  # [B, N]: k-th image token takes feature k
+    index = torch.where(is_image, index, torch.full_like(index, image_features.shape[1]))  # else: zero row
+    gathered = torch.gather(padded, 1, index.unsqueeze(-1).expand(-1, -1, dim))  # [B, N, D]
     return torch.where(is_image.unsqueeze(-1), gathered, token_embeds)
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dyvte_rt.errors import DyvteError
+from dyvte_rt.features import text_feature_positions
 
 ROUTERS_FORMAT = "dyvte-routers/1"
 
@@ -84,15 +85,8 @@ class RouterBank(nn.Module):
 
 
 def feature_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """Indices whose states are averaged: the prompt tokens after the last image token, minus
-    the last prompt token; the last token alone if that leaves nothing (never an empty mean)."""
-    ids = input_ids[0]  # batch 1: [N]
-    n = ids.shape[0]
-    image_at = torch.nonzero(ids == image_token_id).flatten()
-    first_text = int(image_at[-1]) + 1 if image_at.numel() else 0
-    if first_text >= n - 1:
-        return torch.tensor([n - 1])
-    return torch.arange(first_text, n - 1)
+    """Indices averaged by the router features (DESIGN §3), for a batch-1 prompt [1, N]."""
+    return torch.from_numpy(text_feature_positions(input_ids[0].cpu().numpy(), image_token_id))
 
 
 def router_features(hidden: torch.Tensor, mean_positions: torch.Tensor) -> torch.Tensor:

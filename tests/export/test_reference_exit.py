@@ -7,6 +7,7 @@ from dyvte_rt.errors import InputError, PolicyError
 from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
 from export.reference import DyVTEReference, RouterBank, feature_positions
 from export.reference.masking import prefill_with_visual_keys_masked
+from tests.helpers import routers_firing_at
 
 
 def test_removal_equals_masking_for_every_exit_layer(loaded_models, backbone, prompt_factory):
@@ -47,22 +48,11 @@ def test_decode_after_exit_equals_masked_full_sequence(loaded_models, prompt_fac
     assert greedy == result.tokens
 
 
-def _bank_firing_at(hidden: int, layers: range, fire_at: int, p_exit: float = 0.99) -> RouterBank:
-    bank = RouterBank(hidden, layers, width=0)
-    logit = torch.logit(torch.tensor(p_exit)).item()
-    with torch.no_grad():
-        for k in bank.layers:
-            linear = bank.routers[str(k)].net[0]
-            linear.weight.zero_()
-            linear.bias.copy_(torch.tensor([0.0, logit if k == fire_at else -logit]))
-    return bank
-
-
 def test_router_policy_exits_where_the_routers_fire(loaded_models, backbone, prompt_factory):
     loaded = loaded_models[backbone]
     prompt = prompt_factory(loaded)
     layers = range(loaded.adapter.dims.num_layers - 1)
-    bank = _bank_firing_at(loaded.adapter.dims.hidden, layers, fire_at=2)
+    bank = routers_firing_at(loaded.adapter.dims.hidden, layers, fire_at=2)
     reference = DyVTEReference(loaded.adapter, routers=bank)
     routed = reference.prefill(prompt.input_ids, prompt.pixel_values, RouterExit(0.5))
     fixed = reference.prefill(prompt.input_ids, prompt.pixel_values, FixedLayerExit(2))

@@ -1,0 +1,37 @@
+"""The one place that names graph inputs and outputs; exporter and runtime both use it."""
+
+from __future__ import annotations
+
+HIDDEN_IN = "hidden_states"  # [B, S, D]
+POSITION_IDS = "position_ids"  # [B, S] int64, original positions (gaps after an exit)
+ROUTER_POOL = "router_pool"  # [B, S] float: mean weights over text_after_image[:-1]
+HIDDEN_OUT = "hidden_states_out"  # [B, S, D]
+ROUTER_LOGITS = "router_logits"  # [B, 2]; class 1 = exit
+PIXEL_VALUES = "pixel_values"  # [B, 3, H, W]
+IMAGE_FEATURES = "image_features"  # [B, V, D]
+INPUT_IDS = "input_ids"  # [B, N] int64
+INPUT_EMBEDS = "inputs_embeds"  # [B, N, D]
+LOGITS = "logits"  # [B, vocab], last position only
+
+
+def past_name(layer: int, kind: str) -> str:
+    """`past.{layer}.key` / `past.{layer}.value`: [B, H_kv, P, head_dim]."""
+    _check_kind(kind)
+    return f"past.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    """`present.{layer}.key` / `present.{layer}.value`: [B, H_kv, P + S, head_dim]."""
+    _check_kind(kind)
+    return f"present.{layer}.{kind}"
+
+
+def kv_names(layers: range, prefix: str) -> list[str]:
+    """[past|present].{l}.key, .value for each layer, in the order graphs take them."""
+    name = past_name if prefix == "past" else present_name
+    return [name(layer, kind) for layer in layers for kind in ("key", "value")]
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("key", "value"):
+        raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")

@@ -1,0 +1,78 @@
+"""The one session interface every backend implements.
+
+The base class owns the lifecycle and the checks: I/O names are compared with the manifest once,
+when the session opens, never on the decode hot path. Backends implement `_open_impl`,
+`_run_impl` and `_close_impl`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dyvte_rt.manifest import BundleError, GraphInfo
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    device: str = "cpu"  # cpu | cuda | tensorrt
+    intra_op_threads: int = 0  # 0: the backend's default
+    optimization: str = "all"  # none | basic | extended | all
+
+
+class Session(ABC):
+    def __init__(self, path: Path, graph: GraphInfo, options: SessionOptions) -> None:
+        self.path = Path(path)
+        self.graph = graph
+        self.options = options
+        self._open_impl()
+        self._check_io()
+        self._closed = False
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.graph.inputs)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.graph.outputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph; `feeds` holds exactly the graph's inputs. Returns every output by name."""
+        if self._closed:
+            raise RuntimeError(f"session for {self.path.name} is closed")
+        return dict(zip(self.outputs, self._run_impl(feeds), strict=True))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._close_impl()
+            self._closed = True
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_io(self) -> None:
+        actual_in, actual_out = self._io_names_impl()
+        if tuple(actual_in) != self.inputs or tuple(actual_out) != self.outputs:
+            raise BundleError(
+                f"{self.path.name} does not have the inputs/outputs its manifest lists",
+                hint="the bundle is damaged or was edited; re-export it",
+            )
+
+    @abstractmethod
+    def _open_impl(self) -> None: ...
+
+    @abstractmethod
+    def _io_names_impl(self) -> tuple[list[str], list[str]]: ...
+
+    @abstractmethod
+    def _run_impl(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    @abstractmethod
+    def _close_impl(self) -> None: ...

@@ -1,0 +1,334 @@
+"""`python -m export.build`: split a checkpoint into a verified ONNX bundle (DESIGN §4).
+
+The bundle is built in a temporary directory beside --out and renamed into place only when
+every graph has been exported and verified: a failed or interrupted export leaves --out as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dyvte_rt.errors import DyvteError, InputError
+from dyvte_rt.manifest import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    TOKENIZER_FILE,
+    BundleError,
+    ExitInfo,
+    FileInfo,
+    Manifest,
+    SegmentInfo,
+    sha256_file,
+)
+from dyvte_rt.policy import DEFAULT_THRESHOLD, check_policy_fits, parse_policy
+
+DEFAULT_OPSET = 18
+EXPORT_DTYPES = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: str
+    out: Path
+    dtype: str = "fp32"
+    exit_layers: str | None = None  # None: every layer from 1 to L-2
+    routers: Path | None = None
+    default_exit: str | None = None  # None: "router" with routers, else "never"
+    threshold: float | None = None  # None: the routers file's, else 0.5
+    opset: int = DEFAULT_OPSET
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class GraphRow:
+    name: str
+    parameters: int
+    size_bytes: int
+    seconds: float
+    max_abs_error: float
+
+
+def parse_exit_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
+    """`None` -> 1..L-2; otherwise `a-b`, `a..b`, `a,b,c`, or mixes such as `1-4,8`."""
+    if spec is None:
+        return tuple(range(1, num_layers - 1))
+    layers: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        match = re.fullmatch(r"(\d+)\s*(?:-|\.\.)\s*(\d+)", part)
+        if match:
+            low, high = int(match.group(1)), int(match.group(2))
+            if low > high:
+                raise InputError(f"--exit-layers range {part!r} runs backwards")
+            layers.update(range(low, high + 1))
+        elif part.isdigit():
+            layers.add(int(part))
+        else:
+            raise InputError(
+                f"--exit-layers: cannot read {part!r}", hint="use e.g. '1-30', '4,8,12' or '2..5,9'"
+            )
+    bad = sorted(k for k in layers if k > num_layers - 2)
+    if bad:
+        raise InputError(
+            f"--exit-layers {bad} are not possible exits for a {num_layers}-layer decoder",
+            hint=f"an exit needs a layer after it: use layers 0..{num_layers - 2}",
+        )
+    return tuple(sorted(layers))
+
+
+def build_bundle(config: BuildConfig) -> list[GraphRow]:
+    """Export, verify and write the bundle; returns the summary rows."""
+    from tqdm import tqdm
+
+    from export.graph_plans import build_plans
+    from export.loading import inspect_checkpoint, load_checkpoint
+    from export.manifest_builder import (
+        chat_template,
+        dims_info,
+        graph_info,
+        source_info,
+        token_info,
+        vision_info,
+        write_tokenizer,
+    )
+    from export.onnx_export import export_plan
+    from export.reference.routers import RouterBank
+
+    if config.dtype not in EXPORT_DTYPES:
+        raise InputError(f"--dtype must be one of {EXPORT_DTYPES}, got {config.dtype!r}")
+    out = config.out.expanduser().absolute()
+    _check_destination(out, config.overwrite)
+    routers = RouterBank.load(config.routers) if config.routers else None
+    checkpoint = inspect_checkpoint(config.model)
+    num_layers = checkpoint.num_layers
+    candidates = parse_exit_layers(config.exit_layers, num_layers)
+    if routers is not None:
+        _check_routers(routers, candidates)
+    threshold = (
+        config.threshold
+        if config.threshold is not None
+        else (routers.threshold if routers is not None else DEFAULT_THRESHOLD)
+    )
+    default_exit = config.default_exit or ("router" if routers is not None else "never")
+    default_policy = parse_policy(default_exit, threshold)
+    if default_policy.needs_routers and routers is None:
+        raise InputError(
+            "--default-exit router needs --routers", hint="train routers with python -m calibrate.routers"
+        )
+    check_policy_fits(default_policy, num_layers, candidates)
+
+    loaded = load_checkpoint(checkpoint, config.dtype, "cpu", config.trust_remote_code)
+    if routers is not None:
+        if routers.hidden != loaded.adapter.dims.hidden:
+            raise InputError(
+                f"the routers were trained for hidden size {routers.hidden}, "
+                f"the model has {loaded.adapter.dims.hidden}"
+            )
+        routers = routers.to(next(loaded.model.parameters()).dtype)
+
+    plans = build_plans(loaded.adapter, candidates, routers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the finished bundle private
+    rows: list[GraphRow] = []
+    try:
+        graphs, files = {}, []
+        bar = tqdm(plans, desc="export", unit="graph", disable=config.quiet, file=sys.stderr)
+        for plan in bar:
+            bar.set_postfix_str(plan.name)
+            started = time.perf_counter()
+            exported = export_plan(plan, staging, config.opset)
+            graphs[plan.name] = graph_info(staging / plan.file)
+            files.extend(exported.files)
+            size = sum((staging / f).stat().st_size for f in exported.files)
+            rows.append(
+                GraphRow(
+                    plan.name,
+                    exported.parameters,
+                    size,
+                    time.perf_counter() - started,
+                    exported.max_abs_error,
+                )
+            )
+        write_tokenizer(loaded, staging / TOKENIZER_FILE)
+        files.append(TOKENIZER_FILE)
+        segments = tuple(
+            SegmentInfo(
+                graph=p.name,
+                first_layer=p.module.first,
+                last_layer=p.module.last,
+                has_router=p.module.router is not None,
+            )
+            for p in plans
+            if p.name.startswith("segment_")
+        )
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            source=source_info(loaded),
+            dtype=config.dtype,
+            dims=dims_info(loaded),
+            vision=vision_info(loaded),
+            tokens=token_info(loaded),
+            chat_template=chat_template(loaded),
+            segments=segments,
+            exit=ExitInfo(
+                candidate_layers=candidates,
+                default_policy=default_policy.spec(),
+                threshold=threshold,
+                router_width=routers.width if routers is not None else None,
+            ),
+            graphs=graphs,
+            files={
+                f: FileInfo(sha256=sha256_file(staging / f), bytes=(staging / f).stat().st_size)
+                for f in files
+            },
+        )
+        (staging / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+        _move_into_place(staging, out, config.overwrite)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise BundleError(
+                f"no space left on the device while writing the bundle next to {out}",
+                hint="free some disk space or choose another --out",
+            ) from None
+        raise
+    except BaseException:  # failures and Ctrl-C alike: leave nothing half-written behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return rows
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(
+            f"--out {out} already exists and is not empty", hint="pass --overwrite to replace it"
+        )
+
+
+def _check_routers(routers, candidates: tuple[int, ...]) -> None:
+    missing = sorted(set(candidates) - set(routers.layers))
+    if missing:
+        raise InputError(
+            f"the routers file has no router for exit layers {missing}",
+            hint=f"pass --exit-layers within the routers' layers {list(routers.layers)}",
+        )
+
+
+def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished bundle into place; an old bundle is only removed after the swap."""
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            raise InputError(f"--out {out} appeared while exporting", hint="pass --overwrite to replace it")
+        old = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def format_summary(rows: list[GraphRow]) -> str:
+    header = f"{'graph':<12} {'parameters':>12} {'size':>10} {'export s':>9} {'max abs err':>12}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.name:<12} {r.parameters:>12,} {_size(r.size_bytes):>10} {r.seconds:>9.1f} "
+            f"{r.max_abs_error:>12.2e}"
+        )
+    total = sum(r.size_bytes for r in rows)
+    lines.append(
+        f"{'total':<12} {sum(r.parameters for r in rows):>12,} {_size(total):>10} "
+        f"{sum(r.seconds for r in rows):>9.1f}"
+    )
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_args(argv: list[str] | None) -> BuildConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.build",
+        description="Split a multimodal checkpoint into a verified ONNX bundle: vision, embed, decoder "
+        "segments (KV cache I/O, routers at candidate exit layers), head, tokenizer.json and manifest.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="alias (llava-7b, llava-13b), checkpoint directory, or repo id in the local HF cache",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    parser.add_argument(
+        "--dtype", choices=EXPORT_DTYPES, default="fp32", help="fp16 is meant for GPU bundles"
+    )
+    parser.add_argument(
+        "--exit-layers",
+        default=None,
+        help="layers that may end a segment and carry a router, e.g. '1-30' or '4,8,12' "
+        "(default: every layer from 1 to L-2)",
+    )
+    parser.add_argument(
+        "--routers",
+        type=Path,
+        default=None,
+        help="trained routers (.safetensors from calibrate); without them the bundle supports "
+        "the policies 'never' and 'layer:K' only",
+    )
+    parser.add_argument(
+        "--default-exit",
+        default=None,
+        help="policy the runtime uses when none is asked for (default: 'router' with routers, else 'never')",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="router exit threshold (default: the routers file's, else 0.5)",
+    )
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the checkpoint's own Python code to run (off by default)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return BuildConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        rows = build_bundle(config)
+    except DyvteError as err:
+        print(f"error: {err.one_line()}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"interrupted: {config.out} was left as it was", file=sys.stderr)
+        return 130
+    if not config.quiet:
+        print(format_summary(rows))
+        print(f"bundle written to {config.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

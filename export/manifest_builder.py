@@ -1,0 +1,121 @@
+"""Assemble the manifest's model-describing parts from a loaded checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from dyvte_rt.errors import UnsupportedModelError
+from dyvte_rt.manifest import Dims, GraphInfo, ImagePreprocess, SourceInfo, TensorInfo, TokenInfo, VisionInfo
+from export.loading import LoadedModel
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+def source_info(loaded: LoadedModel) -> SourceInfo:
+    revision = loaded.path.name if loaded.repo_id and loaded.path.parent.name == "snapshots" else None
+    return SourceInfo(
+        model=loaded.source,
+        repo_id=loaded.repo_id,
+        revision=revision,
+        family=loaded.adapter.family,
+        architecture=type(loaded.model).__name__,
+    )
+
+
+def dims_info(loaded: LoadedModel) -> Dims:
+    text = loaded.model.config.text_config
+    dims = loaded.adapter.dims
+    return Dims(
+        hidden=dims.hidden,
+        num_layers=dims.num_layers,
+        num_heads=text.num_attention_heads,
+        num_kv_heads=text.num_key_value_heads,
+        head_dim=dims.kv_width // text.num_key_value_heads,
+        mlp=dims.mlp,
+        vocab_size=text.vocab_size,
+        max_positions=text.max_position_embeddings,
+    )
+
+
+def vision_info(loaded: LoadedModel) -> VisionInfo:
+    proc = loaded.processor.image_processor
+    vision = loaded.model.config.vision_config
+    size = dict(proc.size or {}) if getattr(proc, "do_resize", False) else {}
+    if size and "shortest_edge" not in size:
+        raise UnsupportedModelError(f"image resize {size} is not supported (only shortest-edge resizing)")
+    crop = dict(proc.crop_size or {}) if getattr(proc, "do_center_crop", False) else {}
+    preprocess = ImagePreprocess(
+        resize_shortest_edge=size.get("shortest_edge"),
+        crop_height=crop.get("height"),
+        crop_width=crop.get("width"),
+        resample=int(proc.resample),
+        rescale_factor=float(proc.rescale_factor) if getattr(proc, "do_rescale", False) else None,
+        mean=tuple(float(x) for x in proc.image_mean) if getattr(proc, "do_normalize", False) else None,
+        std=tuple(float(x) for x in proc.image_std) if getattr(proc, "do_normalize", False) else None,
+        convert_rgb=bool(getattr(proc, "do_convert_rgb", True)),
+    )
+    return VisionInfo(
+        image_height=crop.get("height", vision.image_size),
+        image_width=crop.get("width", vision.image_size),
+        visual_tokens=(vision.image_size // vision.patch_size) ** 2,
+        preprocess=preprocess,
+    )
+
+
+def token_info(loaded: LoadedModel) -> TokenInfo:
+    tokenizer = loaded.processor.tokenizer
+    placeholder = getattr(loaded.processor, "image_token", "<image>")
+    return TokenInfo(
+        bos=tokenizer.bos_token_id,
+        eos=loaded.adapter.eos_token_ids,
+        pad=tokenizer.pad_token_id,
+        image=loaded.adapter.image_token_id,
+        image_placeholder=placeholder,
+    )
+
+
+def chat_template(loaded: LoadedModel) -> str:
+    template = getattr(loaded.processor, "chat_template", None) or getattr(
+        loaded.processor.tokenizer, "chat_template", None
+    )
+    if not template:
+        raise UnsupportedModelError(f"the checkpoint at {loaded.path} has no chat template")
+    return template
+
+
+def write_tokenizer(loaded: LoadedModel, path: Path) -> None:
+    """Copy the checkpoint's tokenizer.json where there is one, else serialise the fast tokenizer."""
+    source = loaded.path / "tokenizer.json"
+    if source.is_file():
+        path.write_bytes(source.read_bytes())
+        return
+    backend = getattr(loaded.processor.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UnsupportedModelError(
+            "the checkpoint has no fast tokenizer (tokenizer.json) to ship in the bundle"
+        )
+    backend.save(str(path))
+
+
+def graph_info(path: Path) -> GraphInfo:
+    """I/O names, dtypes and shapes as the exported graph declares them."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def tensors(values) -> tuple[TensorInfo, ...]:
+        out = []
+        for value in values:
+            kind = value.type.tensor_type
+            shape = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in kind.shape.dim)
+            out.append(TensorInfo(value.name, _ONNX_TO_NUMPY.get(kind.elem_type, str(kind.elem_type)), shape))
+        return tuple(out)
+
+    return GraphInfo(file=path.name, inputs=tensors(model.graph.input), outputs=tensors(model.graph.output))

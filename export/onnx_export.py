@@ -1,0 +1,129 @@
+"""Export one graph plan to ONNX with the dynamo exporter, quietly, and verify it at once."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dyvte_rt.errors import DyvteError
+from export.graph_plans import GraphPlan
+
+EXTERNAL_DATA_BYTES = 1536 << 20  # well under protobuf's 2 GB limit
+
+
+class VerificationError(DyvteError):
+    """An exported graph disagrees with the torch module it came from."""
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    name: str
+    files: tuple[str, ...]  # the .onnx and, for large graphs, its external data
+    parameters: int
+    max_abs_error: float  # largest |onnx - torch| over the verification cases
+
+
+def parameter_bytes(module: torch.nn.Module, sample: tuple) -> tuple[int, int]:
+    """(count, bytes) of the parameters the graph actually uses, found by a traced forward."""
+    used: dict[int, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, _args: used.update({id(p): p for p in mod.parameters(recurse=False)})
+        )
+        for m in module.modules()
+    ]
+    try:
+        with torch.no_grad():
+            module(*sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(p.numel() for p in used.values()), sum(p.numel() * p.element_size() for p in used.values())
+
+
+def export_plan(plan: GraphPlan, out_dir: Path, opset: int) -> ExportedGraph:
+    count, nbytes = parameter_bytes(plan.module, plan.sample)
+    external = nbytes > EXTERNAL_DATA_BYTES
+    path = out_dir / plan.file
+    with _quiet():
+        torch.onnx.export(
+            plan.module.eval(),
+            plan.sample,
+            str(path),
+            dynamo=True,
+            input_names=plan.input_names,
+            output_names=plan.output_names,
+            dynamic_shapes=plan.dynamic_shapes,
+            opset_version=opset,
+            external_data=external,
+            verbose=False,
+        )
+    files = tuple(
+        sorted(p.name for p in out_dir.iterdir() if p.name == plan.file or p.name.startswith(plan.file + "."))
+    )
+    error = verify_plan(plan, path)
+    return ExportedGraph(plan.name, files, count, error)
+
+
+def verify_plan(plan: GraphPlan, path: Path, tolerance: float | None = None) -> float:
+    """Run every verification case through ONNX Runtime and the torch module; fail above tolerance.
+
+    Errors are absolute for outputs of magnitude <= 1 and relative to the output's largest value
+    beyond that, so one tolerance serves tiny and 7B-sized activations alike.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    dtype = next(plan.module.parameters()).dtype
+    if tolerance is None:
+        tolerance = plan.module.adapter.tolerance if dtype == torch.float32 else 2e-2
+    worst = 0.0
+    for case in plan.cases:
+        with torch.no_grad():
+            expected = plan.module(*case)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        feeds = {name: tensor.numpy() for name, tensor in zip(plan.input_names, case, strict=True)}
+        got = session.run(plan.output_names, feeds)
+        for name, want, have in zip(plan.output_names, expected, got, strict=True):
+            want = want.float().numpy()
+            if want.shape != have.shape:
+                raise VerificationError(
+                    f"{plan.name}: output {name} has shape {have.shape}, expected {want.shape}"
+                )
+            error = float(np.abs(have.astype(np.float32) - want).max()) if want.size else 0.0
+            scaled = error / max(1.0, float(np.abs(want).max()) if want.size else 1.0)
+            worst = max(worst, error)
+            if not scaled <= tolerance:
+                raise VerificationError(
+                    f"{plan.name}: output {name} differs from the torch module by {error:.3g} "
+                    f"(tolerance {tolerance:g}, case shapes {[tuple(t.shape) for t in case]})",
+                    hint="this is a bug in the exporter or an unsupported model variant; please report it",
+                )
+    return worst
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter narrates every step; keep our progress bar readable."""
+    loggers = [
+        logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -1,0 +1,212 @@
+"""`python -m export.build`: graphs, manifest, atomic output and user errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dyvte_rt.errors import InputError
+from dyvte_rt.manifest import MANIFEST_FILE, BundleError, Manifest, load_manifest
+from export.build import BuildConfig, build_bundle, format_summary, parse_exit_layers
+from export.graph_plans import plan_segments
+from export.onnx_export import VerificationError
+
+
+def test_bundle_holds_every_graph_and_file_with_hashes(bundles):
+    bundle = bundles["llama-gqa"]
+    manifest = load_manifest(bundle)
+    names = sorted(manifest.graphs)
+    assert names == ["embed", "head", "segment_00", "segment_01", "segment_02", "vision"]
+    assert [(s.first_layer, s.last_layer) for s in manifest.segments] == [(0, 1), (2, 2), (3, 3)]
+    assert set(manifest.files) == {f"{n}.onnx" for n in names} | {"tokenizer.json"}
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*manifest.files, MANIFEST_FILE])
+    seg = manifest.graphs["segment_00"]
+    assert [t.name for t in seg.inputs] == [
+        "hidden_states",
+        "position_ids",
+        "past.0.key",
+        "past.0.value",
+        "past.1.key",
+        "past.1.value",
+    ]
+    assert seg.inputs[2].shape == ("batch", 2, "past", 16)  # dynamic batch and past length
+    assert manifest.vision.visual_tokens == 16 and manifest.tokens.image == 4
+    assert "ASSISTANT:" in manifest.chat_template
+
+
+def test_each_segment_holds_only_its_own_layers_weights(bundles):
+    import onnx
+
+    sizes = {}
+    for path in bundles["llama-mha"].glob("segment_*.onnx"):
+        model = onnx.load(str(path))
+        sizes[path.stem] = sum(int(__import__("numpy").prod(t.dims)) for t in model.graph.initializer)
+    per_layer = sizes["segment_01"]
+    assert sizes["segment_00"] == pytest.approx(2 * per_layer, rel=0.01)  # layers 0-1 vs layer 2
+    assert sizes["segment_02"] == pytest.approx(per_layer, rel=0.01)
+
+
+def test_manifest_round_trips_and_loading_is_strict(bundles):
+    text = (bundles["qwen2"] / MANIFEST_FILE).read_text()
+    manifest = Manifest.from_json(text)
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    data = json.loads(text)
+    cases = {
+        "manifest.dims.hidden": lambda d: d["dims"].update(hidden="64"),
+        "manifest.exit.threshold": lambda d: d["exit"].pop("threshold"),
+        "unknown keys ['surprise']": lambda d: d["tokens"].update(surprise=1),
+        "manifest.segments[0].has_router": lambda d: d["segments"][0].update(has_router=None),
+    }
+    for expected, mutate in cases.items():
+        broken = json.loads(json.dumps(data))
+        mutate(broken)
+        with pytest.raises(BundleError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+            Manifest.from_json(json.dumps(broken))
+
+
+def test_newer_schema_version_is_refused(bundles):
+    data = json.loads((bundles["qwen2"] / MANIFEST_FILE).read_text())
+    data["schema_version"] = 99
+    with pytest.raises(BundleError, match="upgrade dyvte-rt"):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_tampered_file_fails_its_hash_check(bundles, tmp_path):
+    copy = shutil.copytree(bundles["llama-gqa"], tmp_path / "bundle")
+    target = copy / "segment_01.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"segment_01\.onnx does not match its sha256"):
+        load_manifest(copy)
+    load_manifest(copy, verify_hashes=False)  # same size: only the hash can tell
+    (copy / "head.onnx").write_bytes((copy / "head.onnx").read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"head\.onnx has 100 bytes"):
+        load_manifest(copy, verify_hashes=False)
+    (copy / "head.onnx").unlink()
+    with pytest.raises(BundleError, match=r"head\.onnx is missing"):
+        load_manifest(copy, verify_hashes=False)
+
+
+def _leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_a_failed_export_leaves_no_output(tiny_checkpoints, tmp_path, monkeypatch):
+    import export.onnx_export as onnx_export
+
+    real = onnx_export.verify_plan
+    calls = []
+
+    def failing(plan, path, tolerance=None):
+        calls.append(plan.name)
+        if plan.name == "segment_00":
+            raise VerificationError("segment_00: simulated mismatch")
+        return real(plan, path, tolerance)
+
+    monkeypatch.setattr(onnx_export, "verify_plan", failing)
+    out = tmp_path / "bundle"
+    with pytest.raises(VerificationError):
+        build_bundle(BuildConfig(model=str(tiny_checkpoints["llama-mha"]), out=out, quiet=True))
+    assert calls == ["vision", "embed", "segment_00"]
+    assert not out.exists() and not _leftovers(tmp_path, "bundle")
+
+
+def test_an_interrupted_overwrite_keeps_the_old_bundle(bundles, tiny_checkpoints, tmp_path, monkeypatch):
+    import export.onnx_export as onnx_export
+
+    out = shutil.copytree(bundles["llama-mha"], tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupt(plan, path, tolerance=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "verify_plan", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(
+            BuildConfig(model=str(tiny_checkpoints["llama-mha"]), out=out, overwrite=True, quiet=True)
+        )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not _leftovers(tmp_path, "bundle")
+
+
+def test_existing_output_needs_overwrite(bundles, tiny_checkpoints):
+    with pytest.raises(InputError, match="--overwrite"):
+        build_bundle(BuildConfig(model=str(tiny_checkpoints["qwen2"]), out=bundles["qwen2"], quiet=True))
+
+
+def test_routers_missing_a_candidate_layer_are_refused(tiny_checkpoints, tmp_path):
+    from export.reference import RouterBank
+
+    RouterBank(64, layers=[2], width=4).save(tmp_path / "routers.safetensors")  # default candidates: 1, 2
+    with pytest.raises(InputError, match=r"no router for exit layers \[1\]"):
+        build_bundle(
+            BuildConfig(
+                model=str(tiny_checkpoints["llama-gqa"]),
+                out=tmp_path / "b",
+                routers=tmp_path / "routers.safetensors",
+                quiet=True,
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [(None, (1, 2, 3, 4, 5, 6)), ("2-4", (2, 3, 4)), ("2..4,6", (2, 3, 4, 6)), ("5, 1", (1, 5)), ("0", (0,))],
+)
+def test_parse_exit_layers(spec, expected):
+    assert parse_exit_layers(spec, 8) == expected
+
+
+@pytest.mark.parametrize("spec", ["7", "4-2", "x", "1-", ""])
+def test_bad_exit_layers_are_input_errors(spec):
+    with pytest.raises(InputError):
+        parse_exit_layers(spec, 8)
+
+
+def test_plan_segments_end_at_candidates_and_the_last_layer():
+    assert plan_segments((1, 2), 4) == [(0, 1), (2, 2), (3, 3)]
+    assert plan_segments((), 4) == [(0, 3)]
+    assert plan_segments((0, 5), 8) == [(0, 0), (1, 5), (6, 7)]
+
+
+def test_summary_table_lists_every_graph():
+    from export.build import GraphRow
+
+    text = format_summary([GraphRow("vision", 1000, 4096, 1.5, 1e-7), GraphRow("head", 10, 100, 0.2, 0.0)])
+    assert (
+        "vision" in text
+        and "1.0e-07" in text.replace("1.00e-07", "1.0e-07")
+        and text.splitlines()[-1].startswith("total")
+    )
+
+
+def _run_build(args, tmp_path):
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "export.build", *args], capture_output=True, text=True, timeout=180, env=env
+    )
+
+
+def test_cli_llava_7b_without_weights_is_one_line(tmp_path):
+    done = _run_build(["--model", "llava-7b", "--out", str(tmp_path / "out")], tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "llava-hf/llava-1.5-7b-hf" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_exit_layers_is_one_line(tmp_path, tiny_checkpoints):
+    done = _run_build(
+        ["--model", str(tiny_checkpoints["qwen2"]), "--out", str(tmp_path / "o"), "--exit-layers", "9"],
+        tmp_path,
+    )
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "exit" in done.stderr
+
+
+def test_cli_help_shows_defaults(tmp_path):
+    done = _run_build(["--help"], tmp_path)
+    assert done.returncode == 0 and "default: fp32" in done.stdout and "--exit-layers" in done.stdout

@@ -7,12 +7,97 @@ user mistakes (`DyvteError`) as one line with a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from dyvte_rt import __version__
 from dyvte_rt.compute import DecoderDims, prefill_macs
 from dyvte_rt.errors import DyvteError, InputError
+
+BUNDLE_ENV = "DYVTE_RT_BUNDLE"  # default --bundle
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    image: Path
+    question: str
+    bundle: Path | None
+    exit: str | None
+    threshold: float | None
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    device: str
+    threads: int
+    as_json: bool
+
+
+def default_bundle() -> Path | None:
+    value = os.environ.get(BUNDLE_ENV)
+    return Path(value) if value else None
+
+
+def run_infer(config: InferConfig) -> int:
+    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.sampling import SamplingConfig
+
+    bundle = config.bundle or default_bundle()
+    if bundle is None:
+        raise InputError("no bundle given", hint=f"pass --bundle DIR or set {BUNDLE_ENV}")
+    sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.seed)
+    with DyvteModel.load(bundle, device=config.device, threads=config.threads) as model:
+        generation = model.generate(
+            config.image,
+            config.question,
+            exit=config.exit,
+            threshold=config.threshold,
+            max_new_tokens=config.max_new_tokens,
+            sampling=sampling,
+        )
+        if config.as_json:
+            print(json.dumps(generation.result().to_dict()))
+            return 0
+        first = True
+        for piece in generation:
+            print(piece.lstrip() if first else piece, end="", flush=True)
+            first = False
+        print()
+    return 0
+
+
+def run_inspect(bundle: Path, verify: bool) -> str:
+    from dyvte_rt.manifest import load_manifest
+
+    m = load_manifest(bundle, verify_hashes=verify)
+    ex = m.exit
+    total = sum(f.bytes for f in m.files.values())
+    lines = [
+        f"bundle      {bundle}",
+        f"model       {m.source.model}"
+        + (f" ({m.source.repo_id}@{m.source.revision})" if m.source.repo_id else ""),
+        f"family      {m.source.family} ({m.source.architecture}), schema v{m.schema_version}",
+        f"dtype       {m.dtype}",
+        f"decoder     {m.dims.num_layers} layers, hidden {m.dims.hidden}, heads {m.dims.num_heads}/"
+        f"{m.dims.num_kv_heads} kv, vocab {m.dims.vocab_size}, context {m.dims.max_positions}",
+        f"image       {m.vision.image_height}x{m.vision.image_width}, {m.vision.visual_tokens} visual tokens",
+        f"exit layers {', '.join(map(str, ex.candidate_layers)) or 'none'}",
+        f"policy      {ex.default_policy} (threshold {ex.threshold:g}; routers: "
+        + (f"width {ex.router_width})" if ex.router_width is not None else "none)"),
+        "segments    "
+        + "  ".join(
+            f"{s.graph}[{s.first_layer}-{s.last_layer}{'+router' if s.has_router else ''}]"
+            for s in m.segments
+        ),
+        f"files       {len(m.files)} files, {total / 2**20:.1f} MiB"
+        + (", sha256 verified" if verify else ""),
+    ]
+    lines += [f"  {name:<24} {info.bytes / 2**20:>9.2f} MiB" for name, info in m.files.items()]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -47,6 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dyvte-rt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    infer = commands.add_parser(
+        "infer",
+        help="answer a question about an image with a bundle",
+        description="Answer a question about an image. The answer streams to stdout; --json prints one "
+        "object with the answer, token ids, exit layer, timings and prefill multiply-adds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    infer.add_argument("image", type=Path, help="image file")
+    infer.add_argument("question", help="question about the image")
+    infer.add_argument("--bundle", type=Path, default=None, help=f"bundle directory (default: ${BUNDLE_ENV})")
+    infer.add_argument(
+        "--exit", default=None, help="exit policy: router, never or layer:K (default: the bundle's)"
+    )
+    infer.add_argument(
+        "--threshold", type=float, default=None, help="router threshold (default: the bundle's)"
+    )
+    infer.add_argument("--max-new-tokens", type=int, default=64)
+    infer.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    infer.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    infer.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    infer.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    infer.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    infer.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    infer.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+    inspect = commands.add_parser(
+        "inspect",
+        help="summarise a bundle's manifest",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    inspect.add_argument("bundle", type=Path, help="bundle directory")
+    inspect.add_argument("--no-verify", dest="verify", action="store_false", help="skip the sha256 check")
     macs = commands.add_parser(
         "macs",
         help="theoretical prefill multiply-adds with and without an exit (DESIGN §7)",
@@ -70,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "macs":
             print(run_macs(MacsConfig(**args)))
+        elif command == "infer":
+            return run_infer(InferConfig(**args))
+        elif command == "inspect":
+            print(run_inspect(args["bundle"], args["verify"]))
     except DyvteError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)
         return err.exit_code

@@ -46,26 +46,31 @@ def dims_info(loaded: LoadedModel) -> Dims:
     )
 
 
-def vision_info(loaded: LoadedModel) -> VisionInfo:
-    proc = loaded.processor.image_processor
-    vision = loaded.model.config.vision_config
+def image_preprocess(proc) -> ImagePreprocess:
+    """The runtime's description of a CLIP-style Hugging Face image processor."""
     size = dict(proc.size or {}) if getattr(proc, "do_resize", False) else {}
     if size and "shortest_edge" not in size:
         raise UnsupportedModelError(f"image resize {size} is not supported (only shortest-edge resizing)")
     crop = dict(proc.crop_size or {}) if getattr(proc, "do_center_crop", False) else {}
-    preprocess = ImagePreprocess(
+    normalize = getattr(proc, "do_normalize", False)
+    return ImagePreprocess(
         resize_shortest_edge=size.get("shortest_edge"),
         crop_height=crop.get("height"),
         crop_width=crop.get("width"),
         resample=int(proc.resample),
         rescale_factor=float(proc.rescale_factor) if getattr(proc, "do_rescale", False) else None,
-        mean=tuple(float(x) for x in proc.image_mean) if getattr(proc, "do_normalize", False) else None,
-        std=tuple(float(x) for x in proc.image_std) if getattr(proc, "do_normalize", False) else None,
+        mean=tuple(float(x) for x in proc.image_mean) if normalize else None,
+        std=tuple(float(x) for x in proc.image_std) if normalize else None,
         convert_rgb=bool(getattr(proc, "do_convert_rgb", True)),
     )
+
+
+def vision_info(loaded: LoadedModel) -> VisionInfo:
+    vision = loaded.model.config.vision_config
+    preprocess = image_preprocess(loaded.processor.image_processor)
     return VisionInfo(
-        image_height=crop.get("height", vision.image_size),
-        image_width=crop.get("width", vision.image_size),
+        image_height=preprocess.crop_height or vision.image_size,
+        image_width=preprocess.crop_width or vision.image_size,
         visual_tokens=(vision.image_size // vision.patch_size) ** 2,
         preprocess=preprocess,
     )

@@ -10,6 +10,7 @@ LLaVA adapter must handle: Llama with MHA, Llama with GQA, Qwen2 (attention bias
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,11 +53,16 @@ TINY_WORDS = (
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of a tiny checkpoint; visual tokens = (image_size / patch_size)²."""
+    """Sizes of a random checkpoint; visual tokens = (image_size / patch_size)²."""
 
     image_size: int = 32
     patch_size: int = 8  # -> 16 visual tokens
     vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp: int = 64
+    vocab_size: int | None = None  # None: the tokenizer's size
+    max_positions: int = 512
     hidden: int = 64
     heads: int = 4
     kv_heads: int = 4
@@ -74,7 +80,7 @@ def _llama(spec: TinySpec, vocab: int) -> PretrainedConfig:
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=spec.max_positions,
         rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,
@@ -91,7 +97,7 @@ def _qwen2(spec: TinySpec, vocab: int) -> PretrainedConfig:
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=spec.max_positions,
         rms_norm_eps=1e-6,
         bos_token_id=1,
         eos_token_id=2,
@@ -114,6 +120,26 @@ TINY_BACKBONES: dict[str, TinyBackbone] = {
     "qwen2": TinyBackbone(_qwen2, TinySpec(kv_heads=2)),
 }
 
+# LLaVA-1.5-7B's true decoder dimensions and CLIP ViT-L/14-336 tower, with few decoder layers and
+# random weights: for export memory and speed measurements without a download.
+LLAVA_7B_SLICE = TinySpec(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=1024,
+    vision_layers=24,
+    vision_heads=16,
+    vision_mlp=4096,
+    vocab_size=32064,
+    max_positions=4096,
+    hidden=4096,
+    heads=32,
+    kv_heads=32,
+    layers=2,
+    mlp=11008,
+    init_std=0.02,
+    head_std=0.02,
+)
+
 # Which tiny backbones exercise each registered family (a guard test checks every family has one).
 TINY_MODELS_BY_FAMILY: dict[str, tuple[str, ...]] = {"llava": tuple(TINY_BACKBONES)}
 
@@ -121,7 +147,13 @@ TINY_MODELS_BY_FAMILY: dict[str, tuple[str, ...]] = {"llava": tuple(TINY_BACKBON
 def build_tiny_llava(backbone: str, out: Path, seed: int = 0) -> Path:
     """Write a tiny random LLaVA checkpoint to `out` and return it."""
     choice = TINY_BACKBONES[backbone]
-    spec = choice.spec
+    return build_random_llava(choice.text_config, choice.spec, out, seed)
+
+
+def build_random_llava(
+    text_config: Callable[[TinySpec, int], PretrainedConfig], spec: TinySpec, out: Path, seed: int = 0
+) -> Path:
+    """Write a random-weight LLaVA checkpoint of the given sizes (llava-hf layout) to `out`."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=build_word_tokenizer(TINY_WORDS),
         bos_token=BOS,
@@ -132,9 +164,9 @@ def build_tiny_llava(backbone: str, out: Path, seed: int = 0) -> Path:
     )
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
-        intermediate_size=2 * spec.vision_hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        intermediate_size=spec.vision_mlp,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden,
@@ -142,7 +174,7 @@ def build_tiny_llava(backbone: str, out: Path, seed: int = 0) -> Path:
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=choice.text_config(spec, len(tokenizer)),
+        text_config=text_config(spec, spec.vocab_size or len(tokenizer)),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -177,12 +209,24 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a tiny random-weight LLaVA checkpoint (llava-hf layout) for tests and trials.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--backbone", choices=sorted(TINY_BACKBONES), default="llama-gqa")
+    parser.add_argument(
+        "--backbone",
+        choices=[*sorted(TINY_BACKBONES), "llava-7b-slice"],
+        default="llama-gqa",
+        help="llava-7b-slice: true LLaVA-1.5-7B dimensions and CLIP ViT-L/14-336, random weights",
+    )
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the backbone's)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     args = parser.parse_args(argv)
-    path = build_tiny_llava(args.backbone, args.out, args.seed)
-    print(f"wrote tiny {args.backbone} LLaVA checkpoint to {path}")
+    if args.backbone == "llava-7b-slice":
+        spec, text_config = LLAVA_7B_SLICE, _llama
+    else:
+        spec, text_config = TINY_BACKBONES[args.backbone].spec, TINY_BACKBONES[args.backbone].text_config
+    if args.layers is not None:
+        spec = dataclasses.replace(spec, layers=args.layers)
+    path = build_random_llava(text_config, spec, args.out, args.seed)
+    print(f"wrote random {args.backbone} LLaVA checkpoint ({spec.layers} decoder layers) to {path}")
     return 0
 
 

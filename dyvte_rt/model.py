@@ -1,0 +1,190 @@
+"""The Python API for edge applications: load a bundle once, ask many questions.
+
+model = DyvteModel.load("bundle/")
+answer = model.ask("photo.jpg", "What colour is the car?", exit="router")
+for piece in model.generate("photo.jpg", "Describe it.", exit="layer:8"):
+    print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dyvte_rt.bundle import Bundle
+from dyvte_rt.errors import InputError
+from dyvte_rt.manifest import TOKENIZER_FILE
+from dyvte_rt.pipeline import Pipeline
+from dyvte_rt.policy import ExitPolicy, parse_policy
+from dyvte_rt.preprocess import preprocess
+from dyvte_rt.prompt import PromptBuilder
+from dyvte_rt.sampling import Sampler, SamplingConfig
+from engines import SessionOptions
+
+ImageInput = str | Path | Image.Image
+
+
+@dataclass
+class Answer:
+    answer: str
+    token_ids: list[int]  # generated ids, EOS included if produced
+    exit_layer: int | None
+    exit_probs: dict[int, float]
+    prompt_tokens: int
+    visual_tokens: int
+    timings_ms: dict[str, float]  # vision, prefill, decode
+    prefill_macs: dict[str, int]  # full, actual
+    policy: str
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["exit_probs"] = {str(k): v for k, v in self.exit_probs.items()}
+        return data
+
+
+class Generation:
+    """Iterate for text pieces as tokens are produced; `answer` is complete once exhausted."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def result(self) -> Answer:
+        for _ in self._pieces:
+            pass
+        assert self.answer is not None
+        return self.answer
+
+
+class DyvteModel:
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.pipeline = Pipeline(bundle)
+        self.prompts = PromptBuilder(bundle.manifest, bundle.path / TOKENIZER_FILE)
+
+    @classmethod
+    def load(
+        cls,
+        bundle: str | Path,
+        device: str = "cpu",
+        threads: int = 0,
+        optimization: str = "all",
+        verify_hashes: bool = True,
+    ) -> DyvteModel:
+        options = SessionOptions(device=device, intra_op_threads=threads, optimization=optimization)
+        return cls(Bundle.open(bundle, options, verify_hashes=verify_hashes))
+
+    def close(self) -> None:
+        self.bundle.close()
+
+    def __enter__(self) -> DyvteModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def policy(self, exit: str | ExitPolicy | None = None, threshold: float | None = None) -> ExitPolicy:
+        """The bundle's default policy unless one is given; `threshold` overrides the bundle's."""
+        if exit is not None and not isinstance(exit, str):
+            return exit
+        spec = exit if exit is not None else self.manifest.exit.default_policy
+        return parse_policy(spec, self.manifest.exit.threshold if threshold is None else threshold)
+
+    def ask(self, image: ImageInput, question: str, **options: object) -> Answer:
+        return self.generate(image, question, **options).result()
+
+    def generate(
+        self,
+        image: ImageInput,
+        question: str,
+        exit: str | ExitPolicy | None = None,
+        threshold: float | None = None,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig | None = None,
+    ) -> Generation:
+        """Check everything, then return a lazy generation (no compute happens until iterated)."""
+        policy = self.policy(exit, threshold)
+        self.pipeline.check_policy(policy)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not question.strip():
+            raise InputError("the question is empty", hint="ask something about the image")
+        input_ids = self.prompts.encode(question)
+        limit = self.manifest.dims.max_positions
+        if input_ids.shape[1] + max_new_tokens > limit:
+            raise InputError(
+                f"the prompt has {input_ids.shape[1]} tokens; with {max_new_tokens} new tokens that exceeds "
+                f"the model's context of {limit} positions",
+                hint="shorten the question or lower --max-new-tokens",
+            )
+        pixels = preprocess(load_image(image), self.manifest.vision.preprocess)
+        generation = Generation(iter(()))
+        generation._pieces = self._run(
+            generation, input_ids, pixels, policy, max_new_tokens, Sampler(sampling or SamplingConfig())
+        )
+        return generation
+
+    def _run(
+        self,
+        generation: Generation,
+        input_ids: np.ndarray,
+        pixels: np.ndarray,
+        policy: ExitPolicy,
+        max_new_tokens: int,
+        sampler: Sampler,
+    ) -> Iterator[str]:
+        prefill = self.pipeline.prefill(input_ids, pixels, policy)
+        eos = set(self.manifest.tokens.eos)
+        tokens = [sampler(prefill.logits)]
+        text = ""
+        started = time.perf_counter()
+        while True:
+            new_text = self.prompts.decode(tokens)
+            if new_text.startswith(text):  # stream only what was added (tokenizers may re-space)
+                yield new_text[len(text) :]
+                text = new_text
+            if tokens[-1] in eos or len(tokens) >= max_new_tokens:
+                break
+            logits = self.pipeline.decode_one_token(
+                tokens[-1], prefill.n_tokens + len(tokens) - 1, prefill.cache
+            )
+            tokens.append(sampler(logits))
+        decode_ms = 1e3 * (time.perf_counter() - started)
+        generation.answer = Answer(
+            answer=self.prompts.decode(tokens).strip(),
+            token_ids=tokens,
+            exit_layer=prefill.exit_layer,
+            exit_probs=prefill.exit_probs,
+            prompt_tokens=prefill.n_tokens,
+            visual_tokens=prefill.n_visual,
+            timings_ms={**prefill.timings_ms, "decode": decode_ms},
+            prefill_macs={"full": prefill.macs.full, "actual": prefill.macs.actual},
+            policy=policy.spec(),
+        )
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(
+            f"image {path} does not exist" if not path.exists() else f"image {path} is not a file"
+        )
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return handle.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise InputError(
+            f"cannot read image {path}: {err}", hint="use a PNG, JPEG, GIF, BMP or WebP file"
+        ) from None

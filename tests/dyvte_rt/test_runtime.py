@@ -1,0 +1,210 @@
+"""The torch-free runtime: prompts, tokens and answers against the reference and HF."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dyvte_rt.errors import DyvteError, InputError, PolicyError
+from dyvte_rt.model import DyvteModel
+from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
+from dyvte_rt.sampling import Sampler, SamplingConfig
+from export.reference import DyVTEReference, RouterBank
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def runtime_models(bundles):
+    models = {name: DyvteModel.load(path) for name, path in bundles.items()}
+    yield models
+    for model in models.values():
+        model.close()
+
+
+@pytest.mark.parametrize(
+    "question", ["what color is the circle on the left?", "How MANY shapes, please?!", "ünïcode"]
+)
+def test_prompt_tokens_equal_the_hf_processor(
+    runtime_models, loaded_models, backbone, prompt_factory, question
+):
+    expected = prompt_factory(loaded_models[backbone], question).input_ids.numpy()
+    assert np.array_equal(runtime_models[backbone].prompts.encode(question), expected)
+
+
+def test_answers_equal_reference_and_hf(
+    runtime_models, loaded_models, backbone, prompt_factory, sample_image
+):
+    model, loaded = runtime_models[backbone], loaded_models[backbone]
+    prompt = prompt_factory(loaded)
+    reference = DyVTEReference(loaded.adapter)
+    question = "what color is the circle on the left?"
+    for policy in [NeverExit(), *(FixedLayerExit(k) for k in model.manifest.exit.candidate_layers)]:
+        expected = reference.generate(prompt.input_ids, prompt.pixel_values, policy, max_new_tokens=MAX_NEW)
+        answer = model.ask(sample_image, question, exit=policy, max_new_tokens=MAX_NEW)
+        assert answer.token_ids == expected.tokens, policy.describe()
+        assert answer.exit_layer == expected.exit_layer
+        assert answer.prefill_macs == {
+            "full": expected.prefill.macs.full,
+            "actual": expected.prefill.macs.actual,
+        }
+    hf = loaded.model.generate(**prompt.inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    never = model.ask(sample_image, question, exit="never", max_new_tokens=MAX_NEW)
+    assert never.token_ids == hf[0, prompt.input_ids.shape[1] :].tolist()
+
+
+def test_router_answers_equal_reference(router_bundle, loaded_models, prompt_factory, sample_image):
+    path, routers = router_bundle
+    loaded = loaded_models["llama-gqa"]
+    prompt = prompt_factory(loaded)
+    reference = DyVTEReference(loaded.adapter, routers=RouterBank.load(routers), candidate_layers=(1, 2))
+    expected = reference.generate(
+        prompt.input_ids, prompt.pixel_values, RouterExit(0.5), max_new_tokens=MAX_NEW
+    )
+    with DyvteModel.load(path) as model:
+        answer = model.ask(sample_image, "what color is the circle on the left?", max_new_tokens=MAX_NEW)
+        assert answer.policy == "router" and answer.exit_layer == 2 == expected.exit_layer
+        assert answer.token_ids == expected.tokens
+        assert model.ask(sample_image, "what?", threshold=0.999, max_new_tokens=2).exit_layer is None
+
+
+def test_streaming_yields_the_answer_piece_by_piece(runtime_models, sample_image):
+    generation = runtime_models["qwen2"].generate(sample_image, "what shape?", max_new_tokens=MAX_NEW)
+    pieces = list(generation)
+    assert len(pieces) >= 2 and "".join(pieces).strip() == generation.answer.answer
+
+
+def test_one_model_serves_many_requests_with_mixed_policies(runtime_models, sample_image):
+    model = runtime_models["llama-mha"]
+    first = [
+        model.ask(sample_image, "what?", exit=p, max_new_tokens=4).token_ids for p in ("never", "layer:1")
+    ]
+    again = [
+        model.ask(sample_image, "what?", exit=p, max_new_tokens=4).token_ids for p in ("never", "layer:1")
+    ]
+    assert first == again
+
+
+def test_user_mistakes_are_project_errors(runtime_models, sample_image, tmp_path):
+    model = runtime_models["llama-gqa"]
+    with pytest.raises(InputError, match="empty"):
+        model.ask(sample_image, "   ")
+    with pytest.raises(InputError, match="does not exist"):
+        model.ask(tmp_path / "missing.png", "what?")
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(InputError, match="cannot read image"):
+        model.ask(tmp_path / "text.jpg", "what?")
+    with pytest.raises(InputError, match="context of 512"):
+        model.ask(sample_image, "what " * 600)
+    with pytest.raises(PolicyError, match="no routers"):
+        model.ask(sample_image, "what?", exit="router")
+    with pytest.raises(DyvteError, match="does not exist"):
+        DyvteModel.load(tmp_path / "no-bundle")
+
+
+def test_seeded_sampling_is_reproducible_and_degenerates_to_greedy():
+    logits = np.random.default_rng(0).normal(size=(1, 50))
+    draws = [Sampler(SamplingConfig(temperature=1.0, seed=7))(logits) for _ in range(3)]
+    assert len(set(draws)) == 1
+    greedy = int(logits.argmax())
+    assert Sampler(SamplingConfig(temperature=0.0))(logits) == greedy
+    assert Sampler(SamplingConfig(temperature=5.0, top_k=1, seed=1))(logits) == greedy
+    assert Sampler(SamplingConfig(temperature=5.0, top_p=1e-9, seed=1))(logits) == greedy
+    sampler = Sampler(SamplingConfig(temperature=1.0, top_k=3, seed=3))
+    assert {sampler(logits) for _ in range(200)} <= set(np.argsort(-logits[0])[:3].tolist())
+    with pytest.raises(InputError):
+        SamplingConfig(top_p=0.0)
+
+
+def test_running_a_bundle_never_imports_torch_or_transformers(bundles, sample_image):
+    code = (
+        "import sys; from dyvte_rt.model import DyvteModel; "
+        f"m = DyvteModel.load({str(bundles['qwen2'])!r}); "
+        f"a = m.ask({str(sample_image)!r}, 'what?', max_new_tokens=3); assert a.token_ids; "
+        "bad = [x for x in ('torch', 'transformers') if x in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def _cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "dyvte_rt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_cli_json_schema(bundles, sample_image):
+    done = _cli(
+        "infer",
+        sample_image,
+        "what color?",
+        "--bundle",
+        bundles["llama-gqa"],
+        "--exit",
+        "layer:1",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert {
+        "answer",
+        "token_ids",
+        "exit_layer",
+        "prompt_tokens",
+        "visual_tokens",
+        "timings_ms",
+        "prefill_macs",
+    } <= set(data)
+    assert data["exit_layer"] == 1 and data["visual_tokens"] == 16 and len(data["token_ids"]) <= 5
+    assert set(data["timings_ms"]) == {"vision", "prefill", "decode"}
+    assert data["prefill_macs"]["actual"] < data["prefill_macs"]["full"]
+
+
+def test_cli_plain_output_streams_the_answer(bundles, sample_image):
+    done = _cli(
+        "infer", sample_image, "what color?", "--bundle", bundles["llama-gqa"], "--max-new-tokens", "5"
+    )
+    assert done.returncode == 0 and done.stdout.strip() and not done.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["infer", "{img}", "what?", "--bundle", "{bundle}", "--exit", "sometimes"], "unknown exit policy"),
+        (["infer", "{img}", "  ", "--bundle", "{bundle}"], "question is empty"),
+        (["infer", "/no/such.png", "what?", "--bundle", "{bundle}"], "does not exist"),
+        (["infer", "{img}", "what?", "--bundle", "/no/bundle"], "does not exist"),
+        (["infer", "{img}", "what?"], "no bundle given"),
+        (["infer", "{img}", "what?", "--bundle", "{bundle}", "--device", "cuda"], "onnxruntime-gpu"),
+        (["infer", "{img}", "what?", "--bundle", "{bundle}", "--top-p", "0"], "top-p"),
+        (["inspect", "/no/bundle"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(bundles, sample_image, args, message):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "DYVTE_RT_BUNDLE"}
+    args = [a.format(img=sample_image, bundle=bundles["llama-gqa"]) for a in args]
+    done = _cli(*args, env=env)
+    assert done.returncode != 0
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_inspect_summarises_the_bundle(bundles):
+    done = _cli("inspect", bundles["qwen2"])
+    assert done.returncode == 0
+    assert (
+        "exit layers 1, 2" in done.stdout
+        and "segment_00[0-1]" in done.stdout
+        and "sha256 verified" in done.stdout
+    )

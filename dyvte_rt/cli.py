@@ -37,18 +37,134 @@ class InferConfig:
     as_json: bool
 
 
+def demo_bundle_dir() -> Path:
+    """Where the quickstart exports the demo bundle: $XDG_CACHE_HOME/dyvte-rt/demo-bundle."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "dyvte-rt" / "demo-bundle"
+
+
 def default_bundle() -> Path | None:
+    """$DYVTE_RT_BUNDLE, else the exported demo bundle if there is one."""
     value = os.environ.get(BUNDLE_ENV)
-    return Path(value) if value else None
+    if value:
+        return Path(value)
+    demo = demo_bundle_dir()
+    return demo if (demo / "manifest.json").is_file() else None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    bundle: Path | None
+    data: Path
+    exit: str | None
+    threshold: float | None
+    limit: int | None
+    max_new_tokens: int
+    device: str
+    as_json: bool
+
+
+def run_eval(config: EvalConfig) -> str:
+    from dataclasses import asdict
+
+    from dyvte_rt.evaluate import evaluate, read_jsonl
+    from dyvte_rt.model import DyvteModel
+
+    examples = read_jsonl(config.data, config.limit)
+    with DyvteModel.load(_bundle_or_error(config.bundle), device=config.device) as model:
+        policy = model.policy(config.exit, config.threshold)
+        model.pipeline.check_policy(policy)
+        report = evaluate(model, examples, policy, config.max_new_tokens, progress=not config.as_json)
+    if config.as_json:
+        return json.dumps(asdict(report))
+    histogram = ", ".join(f"{k}: {v}" for k, v in report.exit_histogram.items())
+    return (
+        f"policy {report.policy}: accuracy {100 * report.accuracy:.1f}% on {report.n} questions; "
+        f"mean exit layer {report.mean_exit_layer:.2f} (histogram {histogram}); "
+        f"prefill multiply-adds saved {100 * report.prefill_macs_saved:.1f}%"
+    )
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    bundle: Path | None
+    exit: str | None
+    images: Path | None
+    data: Path | None
+    question: str
+    limit: int
+    runs: int
+    warmup: int
+    max_new_tokens: int
+    device: str
+    threads: int
+    as_json: bool
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def run_bench(config: BenchConfig) -> str:
+    from dyvte_rt.bench import bench, format_table
+    from dyvte_rt.evaluate import Example, read_jsonl
+    from dyvte_rt.model import DyvteModel
+
+    if (config.images is None) == (config.data is None):
+        raise InputError("pass exactly one of --images DIR or --data JSONL")
+    if config.runs < 1 or config.warmup < 0:
+        raise InputError("--runs must be >= 1 and --warmup >= 0")
+    if config.data is not None:
+        examples = read_jsonl(config.data, config.limit)
+    else:
+        if not config.images.is_dir():
+            raise InputError(f"--images {config.images} is not a directory")
+        files = sorted(p for p in config.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[
+            : config.limit
+        ]
+        if not files:
+            raise InputError(f"--images {config.images} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        examples = [Example(path, config.question, "") for path in files]
+    with DyvteModel.load(
+        _bundle_or_error(config.bundle), device=config.device, threads=config.threads
+    ) as model:
+        specs = config.exit.split(",") if config.exit else _default_bench_policies(model)
+        policies = [model.policy(spec.strip()) for spec in specs if spec.strip()]
+        for policy in policies:
+            model.pipeline.check_policy(policy)
+        report = bench(
+            model,
+            examples,
+            policies,
+            config.runs,
+            config.warmup,
+            config.max_new_tokens,
+            progress=not config.as_json,
+        )
+    return json.dumps(report.to_dict()) if config.as_json else format_table(report)
+
+
+def _default_bench_policies(model) -> list[str]:
+    specs = ["never", model.manifest.exit.default_policy]
+    if model.pipeline.has_routers:
+        specs.append("router")
+    return list(dict.fromkeys(specs))
+
+
+def _bundle_or_error(bundle: Path | None) -> Path:
+    bundle = bundle or default_bundle()
+    if bundle is None:
+        raise InputError(
+            "no bundle given and no demo bundle exported yet",
+            hint=f"pass --bundle DIR, set {BUNDLE_ENV}, or run bash scripts/quickstart.sh",
+        )
+    return bundle
 
 
 def run_infer(config: InferConfig) -> int:
     from dyvte_rt.model import DyvteModel
     from dyvte_rt.sampling import SamplingConfig
 
-    bundle = config.bundle or default_bundle()
-    if bundle is None:
-        raise InputError("no bundle given", hint=f"pass --bundle DIR or set {BUNDLE_ENV}")
+    bundle = _bundle_or_error(config.bundle)
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.seed)
     with DyvteModel.load(bundle, device=config.device, threads=config.threads) as model:
         generation = model.generate(
@@ -141,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.add_argument("image", type=Path, help="image file")
     infer.add_argument("question", help="question about the image")
-    infer.add_argument("--bundle", type=Path, default=None, help=f"bundle directory (default: ${BUNDLE_ENV})")
+    infer.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help=f"bundle directory (default: ${BUNDLE_ENV}, else the exported demo bundle)",
+    )
     infer.add_argument(
         "--exit", default=None, help="exit policy: router, never or layer:K (default: the bundle's)"
     )
@@ -156,6 +277,64 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
     infer.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
     infer.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+    evaluation = commands.add_parser(
+        "eval",
+        help="accuracy, exit layers and compute saved on a JSONL dataset",
+        description="Evaluate a bundle on a dataset in the project's JSONL format ({image, question, answer} "
+        "per line, image paths relative to the file). Reports exact-match accuracy, the mean and histogram "
+        "of exit layers (the last layer that saw the visual tokens; L-1 when they never exit) and the share "
+        "of prefill multiply-adds saved.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    evaluation.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help=f"bundle directory (default: ${BUNDLE_ENV}, else the exported demo bundle)",
+    )
+    evaluation.add_argument("--data", type=Path, required=True, help="data.jsonl")
+    evaluation.add_argument("--exit", default=None, help="router, never or layer:K (default: the bundle's)")
+    evaluation.add_argument(
+        "--threshold", type=float, default=None, help="router threshold (default: the bundle's)"
+    )
+    evaluation.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    evaluation.add_argument("--max-new-tokens", type=int, default=8)
+    evaluation.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    evaluation.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+    benchmark = commands.add_parser(
+        "bench",
+        help="measure policies side by side: prefill, TTFT, decode speed, exits, speed-up vs theory",
+        description="Run the listed exit policies alternately on the same inputs and report, per policy, the "
+        "median and p90 of vision, prefill and time to first token, decode tokens/s, exit layers, and the "
+        "measured prefill speed-up against the first policy next to the theoretical one (DESIGN §7).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    benchmark.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help=f"bundle directory (default: ${BUNDLE_ENV}, else the exported demo bundle)",
+    )
+    benchmark.add_argument(
+        "--exit",
+        default=None,
+        help="comma-separated policies, the first is the baseline (default: never, the "
+        "bundle's default, and router when the bundle has routers)",
+    )
+    benchmark.add_argument(
+        "--images", type=Path, default=None, help="a directory of images (asked --question)"
+    )
+    benchmark.add_argument("--data", type=Path, default=None, help="data.jsonl with image/question pairs")
+    benchmark.add_argument("--question", default="what is in the image?", help="question for --images")
+    benchmark.add_argument("--limit", type=int, default=8, help="inputs to use")
+    benchmark.add_argument("--runs", type=int, default=5, help="measured runs per input and policy")
+    benchmark.add_argument("--warmup", type=int, default=1, help="unmeasured runs first")
+    benchmark.add_argument("--max-new-tokens", type=int, default=16)
+    benchmark.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    benchmark.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)"
+    )
+    benchmark.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     inspect = commands.add_parser(
         "inspect",
         help="summarise a bundle's manifest",
@@ -188,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             print(run_macs(MacsConfig(**args)))
         elif command == "infer":
             return run_infer(InferConfig(**args))
+        elif command == "eval":
+            print(run_eval(EvalConfig(**args)))
+        elif command == "bench":
+            print(run_bench(BenchConfig(**args)))
         elif command == "inspect":
             print(run_inspect(args["bundle"], args["verify"]))
     except DyvteError as err:

@@ -29,3 +29,6 @@ class KVCache:
 
     def lengths(self) -> list[int]:
         return [k.shape[2] for k in self.keys]
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values, strict=True))

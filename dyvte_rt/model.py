@@ -9,15 +9,15 @@ for piece in model.generate("photo.jpg", "Describe it.", exit="layer:8"):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from dyvte_rt.bundle import Bundle
 from dyvte_rt.errors import InputError
+from dyvte_rt.images import ImageInput, load_image
 from dyvte_rt.manifest import TOKENIZER_FILE
 from dyvte_rt.pipeline import Pipeline
 from dyvte_rt.policy import ExitPolicy, parse_policy
@@ -25,8 +25,6 @@ from dyvte_rt.preprocess import preprocess
 from dyvte_rt.prompt import PromptBuilder
 from dyvte_rt.sampling import Sampler, SamplingConfig
 from engines import SessionOptions
-
-ImageInput = str | Path | Image.Image
 
 
 @dataclass
@@ -50,9 +48,9 @@ class Answer:
 class Generation:
     """Iterate for text pieces as tokens are produced; `answer` is complete once exhausted."""
 
-    def __init__(self, pieces: Iterator[str]) -> None:
-        self._pieces = pieces
-        self.answer: Answer | None = None
+    def __init__(self, produce: Callable[[Generation], Iterator[str]]) -> None:
+        self.answer: Answer | None = None  # set by `produce` when it finishes
+        self._pieces = produce(self)
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
@@ -70,6 +68,7 @@ class DyvteModel:
         self.manifest = bundle.manifest
         self.pipeline = Pipeline(bundle)
         self.prompts = PromptBuilder(bundle.manifest, bundle.path / TOKENIZER_FILE)
+        self.last_kv_bytes = 0  # KV cache size at the end of the latest request (benchmarks read it)
 
     @classmethod
     def load(
@@ -110,6 +109,7 @@ class DyvteModel:
         threshold: float | None = None,
         max_new_tokens: int = 64,
         sampling: SamplingConfig | None = None,
+        stop_at_eos: bool = True,
     ) -> Generation:
         """Check everything, then return a lazy generation (no compute happens until iterated)."""
         policy = self.policy(exit, threshold)
@@ -127,11 +127,12 @@ class DyvteModel:
                 hint="shorten the question or lower --max-new-tokens",
             )
         pixels = preprocess(load_image(image), self.manifest.vision.preprocess)
-        generation = Generation(iter(()))
-        generation._pieces = self._run(
-            generation, input_ids, pixels, policy, max_new_tokens, Sampler(sampling or SamplingConfig())
+        sampler = Sampler(sampling or SamplingConfig())
+        return Generation(
+            lambda generation: self._run(
+                generation, input_ids, pixels, policy, max_new_tokens, sampler, stop_at_eos
+            )
         )
-        return generation
 
     def _run(
         self,
@@ -141,9 +142,10 @@ class DyvteModel:
         policy: ExitPolicy,
         max_new_tokens: int,
         sampler: Sampler,
+        stop_at_eos: bool = True,
     ) -> Iterator[str]:
         prefill = self.pipeline.prefill(input_ids, pixels, policy)
-        eos = set(self.manifest.tokens.eos)
+        eos = set(self.manifest.tokens.eos) if stop_at_eos else set()  # benchmarks decode a fixed count
         tokens = [sampler(prefill.logits)]
         text = ""
         started = time.perf_counter()
@@ -159,6 +161,7 @@ class DyvteModel:
             )
             tokens.append(sampler(logits))
         decode_ms = 1e3 * (time.perf_counter() - started)
+        self.last_kv_bytes = prefill.cache.nbytes()
         generation.answer = Answer(
             answer=self.prompts.decode(tokens).strip(),
             token_ids=tokens,
@@ -170,21 +173,3 @@ class DyvteModel:
             prefill_macs={"full": prefill.macs.full, "actual": prefill.macs.actual},
             policy=policy.spec(),
         )
-
-
-def load_image(image: ImageInput) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    path = Path(image)
-    if not path.is_file():
-        raise InputError(
-            f"image {path} does not exist" if not path.exists() else f"image {path} is not a file"
-        )
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            return handle.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise InputError(
-            f"cannot read image {path}: {err}", hint="use a PNG, JPEG, GIF, BMP or WebP file"
-        ) from None

@@ -37,8 +37,19 @@ class LoadedModel:
     adapter: object  # export.families.FamilyAdapter
 
 
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"  # `--model demo`
+
+
 def resolve_checkpoint(spec: str) -> tuple[Path, str | None]:
     """Map `--model` to (local directory, repo id or None) without touching the network."""
+    if spec == "demo":
+        if not (DEMO_CHECKPOINT / "model.safetensors").is_file():
+            raise ModelNotFoundError(
+                f"the demo checkpoint is missing from {DEMO_CHECKPOINT}",
+                hint="reinstall dyvte-rt, or retrain it with python -m calibrate.train_demo --out "
+                + str(DEMO_CHECKPOINT),
+            )
+        return DEMO_CHECKPOINT, None
     local = Path(spec).expanduser()
     if local.is_dir():
         return local.resolve(), None
@@ -46,7 +57,7 @@ def resolve_checkpoint(spec: str) -> tuple[Path, str | None]:
     if not _REPO_ID.match(repo_id):
         raise ModelNotFoundError(
             f"model {spec!r} is not a checkpoint directory, a known alias or a Hugging Face repo id",
-            hint=f"aliases: {', '.join(sorted(ALIASES))}; or pass a directory in the llava-hf layout",
+            hint=f"aliases: demo, {', '.join(sorted(ALIASES))}; or pass a directory in the llava-hf layout",
         )
     return _from_hf_cache(spec, repo_id), repo_id
 

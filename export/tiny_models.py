@@ -154,8 +154,19 @@ def build_random_llava(
     text_config: Callable[[TinySpec, int], PretrainedConfig], spec: TinySpec, out: Path, seed: int = 0
 ) -> Path:
     """Write a random-weight LLaVA checkpoint of the given sizes (llava-hf layout) to `out`."""
+    model, processor = new_llava(text_config, spec, TINY_WORDS, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def new_llava(
+    text_config: Callable[[TinySpec, int], PretrainedConfig], spec: TinySpec, words: list[str], seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random-weight LLaVA model and its processor (word-level tokenizer over `words`), in memory."""
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_word_tokenizer(TINY_WORDS),
+        tokenizer_object=build_word_tokenizer(words),
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,
@@ -197,10 +208,7 @@ def build_random_llava(
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
+    return model, processor
 
 
 def main(argv: list[str] | None = None) -> int:

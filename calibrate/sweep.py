@@ -1,0 +1,96 @@
+"""One full teacher-forced pass plus cheap text-only passes: everything calibration needs.
+
+For a sample (image, prompt, answer) the full model runs once over prompt + answer, keeping the
+hidden states after every candidate layer k. From h_k, the visual tokens are dropped and only the
+later layers run again on the N−V text tokens — exactly the removal semantics (DESIGN §3), at a
+fraction of a full pass. Labels for every k come from these logits (DESIGN §6), not from one
+random k per step as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from export.reference.cache import KVCache
+from export.reference.masks import causal_mask
+from export.reference.model import DyVTEReference
+from export.reference.routers import feature_positions, router_features
+
+AGREEMENT = 0.99  # label rule: argmax agreement on answer tokens ...
+LOSS_RATIO = 1.03  # ... and answer loss within 3% of the full model's
+
+
+@dataclass
+class Sweep:
+    features: torch.Tensor  # [K, 2D] router features at each candidate layer
+    token_agreement: torch.Tensor  # [K] share of answer tokens whose argmax equals the full model's
+    loss_ratio: torch.Tensor  # [K] answer loss with exit at k / full answer loss
+    answer_equal: torch.Tensor  # [K] bool: every answer token's argmax equals the full model's
+    kl_first: torch.Tensor  # [K] KL(full || exit) of the first answer token's distribution
+    n_tokens: int  # prompt tokens N
+    n_visual: int  # V
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """[K] 1 = the visual tokens may exit after this layer."""
+        return ((self.token_agreement >= AGREEMENT) & (self.loss_ratio <= LOSS_RATIO)).long()
+
+
+@torch.no_grad()
+def sweep(
+    reference: DyVTEReference,
+    prompt_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    answer_ids: torch.Tensor,
+    layers: tuple[int, ...],
+) -> Sweep:
+    """prompt_ids [1, N], answer_ids [A] (EOS included) -> per-layer labels, features, agreement."""
+    n, a = prompt_ids.shape[1], answer_ids.shape[0]
+    ids = torch.cat([prompt_ids, answer_ids[None].to(prompt_ids.device)], dim=1)  # [1, T]
+    device = ids.device
+    hidden = reference.embed(ids, pixel_values)  # [1, T, D]
+    t = ids.shape[1]
+    positions = torch.arange(t, device=device)[None]
+    mask = causal_mask(t, 0, hidden.dtype, device)
+    kept: dict[int, torch.Tensor] = {}
+    cache = KVCache(reference.num_layers)
+    for index in range(reference.num_layers):
+        hidden = reference.run_layer(index, hidden, positions, cache, mask)
+        if index in layers:
+            kept[index] = hidden
+    full = reference.adapter.head(hidden)[0, n - 1 : t - 1].float()  # [A, vocab] predicts the answer
+    full_loss = F.cross_entropy(full, answer_ids.to(device))
+    full_pick = full.argmax(-1)
+    full_logp = F.log_softmax(full[0], -1)
+
+    is_visual = ids[0] == reference.adapter.image_token_id
+    keep = ~is_visual
+    n_visual = int(is_visual[:n].sum())
+    mean_at = feature_positions(prompt_ids, reference.adapter.image_token_id).to(device)
+    out = {name: [] for name in ("features", "agree", "ratio", "equal", "kl")}
+    for k in layers:
+        out["features"].append(router_features(kept[k][:, :n], mean_at)[0].float())
+        h, pos = kept[k][:, keep], positions[:, keep]  # [1, T-V, D]
+        text_mask = causal_mask(h.shape[1], 0, h.dtype, device)
+        text_cache = KVCache(reference.num_layers)
+        for index in range(k + 1, reference.num_layers):
+            h = reference.run_layer(index, h, pos, text_cache, text_mask)
+        start = n - n_visual - 1
+        logits = reference.adapter.head(h)[0, start : start + a].float()  # [A, vocab]
+        pick = logits.argmax(-1)
+        out["agree"].append((pick == full_pick).float().mean())
+        out["ratio"].append(F.cross_entropy(logits, answer_ids.to(device)) / full_loss.clamp(min=1e-6))
+        out["equal"].append(torch.equal(pick, full_pick))
+        out["kl"].append(F.kl_div(F.log_softmax(logits[0], -1), full_logp, log_target=True, reduction="sum"))
+    return Sweep(
+        features=torch.stack(out["features"]).cpu(),
+        token_agreement=torch.stack(out["agree"]).cpu(),
+        loss_ratio=torch.stack(out["ratio"]).float().cpu(),
+        answer_equal=torch.tensor(out["equal"]),
+        kl_first=torch.stack(out["kl"]).float().cpu(),
+        n_tokens=n,
+        n_visual=n_visual,
+    )

@@ -1,0 +1,156 @@
+"""`dyvte-rt bench`: policies measured side by side on the same inputs, in one process.
+
+Policies run alternately (round-robin per input and run) so that drift in machine speed hits all
+of them alike. The measured prefill speed-up of each policy against the first is reported next to
+the theoretical one from prefill multiply-adds (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dyvte_rt.evaluate import Example
+from dyvte_rt.model import DyvteModel
+from dyvte_rt.policy import ExitPolicy
+
+
+@dataclass(frozen=True)
+class PolicyStats:
+    policy: str
+    vision_ms_median: float
+    vision_ms_p90: float
+    prefill_ms_median: float  # embed + decoder segments (with the exit) + head; vision excluded
+    prefill_ms_p90: float
+    ttft_ms_median: float  # vision + prefill + first token
+    ttft_ms_p90: float
+    decode_tokens_per_s: float  # median over requests of (tokens after the first) / decode time
+    exit_layers: dict[str, int]  # exit layer (or "none") -> requests
+    macs_ratio: float  # Σ actual / Σ full prefill multiply-adds
+    kv_cache_mib: float  # KV cache held at the end of a request (mean)
+    measured_speedup: float  # first policy's median prefill / this policy's
+    theoretical_speedup: float  # this policy's multiply-adds relative to the first's, inverted
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    policies: dict[str, PolicyStats]
+    runs: int
+    warmup: int
+    inputs: int
+    max_new_tokens: int
+    peak_rss_mib: float  # whole process, all policies
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "policies": {k: asdict(v) for k, v in self.policies.items()}}
+
+
+def bench(
+    model: DyvteModel,
+    examples: list[Example],
+    policies: list[ExitPolicy],
+    runs: int = 5,
+    warmup: int = 1,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+) -> BenchReport:
+    from tqdm import tqdm
+
+    names = [p.spec() for p in policies]
+    samples: dict[str, list[dict]] = {name: [] for name in names}
+    total = (warmup + runs) * len(examples) * len(policies)
+    bar = tqdm(total=total, desc="bench", unit="req", disable=not progress, file=sys.stderr)
+    for run in range(warmup + runs):
+        for index, example in enumerate(examples):
+            order = np.roll(np.arange(len(policies)), run + index)  # alternate who goes first
+            for p in order:
+                policy = policies[p]
+                started = time.perf_counter()
+                generation = model.generate(
+                    example.image, example.question, exit=policy, max_new_tokens=max_new_tokens
+                )
+                first_piece_at = None
+                for _ in generation:
+                    if first_piece_at is None:
+                        first_piece_at = time.perf_counter()
+                answer = generation.answer
+                bar.update(1)
+                if run < warmup:
+                    continue
+                t = answer.timings_ms
+                n_decoded = len(answer.token_ids) - 1
+                samples[names[p]].append(
+                    {
+                        "vision": t["vision"],
+                        "prefill": t["prefill"],
+                        "ttft": 1e3 * (first_piece_at - started),
+                        "decode_tps": n_decoded / (t["decode"] / 1e3)
+                        if n_decoded and t["decode"] > 0
+                        else float("nan"),
+                        "exit": answer.exit_layer,
+                        "full": answer.prefill_macs["full"],
+                        "actual": answer.prefill_macs["actual"],
+                        "kv_bytes": model.last_kv_bytes,
+                    }
+                )
+    bar.close()
+    stats: dict[str, PolicyStats] = {}
+    base = names[0]
+    base_prefill = float(np.median([s["prefill"] for s in samples[base]]))
+    base_ratio = sum(s["actual"] for s in samples[base]) / sum(s["full"] for s in samples[base])
+    for name in names:
+        rows = samples[name]
+        col = {
+            key: np.array([r[key] for r in rows], dtype=float)
+            for key in ("vision", "prefill", "ttft", "decode_tps")
+        }
+        ratio = sum(r["actual"] for r in rows) / sum(r["full"] for r in rows)
+        exits: dict[str, int] = {}
+        for r in rows:
+            key = "none" if r["exit"] is None else str(r["exit"])
+            exits[key] = exits.get(key, 0) + 1
+        prefill = float(np.median(col["prefill"]))
+        stats[name] = PolicyStats(
+            policy=name,
+            vision_ms_median=float(np.median(col["vision"])),
+            vision_ms_p90=float(np.percentile(col["vision"], 90)),
+            prefill_ms_median=prefill,
+            prefill_ms_p90=float(np.percentile(col["prefill"], 90)),
+            ttft_ms_median=float(np.median(col["ttft"])),
+            ttft_ms_p90=float(np.percentile(col["ttft"], 90)),
+            decode_tokens_per_s=float(np.nanmedian(col["decode_tps"]))
+            if np.isfinite(col["decode_tps"]).any()
+            else float("nan"),
+            exit_layers=exits,
+            macs_ratio=ratio,
+            kv_cache_mib=float(np.mean([r["kv_bytes"] for r in rows])) / 2**20,
+            measured_speedup=base_prefill / prefill,
+            theoretical_speedup=base_ratio / ratio,
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return BenchReport(stats, runs, warmup, len(examples), max_new_tokens, peak)
+
+
+def format_table(report: BenchReport) -> str:
+    header = (
+        f"{'policy':<10} {'vision ms':>10} {'prefill ms':>11} {'p90':>8} {'TTFT ms':>9} {'decode tok/s':>13} "
+        f"{'MACs':>6} {'speed-up':>9} {'theory':>7}  exits"
+    )
+    lines = [header, "-" * len(header)]
+    for s in report.policies.values():
+        exits = ", ".join(f"{k}:{v}" for k, v in sorted(s.exit_layers.items()))
+        lines.append(
+            f"{s.policy:<10} {s.vision_ms_median:>10.2f} {s.prefill_ms_median:>11.2f} "
+            f"{s.prefill_ms_p90:>8.2f} {s.ttft_ms_median:>9.2f} {s.decode_tokens_per_s:>13.1f} "
+            f"{s.macs_ratio:>6.2f} "
+            f"{s.measured_speedup:>8.2f}x {s.theoretical_speedup:>6.2f}x  {exits}"
+        )
+    lines.append(
+        f"{report.inputs} inputs x {report.runs} runs (+{report.warmup} warm-up) per policy, "
+        f"{report.max_new_tokens} new tokens max; peak RSS {report.peak_rss_mib:.0f} MiB"
+    )
+    return "\n".join(lines)

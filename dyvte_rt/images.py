@@ -1,0 +1,77 @@
+"""Opening user images safely: every failure is one InputError, never a traceback.
+
+Deliberate differences from Hugging Face's processor, both towards what a user sees:
+- EXIF orientation is applied, so photos are processed as image viewers show them;
+- 16-bit and floating-point greyscale are scaled to 8 bits (PIL's plain RGB conversion would clip
+  them to white).
+Animated images use their first frame.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dyvte_rt.errors import InputError
+
+ImageInput = str | Path | Image.Image
+MAX_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000; larger images are refused before decoding
+SUPPORTED = "PNG, JPEG, GIF, BMP, TIFF or WebP"
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return normalize_image(image)
+    path = Path(image)
+    if not path.exists():
+        raise InputError(f"image {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"image {path} is not a file")
+    if path.stat().st_size == 0:
+        raise InputError(f"image {path} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as handle:
+                check_size(handle.size, path)
+                handle.seek(0)  # animated: the first frame
+                handle.load()
+                return normalize_image(handle)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(
+            f"image {path} decodes to more than {MAX_PIXELS:,} pixels", hint="downscale it first"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"cannot read image {path}: {reason}", hint=f"use a {SUPPORTED} file") from None
+
+
+def check_size(size: tuple[int, int], path: Path | str) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise InputError(f"image {path} has no pixels ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise InputError(
+            f"image {path} is {width}x{height} = {width * height:,} pixels, "
+            f"above the limit of {MAX_PIXELS:,}",
+            hint="downscale it first",
+        )
+
+
+def normalize_image(image: Image.Image) -> Image.Image:
+    """A detached, upright copy in a mode the RGB conversion handles faithfully."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
+        if image.mode == "F":
+            low, high = float(np.nanmin(pixels)), float(np.nanmax(pixels))
+            pixels, top = pixels - low, max(high - low, 1e-12)
+        eight_bit = np.clip(np.nan_to_num(pixels) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(eight_bit, "L")
+    return image.copy()

@@ -52,7 +52,7 @@ def draw(shapes: tuple[Shape, ...], rng: random.Random) -> Image.Image:
     half = IMAGE_SIZE // 2
     for shape in shapes:
         row, col = POSITIONS.index(shape.position) // 2, POSITIONS.index(shape.position) % 2
-        size = rng.randint(16, 24)
+        size = rng.randint(18, 26)
         x0 = col * half + rng.randint(2, half - size - 2)
         y0 = row * half + rng.randint(2, half - size - 2)
         box = (x0, y0, x0 + size, y0 + size)
@@ -75,7 +75,12 @@ def random_scene(rng: random.Random) -> tuple[Shape, ...]:
 
 
 def questions(shapes: tuple[Shape, ...]) -> list[tuple[str, str]]:
-    """Every question with a unique answer for this scene, as (question, answer)."""
+    """Every question with a unique answer for this scene, as (question, answer).
+
+    Shapes are looked up by position or by colour, never by kind: "find the triangle, then say its
+    colour" asks a from-scratch model for shape search on top of shape recognition, which the
+    demo's CPU training budget does not buy (such a model plateaued at ~64%).
+    """
     qa = [("how many shapes are there?", COUNT_WORDS[len(shapes)])]
     by_position = {s.position: s for s in shapes}
     for position in POSITIONS:
@@ -83,17 +88,21 @@ def questions(shapes: tuple[Shape, ...]) -> list[tuple[str, str]]:
         qa.append((f"what shape is in the {position}?", shape.kind if shape else "nothing"))
         if shape:
             qa.append((f"what color is the shape in the {position}?", shape.color))
-    for kind in SHAPES:
-        same = [s for s in shapes if s.kind == kind]
-        if len(same) == 1:
-            qa.append((f"what color is the {kind}?", same[0].color))
-            qa.append((f"where is the {kind}?", same[0].position))
     for color in COLORS:
         same = [s for s in shapes if s.color == color]
         qa.append((f"how many {color} shapes are there?", COUNT_WORDS[len(same)]))
         if len(same) == 1:
-            qa.append((f"what shape is {color}?", same[0].kind))
+            qa.append((f"where is the {color} shape?", same[0].position))
     return qa
+
+
+def question_kind(question: str) -> str:
+    """colour / shape / count / position, for balancing and per-kind accuracy."""
+    if question.startswith("how many"):
+        return "count"
+    if question.startswith("where"):
+        return "position"
+    return "colour" if question.startswith("what color") else "shape"
 
 
 def generate(n: int, seed: int) -> list[tuple[tuple[Shape, ...], str, str, int]]:
@@ -104,8 +113,7 @@ def generate(n: int, seed: int) -> list[tuple[tuple[Shape, ...], str, str, int]]
         scene = random_scene(rng)
         groups: dict[str, list[tuple[str, str]]] = {}
         for question, answer in questions(scene):
-            kind = question.split()[0] + " " + question.split()[1]  # "how many", "what shape", ...
-            groups.setdefault(kind, []).append((question, answer))
+            groups.setdefault(question_kind(question), []).append((question, answer))
         kind = rng.choice(sorted(groups))
         question, answer = rng.choice(groups[kind])
         out.append((scene, question, answer, rng.randrange(1 << 30)))

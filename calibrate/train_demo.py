@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibrate.shapes import draw, generate, vocabulary
+from calibrate.shapes import draw, generate, question_kind, vocabulary
 from dyvte_rt.preprocess import preprocess
 from export.families.llava import LlavaAdapter
 from export.manifest_builder import image_preprocess
@@ -54,17 +54,37 @@ DEMO_SPEC = TinySpec(
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One cosine learning-rate cycle with a fresh optimizer and its own data and exit seeds."""
+
+    steps: int
+    lr: float
+    data_seed: int  # offset added to TrainConfig.seed
+    min_exit_layer: int  # exit layers K are drawn from min_exit_layer..L-2
+
+
+# Phase 1: lr 1e-3 (2e-3 stalled on answer priors for 1000+ steps), exits anywhere from layer 0.
+# Phase 2: a warm restart at half the rate, exits only where bundles offer them (1..L-2); phase 1
+# alone reached ~90% exact match, below the 95% the demo must score.
+PHASES = (
+    Phase(steps=6000, lr=1e-3, data_seed=0, min_exit_layer=0),
+    Phase(steps=4000, lr=5e-4, data_seed=1, min_exit_layer=1),
+)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     out: Path
-    steps: int = 8000
+    phases: tuple[Phase, ...] = PHASES
     batch: int = 48
-    lr: float = 1e-3  # 2e-3 stalled on answer priors for 1000+ steps
     warmup: int = 150
     exit_fraction: float = 0.5  # share of samples trained with visual tokens removed after a random layer
     eval_n: int = 1000
     seed: int = 0  # training data and initialisation
     eval_seed: int = 1_000_003  # never used for training
     threads: int = 2
+    init: Path | None = None  # start from these weights (used to run phases in separate processes)
+    first_phase: int = 0  # index of the first phase to run
 
 
 class Batcher:
@@ -133,6 +153,50 @@ def forward(adapter: LlavaAdapter, batch: dict[str, torch.Tensor], exit_after: t
 NO_EXIT = 10_000  # an exit layer beyond the last: the full model
 
 
+def run_phase(
+    config: TrainConfig, phase: Phase, number: int, adapter, batcher, evaluation, log, started
+) -> None:
+    model = adapter.model
+    layers = DEMO_SPEC.layers
+    data = generate(phase.steps * config.batch, config.seed + phase.data_seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = torch.Generator().manual_seed(config.seed + phase.data_seed)
+    for step in range(phase.steps):
+        lr = (
+            phase.lr
+            * min(1.0, (step + 1) / config.warmup)
+            * 0.5
+            * (1 + math.cos(math.pi * step / phase.steps))
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = batcher(data[step * config.batch : (step + 1) * config.batch])
+        exits = torch.randint(phase.min_exit_layer, layers - 1, (config.batch,), generator=rng)
+        keep_full = torch.rand(config.batch, generator=rng) >= config.exit_fraction
+        exits = torch.where(keep_full, torch.full_like(exits, NO_EXIT), exits)
+        logits = forward(adapter, batch, exits)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == phase.steps - 1:
+            entry = {
+                "phase": number + 1,
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "lr": lr,
+                "minutes": round((time.perf_counter() - started) / 60, 2),
+            }
+            if step % 1000 == 0 and step:  # progress check on a slice of the held-out set
+                model.eval()
+                entry["eval200_never"] = exact_match(adapter, batcher, evaluation[:200], None)
+                entry["eval200_exit1"] = exact_match(adapter, batcher, evaluation[:200], 1)
+                model.train()
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+
+
 @torch.no_grad()
 def exact_match(adapter, batcher, samples, exit_layer: int | None, batch: int = 100) -> float:
     """Share of samples whose answer tokens (EOS included) are all argmax under teacher forcing —
@@ -152,50 +216,30 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     model, processor = new_llava(_llama, DEMO_SPEC, vocabulary(), seed=config.seed)
+    if config.init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(config.init / "model.safetensors")), strict=True)
     model.train()
     adapter = LlavaAdapter(model)
     batcher = Batcher(processor, adapter)
-    layers = DEMO_SPEC.layers
-    data = generate(config.steps * config.batch, config.seed)
     evaluation = generate(config.eval_n, config.eval_seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    rng = torch.Generator().manual_seed(config.seed)
     started, log = time.perf_counter(), []
-    for step in range(config.steps):
-        lr = (
-            config.lr
-            * min(1.0, (step + 1) / config.warmup)
-            * 0.5
-            * (1 + math.cos(math.pi * step / config.steps))
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = batcher(data[step * config.batch : (step + 1) * config.batch])
-        exits = torch.randint(0, layers - 1, (config.batch,), generator=rng)
-        keep_full = torch.rand(config.batch, generator=rng) >= config.exit_fraction
-        exits = torch.where(keep_full, torch.full_like(exits, NO_EXIT), exits)
-        logits = forward(adapter, batch, exits)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 100 == 0 or step == config.steps - 1:
-            entry = {
-                "step": step,
-                "loss": round(loss.item(), 4),
-                "lr": lr,
-                "minutes": round((time.perf_counter() - started) / 60, 2),
-            }
-            if step % 1000 == 0 and step:  # progress check on a slice of the held-out set
-                model.eval()
-                entry["eval200_never"] = exact_match(adapter, batcher, evaluation[:200], None)
-                entry["eval200_exit1"] = exact_match(adapter, batcher, evaluation[:200], 1)
-                model.train()
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
+    for number, phase in enumerate(config.phases):
+        if number < config.first_phase:
+            continue
+        run_phase(config, phase, number, adapter, batcher, evaluation, log, started)
     model.eval()
+    layers = DEMO_SPEC.layers
     accuracy = {"never": exact_match(adapter, batcher, evaluation, None)}
+    by_kind = {}
+    for kind in ("colour", "shape", "count", "position"):
+        subset = [e for e in evaluation if question_kind(e[1]) == kind]
+        by_kind[kind] = {
+            "n": len(subset),
+            "never": exact_match(adapter, batcher, subset, None),
+            "exit after layer 1": exact_match(adapter, batcher, subset, 1),
+        }
     for k in range(layers - 1):
         accuracy[f"exit after layer {k}"] = exact_match(adapter, batcher, evaluation, k)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +251,7 @@ def train(config: TrainConfig) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_minutes": round((time.perf_counter() - started) / 60, 1),
         "eval_accuracy": accuracy,
+        "eval_accuracy_by_kind": by_kind,
         "log": log,
     }
     (config.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -216,15 +261,33 @@ def train(config: TrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m calibrate.train_demo",
-        description="Train the bundled demo model (deterministic, CPU).",
+        description="Train the bundled demo model (deterministic, CPU, two phases: "
+        + ", ".join(f"{p.steps} steps at lr {p.lr:g}" for p in PHASES)
+        + ").",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch", type=int, default=TrainConfig.batch)
     parser.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from a checkpoint written by an earlier phase (with --first-phase)",
+    )
+    parser.add_argument("--first-phase", type=int, default=1, help="1-based phase to start at")
     args = parser.parse_args(argv)
-    report = train(TrainConfig(out=args.out, steps=args.steps, batch=args.batch, eval_n=args.eval_n))
+    if (args.first_phase > 1) != (args.init is not None):
+        parser.error("--first-phase > 1 and --init go together")
+    report = train(
+        TrainConfig(
+            out=args.out,
+            batch=args.batch,
+            eval_n=args.eval_n,
+            init=args.init,
+            first_phase=args.first_phase - 1,
+        )
+    )
     print(json.dumps(report["eval_accuracy"], indent=2))
     return 0
 

@@ -52,7 +52,7 @@ def draw(shapes: tuple[Shape, ...], rng: random.Random) -> Image.Image:
     half = IMAGE_SIZE // 2
     for shape in shapes:
         row, col = POSITIONS.index(shape.position) // 2, POSITIONS.index(shape.position) % 2
-        size = rng.randint(18, 26)
+        size = rng.randint(22, 28)  # smaller circles and squares differ in too few 8x8 patches
         x0 = col * half + rng.randint(2, half - size - 2)
         y0 = row * half + rng.randint(2, half - size - 2)
         box = (x0, y0, x0 + size, y0 + size)
@@ -105,8 +105,11 @@ def question_kind(question: str) -> str:
     return "colour" if question.startswith("what color") else "shape"
 
 
-def generate(n: int, seed: int) -> list[tuple[tuple[Shape, ...], str, str, int]]:
-    """n (scene, question, answer, drawing seed) tuples; question types are balanced."""
+def generate(
+    n: int, seed: int, kind_weights: dict[str, float] | None = None
+) -> list[tuple[tuple[Shape, ...], str, str, int]]:
+    """n (scene, question, answer, drawing seed) tuples; question kinds are balanced unless
+    `kind_weights` (kind -> weight, default 1) says otherwise."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -114,7 +117,11 @@ def generate(n: int, seed: int) -> list[tuple[tuple[Shape, ...], str, str, int]]
         groups: dict[str, list[tuple[str, str]]] = {}
         for question, answer in questions(scene):
             groups.setdefault(question_kind(question), []).append((question, answer))
-        kind = rng.choice(sorted(groups))
+        kinds = sorted(groups)
+        if kind_weights is None:
+            kind = rng.choice(kinds)
+        else:
+            kind = rng.choices(kinds, weights=[kind_weights.get(k, 1.0) for k in kinds])[0]
         question, answer = rng.choice(groups[kind])
         out.append((scene, question, answer, rng.randrange(1 << 30)))
     return out

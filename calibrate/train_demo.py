@@ -79,6 +79,9 @@ class TrainConfig:
     batch: int = 48
     warmup: int = 150
     exit_fraction: float = 0.5  # share of samples trained with visual tokens removed after a random layer
+    # Shape questions twice as often: telling circles from squares is the slowest skill to learn
+    # (a first run scored 82% on them and 100% on colour, count and position).
+    kind_weights: tuple[tuple[str, float], ...] = (("shape", 2.0),)
     eval_n: int = 1000
     seed: int = 0  # training data and initialisation
     eval_seed: int = 1_000_003  # never used for training
@@ -158,7 +161,7 @@ def run_phase(
 ) -> None:
     model = adapter.model
     layers = DEMO_SPEC.layers
-    data = generate(phase.steps * config.batch, config.seed + phase.data_seed)
+    data = generate(phase.steps * config.batch, config.seed + phase.data_seed, dict(config.kind_weights))
     optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = torch.Generator().manual_seed(config.seed + phase.data_seed)
     for step in range(phase.steps):

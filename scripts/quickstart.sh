@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install, build a tiny LLaVA checkpoint, and answer a question
-# about the bundled example image with each exit policy (PyTorch reference).
+# The main job on a fresh machine: install, export the bundled demo model to a bundle, and answer
+# questions about an example image with the torch-free runtime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-checkpoint=runs/tiny-llava
-[ -f "$checkpoint/config.json" ] || .venv/bin/python -m export.tiny_models --backbone llama-gqa --out "$checkpoint"
-for policy in never layer:2 layer:0; do
-  .venv/bin/python -m export.reference --model "$checkpoint" --image examples/shapes.png \
-    --question "what color is the circle?" --exit "$policy" --max-new-tokens 8
+bundle=$(.venv/bin/python -c "from dyvte_rt.cli import demo_bundle_dir; print(demo_bundle_dir())")
+# (re-)export when there is no bundle yet or the shipped weights or routers are newer than it
+stale=0
+for file in export/demo_checkpoint/model.safetensors export/demo_checkpoint/routers.safetensors; do
+  if [ "$file" -nt "$bundle/manifest.json" ]; then stale=1; fi
 done
+if [ ! -f "$bundle/manifest.json" ] || [ "$stale" = 1 ]; then
+  .venv/bin/python -m export.build --model demo --routers export/demo_checkpoint/routers.safetensors \
+    --out "$bundle" --overwrite
+fi
+.venv/bin/dyvte-rt inspect "$bundle" --no-verify | head -9
+for question in "what color is the shape in the top left?" "what shape is in the top right?" "how many shapes are there?"; do
+  printf '%s -> ' "$question"
+  .venv/bin/dyvte-rt infer examples/three_shapes.png "$question"
+done
+echo "the full model (--exit never), then the routers' choice (the bundle's default) as JSON:"
+.venv/bin/dyvte-rt infer examples/three_shapes.png "where is the blue shape?" --exit never
+.venv/bin/dyvte-rt infer examples/three_shapes.png "where is the blue shape?" --json

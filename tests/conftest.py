@@ -97,3 +97,16 @@ def router_bundle(tiny_checkpoints, tmp_path_factory):
         )
     )
     return root / "bundle", root / "routers.safetensors"
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory) -> Path:
+    """The shipped demo model exported with its shipped routers, as the quickstart does."""
+    from export.build import BuildConfig, build_bundle
+    from export.loading import DEMO_CHECKPOINT
+
+    out = tmp_path_factory.mktemp("demo") / "bundle"
+    build_bundle(
+        BuildConfig(model="demo", out=out, routers=DEMO_CHECKPOINT / "routers.safetensors", quiet=True)
+    )
+    return out

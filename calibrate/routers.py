@@ -95,9 +95,22 @@ def calibrate_routers(config: RoutersConfig) -> dict:
         )
         bar.close()
         scores = score_layers(bank, train.labels, val.features, val.labels)
-        comparison[str(width)] = {
+        at_target = choose_threshold(
+            sweep_thresholds(
+                exit_probabilities(bank, val.features),
+                val.answer_equal,
+                layers,
+                dims,
+                val.n_tokens.tolist(),
+                val.n_visual.tolist(),
+            ),
+            config.target_agreement,
+        )
+        comparison[str(width)] = {  # what each width buys on the held-out split, at the same target
             "parameters": bank.num_parameters(),
             "mean_router_accuracy": sum(s.router_accuracy for s in scores) / len(scores),
+            "expected_prefill_macs_saved": 1 - at_target.macs_ratio,
+            "expected_agreement": at_target.agreement,
         }
         if width == config.router_width:
             chosen_bank, chosen_scores = bank, scores

@@ -84,6 +84,26 @@ class RouterBank(nn.Module):
         return bank
 
 
+def constant_routers(
+    hidden: int, layers: Iterable[int], fire_at: int, width: int = 4, p_exit: float = 0.99
+) -> RouterBank:
+    """Routers that ignore their input: p(exit) = p_exit at `fire_at`, 1 - p_exit elsewhere.
+
+    For tests (a known exit layer) and benchmarks of untrained models (the router's cost at a given
+    width, with the exit where the benchmark wants it).
+    """
+    bank = RouterBank(hidden, layers, width=width)
+    logit = torch.logit(torch.tensor(p_exit)).item()
+    with torch.no_grad():
+        for k in bank.layers:
+            for module in bank.routers[str(k)].net:
+                if isinstance(module, nn.Linear):
+                    module.weight.zero_()
+                    module.bias.zero_()
+            bank.routers[str(k)].net[-1].bias.copy_(torch.tensor([0.0, logit if k == fire_at else -logit]))
+    return bank
+
+
 def feature_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """Indices averaged by the router features (DESIGN §3), for a batch-1 prompt [1, N]."""
     return torch.from_numpy(text_feature_positions(input_ids[0].cpu().numpy(), image_token_id))

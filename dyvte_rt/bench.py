@@ -26,6 +26,7 @@ class PolicyStats:
     vision_ms_p90: float
     prefill_ms_median: float  # embed + decoder segments (with the exit) + head; vision excluded
     prefill_ms_p90: float
+    switch_ms_median: float  # within prefill: reading router outputs, deciding, dropping visual tokens
     ttft_ms_median: float  # vision + prefill + first token
     ttft_ms_p90: float
     decode_tokens_per_s: float  # median over requests of (tokens after the first) / decode time
@@ -87,6 +88,7 @@ def bench(
                     {
                         "vision": t["vision"],
                         "prefill": t["prefill"],
+                        "switch": t["switch"],
                         "ttft": 1e3 * (first_piece_at - started),
                         "decode_tps": n_decoded / (t["decode"] / 1e3)
                         if n_decoded and t["decode"] > 0
@@ -106,7 +108,7 @@ def bench(
         rows = samples[name]
         col = {
             key: np.array([r[key] for r in rows], dtype=float)
-            for key in ("vision", "prefill", "ttft", "decode_tps")
+            for key in ("vision", "prefill", "switch", "ttft", "decode_tps")
         }
         ratio = sum(r["actual"] for r in rows) / sum(r["full"] for r in rows)
         exits: dict[str, int] = {}
@@ -120,6 +122,7 @@ def bench(
             vision_ms_p90=float(np.percentile(col["vision"], 90)),
             prefill_ms_median=prefill,
             prefill_ms_p90=float(np.percentile(col["prefill"], 90)),
+            switch_ms_median=float(np.median(col["switch"])),
             ttft_ms_median=float(np.median(col["ttft"])),
             ttft_ms_p90=float(np.percentile(col["ttft"], 90)),
             decode_tokens_per_s=float(np.nanmedian(col["decode_tps"]))
@@ -137,7 +140,8 @@ def bench(
 
 def format_table(report: BenchReport) -> str:
     header = (
-        f"{'policy':<10} {'vision ms':>10} {'prefill ms':>11} {'p90':>8} {'TTFT ms':>9} {'decode tok/s':>13} "
+        f"{'policy':<10} {'vision ms':>10} {'prefill ms':>11} {'p90':>8} {'switch ms':>9} {'TTFT ms':>9} "
+        f"{'decode tok/s':>13} "
         f"{'MACs':>6} {'speed-up':>9} {'theory':>7}  exits"
     )
     lines = [header, "-" * len(header)]
@@ -145,7 +149,8 @@ def format_table(report: BenchReport) -> str:
         exits = ", ".join(f"{k}:{v}" for k, v in sorted(s.exit_layers.items()))
         lines.append(
             f"{s.policy:<10} {s.vision_ms_median:>10.2f} {s.prefill_ms_median:>11.2f} "
-            f"{s.prefill_ms_p90:>8.2f} {s.ttft_ms_median:>9.2f} {s.decode_tokens_per_s:>13.1f} "
+            f"{s.prefill_ms_p90:>8.2f} {s.switch_ms_median:>9.3f} {s.ttft_ms_median:>9.2f} "
+            f"{s.decode_tokens_per_s:>13.1f} "
             f"{s.macs_ratio:>6.2f} "
             f"{s.measured_speedup:>8.2f}x {s.theoretical_speedup:>6.2f}x  {exits}"
         )

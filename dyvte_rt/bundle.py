@@ -13,6 +13,25 @@ from engines import Session, SessionOptions, open_session
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
+def check_dtype_and_device(bundle_dtype: str, device: str, asked: str | None) -> None:
+    """Refuse a bundle built for another precision than asked, and fp16 on CPU unless asked for.
+
+    ONNX Runtime's CPU kernels mostly lack fp16: such a bundle runs, but several times slower than
+    its fp32 export, which is never what someone who did not ask for it wants.
+    """
+    if asked is not None and asked != bundle_dtype:
+        raise BundleError(
+            f"the bundle was exported as {bundle_dtype}, not {asked}",
+            hint=f"re-export it with python -m export.build --dtype {asked}, or drop --dtype",
+        )
+    if bundle_dtype == "fp16" and device == "cpu" and asked != "fp16":
+        raise BundleError(
+            "the bundle is fp16, which is meant for GPUs and runs several times slower on the CPU",
+            hint="use --device cuda, re-export with --dtype fp32 for the CPU, "
+            "or pass --dtype fp16 to run it anyway",
+        )
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -21,13 +40,19 @@ class Bundle:
 
     @classmethod
     def open(
-        cls, path: str | Path, options: SessionOptions | None = None, verify_hashes: bool = True
+        cls,
+        path: str | Path,
+        options: SessionOptions | None = None,
+        verify_hashes: bool = True,
+        dtype: str | None = None,
     ) -> Bundle:
+        """`dtype`: the precision the caller expects; a bundle of another one is refused."""
         path = Path(path)
         manifest = load_manifest(path, verify_hashes=verify_hashes)
         if manifest.dtype not in NUMPY_DTYPES:
             raise BundleError(f"bundle dtype {manifest.dtype!r} is not supported by this runtime")
         options = options or SessionOptions()
+        check_dtype_and_device(manifest.dtype, options.device, dtype)
         sessions: dict[str, Session] = {}
         try:
             for name, graph in manifest.graphs.items():

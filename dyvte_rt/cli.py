@@ -33,6 +33,7 @@ class InferConfig:
     top_p: float
     seed: int | None
     device: str
+    dtype: str | None
     threads: int
     as_json: bool
 
@@ -61,6 +62,7 @@ class EvalConfig:
     limit: int | None
     max_new_tokens: int
     device: str
+    dtype: str | None
     as_json: bool
 
 
@@ -71,7 +73,7 @@ def run_eval(config: EvalConfig) -> str:
     from dyvte_rt.model import DyvteModel
 
     examples = read_jsonl(config.data, config.limit)
-    with DyvteModel.load(_bundle_or_error(config.bundle), device=config.device) as model:
+    with DyvteModel.load(_bundle_or_error(config.bundle), device=config.device, dtype=config.dtype) as model:
         policy = model.policy(config.exit, config.threshold)
         model.pipeline.check_policy(policy)
         report = evaluate(model, examples, policy, config.max_new_tokens, progress=not config.as_json)
@@ -97,6 +99,7 @@ class BenchConfig:
     warmup: int
     max_new_tokens: int
     device: str
+    dtype: str | None
     threads: int
     as_json: bool
 
@@ -125,7 +128,7 @@ def run_bench(config: BenchConfig) -> str:
             raise InputError(f"--images {config.images} holds no {'/'.join(IMAGE_SUFFIXES)} files")
         examples = [Example(path, config.question, "") for path in files]
     with DyvteModel.load(
-        _bundle_or_error(config.bundle), device=config.device, threads=config.threads
+        _bundle_or_error(config.bundle), device=config.device, threads=config.threads, dtype=config.dtype
     ) as model:
         specs = config.exit.split(",") if config.exit else _default_bench_policies(model)
         policies = [model.policy(spec.strip()) for spec in specs if spec.strip()]
@@ -166,7 +169,7 @@ def run_infer(config: InferConfig) -> int:
 
     bundle = _bundle_or_error(config.bundle)
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.seed)
-    with DyvteModel.load(bundle, device=config.device, threads=config.threads) as model:
+    with DyvteModel.load(bundle, device=config.device, threads=config.threads, dtype=config.dtype) as model:
         generation = model.generate(
             config.image,
             config.question,
@@ -275,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     infer.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     infer.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    infer.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default=None,
+        help="the precision you expect; a bundle exported for another is refused (default: the bundle's, "
+        "except that fp16 on --device cpu must be asked for)",
+    )
     infer.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
     infer.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     evaluation = commands.add_parser(
@@ -300,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     evaluation.add_argument("--max-new-tokens", type=int, default=8)
     evaluation.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    evaluation.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default=None,
+        help="the precision you expect; a bundle exported for another is refused (default: the bundle's, "
+        "except that fp16 on --device cpu must be asked for)",
+    )
     evaluation.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     benchmark = commands.add_parser(
         "bench",
@@ -331,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--warmup", type=int, default=1, help="unmeasured runs first")
     benchmark.add_argument("--max-new-tokens", type=int, default=16)
     benchmark.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    benchmark.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default=None,
+        help="the precision you expect; a bundle exported for another is refused (default: the bundle's, "
+        "except that fp16 on --device cpu must be asked for)",
+    )
     benchmark.add_argument(
         "--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)"
     )

@@ -35,7 +35,7 @@ class Answer:
     exit_probs: dict[int, float]
     prompt_tokens: int
     visual_tokens: int
-    timings_ms: dict[str, float]  # vision, prefill, decode
+    timings_ms: dict[str, float]  # vision, prefill, switch (part of prefill), decode
     prefill_macs: dict[str, int]  # full, actual
     policy: str
 
@@ -78,9 +78,12 @@ class DyvteModel:
         threads: int = 0,
         optimization: str = "all",
         verify_hashes: bool = True,
+        dtype: str | None = None,
     ) -> DyvteModel:
+        """`dtype` (fp32 | fp16): refuse a bundle of another precision; None accepts the bundle's
+        own, except fp16 on the CPU."""
         options = SessionOptions(device=device, intra_op_threads=threads, optimization=optimization)
-        return cls(Bundle.open(bundle, options, verify_hashes=verify_hashes))
+        return cls(Bundle.open(bundle, options, verify_hashes=verify_hashes, dtype=dtype))
 
     def close(self) -> None:
         self.bundle.close()

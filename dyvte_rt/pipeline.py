@@ -29,7 +29,7 @@ class PrefillResult:
     n_tokens: int
     n_visual: int
     macs: PrefillMacs
-    timings_ms: dict[str, float] = field(default_factory=dict)  # vision, prefill
+    timings_ms: dict[str, float] = field(default_factory=dict)  # vision, prefill, switch (within prefill)
 
 
 class Pipeline:
@@ -94,6 +94,7 @@ class Pipeline:
         cache = KVCache(self.dims, batch=1, dtype=self._dtype)
         exit_layer: int | None = None
         exit_probs: dict[int, float] = {}
+        switch_ms = 0.0  # reading router outputs, deciding and dropping the visual tokens
         for segment in self.bundle.segments:
             layers = range(segment.first_layer, segment.last_layer + 1)
             feeds = {names.HIDDEN_IN: hidden, names.POSITION_IDS: positions, **cache.past_feeds(layers)}
@@ -104,6 +105,7 @@ class Pipeline:
             cache.update(layers, out)
             if exit_layer is not None or not n_visual or segment.last_layer not in self.candidates:
                 continue
+            deciding = time.perf_counter()
             prob = exit_probability(out[names.ROUTER_LOGITS]) if segment.has_router else None
             if prob is not None:
                 exit_probs[segment.last_layer] = prob
@@ -111,6 +113,7 @@ class Pipeline:
                 exit_layer = segment.last_layer
                 keep = ~is_visual
                 hidden, positions, pool = hidden[:, keep], positions[:, keep], pool[:, keep]  # N-V tokens
+            switch_ms += 1e3 * (time.perf_counter() - deciding)
         logits = self.head(hidden)
         prefill_ms = 1e3 * (time.perf_counter() - started)
         return PrefillResult(
@@ -121,7 +124,7 @@ class Pipeline:
             n_tokens=n_tokens,
             n_visual=n_visual,
             macs=prefill_macs(self.decoder_dims, n_tokens, n_visual, exit_layer),
-            timings_ms={"vision": vision_ms, "prefill": prefill_ms},
+            timings_ms={"vision": vision_ms, "prefill": prefill_ms, "switch": switch_ms},
         )
 
     def decode_one_token(self, token: int, position: int, cache: KVCache) -> np.ndarray:

@@ -163,6 +163,28 @@ def test_damaged_graph_with_matching_manifest_is_reported(bundles, tmp_path):
         DyvteModel.load(copy)
 
 
+def test_bundle_of_another_dtype_than_asked_is_refused(bundles, sample_image):
+    command = [sys.executable, "-m", "dyvte_rt.cli", "infer", str(sample_image), "what?"]
+    done = subprocess.run(
+        [*command, "--bundle", str(bundles["llama-gqa"]), "--dtype", "fp16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and "exported as fp32, not fp16" in done.stderr, done.stderr
+
+
+def test_fp16_bundle_on_cpu_must_be_asked_for(bundles, tmp_path):
+    copy = shutil.copytree(bundles["llama-gqa"], tmp_path / "bundle")
+    manifest = (copy / MANIFEST_FILE).read_text()
+    assert '"dtype": "fp32"' in manifest
+    (copy / MANIFEST_FILE).write_text(manifest.replace('"dtype": "fp32"', '"dtype": "fp16"'))
+    with pytest.raises(BundleError, match="meant for GPUs") as refused:
+        DyvteModel.load(copy, device="cpu")
+    assert "--dtype fp16" in refused.value.one_line()
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * 4096

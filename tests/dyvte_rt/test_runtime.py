@@ -165,7 +165,8 @@ def test_cli_json_schema(bundles, sample_image):
         "prefill_macs",
     } <= set(data)
     assert data["exit_layer"] == 1 and data["visual_tokens"] == 16 and len(data["token_ids"]) <= 5
-    assert set(data["timings_ms"]) == {"vision", "prefill", "decode"}
+    assert set(data["timings_ms"]) == {"vision", "prefill", "switch", "decode"}
+    assert 0 <= data["timings_ms"]["switch"] <= data["timings_ms"]["prefill"]
     assert data["prefill_macs"]["actual"] < data["prefill_macs"]["full"]
 
 

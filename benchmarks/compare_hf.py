@@ -6,7 +6,8 @@
 
 Every system answers every input in every run, in rotating order, so machine drift hits all alike.
 Both sides decode exactly --max-new-tokens tokens (EOS ignored) so decode rates compare like for
-like. Prints a Markdown table; --json-out writes the raw figures.
+like; HF's TTFT and decode rate come from per-token timestamps of one `generate` call.
+Prints a Markdown table; --json-out writes the raw figures.
 """
 
 from __future__ import annotations
@@ -26,29 +27,46 @@ from dyvte_rt.model import DyvteModel
 from export.loading import load_checkpoint
 
 
-def hf_request(loaded, example: Example, max_new_tokens: int) -> dict:
-    """TTFT (preprocessing + vision + prefill + first token) and decode rate of HF `generate`.
+class _TokenClock:
+    """A `generate` streamer that timestamps each new token (the first put() is the prompt)."""
 
-    Decode rate = (N - 1) tokens / (time of generate(N) - time of generate(1)).
-    """
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def hf_request(loaded, example: Example, max_new_tokens: int) -> dict:
+    """TTFT (preprocessing + vision + prefill + first token) and decode rate of one HF `generate`,
+    both read off per-token timestamps."""
     from PIL import Image
 
     processor = loaded.processor
     content = [{"type": "image"}, {"type": "text", "text": example.question}]
+    clock = _TokenClock()
     started = time.perf_counter()
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(images=Image.open(example.image).convert("RGB"), text=text, return_tensors="pt")
     with torch.inference_mode():
-        first = time.perf_counter()
-        loaded.model.generate(**inputs, do_sample=False, max_new_tokens=1, min_new_tokens=1)
-        one_token = time.perf_counter() - first
-        ttft = time.perf_counter() - started
-        first = time.perf_counter()
         loaded.model.generate(
-            **inputs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens
+            **inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            streamer=clock,
         )
-        whole = time.perf_counter() - first
-    return {"ttft": 1e3 * ttft, "decode_tps": (max_new_tokens - 1) / max(whole - one_token, 1e-9)}
+    times = clock.times
+    return {
+        "ttft": 1e3 * (times[0] - started),
+        "decode_tps": (len(times) - 1) / (times[-1] - times[0]),
+    }
 
 
 def dyvte_request(model: DyvteModel, example: Example, policy: str, max_new_tokens: int) -> dict:
@@ -105,6 +123,7 @@ def main() -> int:
                     row = dyvte_request(model, example, system, args.max_new_tokens)
                 if run >= args.warmup:
                     rows[system].append(row)
+                time.sleep(0.05)  # let ONNX Runtime's spinning threads go idle before the next system
         print(f"run {run + 1}/{args.warmup + args.runs} done", file=sys.stderr, flush=True)
     summary = {}
     base_ttft = float(np.median([r["ttft"] for r in rows["never"]])) if "never" in rows else None

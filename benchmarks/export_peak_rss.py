@@ -22,11 +22,19 @@ def main() -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--routers", type=Path, default=None, help="routers file to export with")
     args = parser.parse_args()
     weights = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
     started = time.perf_counter()
     rows = build_bundle(
-        BuildConfig(model=args.model, out=args.out, dtype=args.dtype, overwrite=True, quiet=True)
+        BuildConfig(
+            model=args.model,
+            out=args.out,
+            dtype=args.dtype,
+            routers=args.routers,
+            overwrite=True,
+            quiet=True,
+        )
     )
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -277,14 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     infer.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     infer.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    infer.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
-    infer.add_argument(
-        "--dtype",
-        choices=("fp32", "fp16"),
-        default=None,
-        help="the precision you expect; a bundle exported for another is refused (default: the bundle's, "
-        "except that fp16 on --device cpu must be asked for)",
-    )
+    _add_device_arguments(infer)
     infer.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
     infer.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     evaluation = commands.add_parser(
@@ -309,14 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     evaluation.add_argument("--max-new-tokens", type=int, default=8)
-    evaluation.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
-    evaluation.add_argument(
-        "--dtype",
-        choices=("fp32", "fp16"),
-        default=None,
-        help="the precision you expect; a bundle exported for another is refused (default: the bundle's, "
-        "except that fp16 on --device cpu must be asked for)",
-    )
+    _add_device_arguments(evaluation)
     evaluation.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     benchmark = commands.add_parser(
         "bench",
@@ -347,14 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--runs", type=int, default=5, help="measured runs per input and policy")
     benchmark.add_argument("--warmup", type=int, default=1, help="unmeasured runs first")
     benchmark.add_argument("--max-new-tokens", type=int, default=16)
-    benchmark.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
-    benchmark.add_argument(
-        "--dtype",
-        choices=("fp32", "fp16"),
-        default=None,
-        help="the precision you expect; a bundle exported for another is refused (default: the bundle's, "
-        "except that fp16 on --device cpu must be asked for)",
-    )
+    _add_device_arguments(benchmark)
     benchmark.add_argument(
         "--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)"
     )
@@ -381,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     macs.add_argument("--text", type=int, default=60, help="text tokens")
     macs.add_argument("--exit-layer", type=int, default=None, help="exit after this layer (0-indexed)")
     return parser
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default=None,
+        help="the precision you expect; a bundle exported for another is refused (default: the bundle's, "
+        "except that fp16 on --device cpu must be asked for)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

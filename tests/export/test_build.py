@@ -133,6 +133,22 @@ def test_an_interrupted_overwrite_keeps_the_old_bundle(bundles, tiny_checkpoints
     assert not _leftovers(tmp_path, "bundle")
 
 
+def test_a_full_disk_is_reported_as_such_and_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):
+    import errno
+
+    import export.onnx_export as onnx_export
+
+    def disk_full(plan, path, tolerance=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(onnx_export, "verify_plan", disk_full)
+    out = tmp_path / "bundle"
+    with pytest.raises(BundleError, match="no space left on the device") as failed:
+        build_bundle(BuildConfig(model=str(tiny_checkpoints["llama-mha"]), out=out, quiet=True))
+    assert "free some disk space" in failed.value.one_line()
+    assert not out.exists() and not _leftovers(tmp_path, "bundle")
+
+
 def test_existing_output_needs_overwrite(bundles, tiny_checkpoints):
     with pytest.raises(InputError, match="--overwrite"):
         build_bundle(BuildConfig(model=str(tiny_checkpoints["qwen2"]), out=bundles["qwen2"], quiet=True))

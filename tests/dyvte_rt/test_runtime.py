@@ -190,10 +190,11 @@ def test_cli_plain_output_streams_the_answer(bundles, sample_image):
         (["inspect", "/no/bundle"], "does not exist"),
     ],
 )
-def test_cli_bad_input_is_one_line_and_nonzero(bundles, sample_image, args, message):
+def test_cli_bad_input_is_one_line_and_nonzero(bundles, sample_image, args, message, tmp_path):
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "DYVTE_RT_BUNDLE"}
+    # no default bundle: neither $DYVTE_RT_BUNDLE nor a demo bundle the quickstart may have exported
+    env = {k: v for k, v in os.environ.items() if k != "DYVTE_RT_BUNDLE"} | {"XDG_CACHE_HOME": str(tmp_path)}
     args = [a.format(img=sample_image, bundle=bundles["llama-gqa"]) for a in args]
     done = _cli(*args, env=env)
     assert done.returncode != 0

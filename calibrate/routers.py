@@ -95,17 +95,15 @@ def calibrate_routers(config: RoutersConfig) -> dict:
         )
         bar.close()
         scores = score_layers(bank, train.labels, val.features, val.labels)
-        at_target = choose_threshold(
-            sweep_thresholds(
-                exit_probabilities(bank, val.features),
-                val.answer_equal,
-                layers,
-                dims,
-                val.n_tokens.tolist(),
-                val.n_visual.tolist(),
-            ),
-            config.target_agreement,
+        points = sweep_thresholds(
+            exit_probabilities(bank, val.features),
+            val.answer_equal,
+            layers,
+            dims,
+            val.n_tokens.tolist(),
+            val.n_visual.tolist(),
         )
+        at_target = choose_threshold(points, config.target_agreement)
         comparison[str(width)] = {  # what each width buys on the held-out split, at the same target
             "parameters": bank.num_parameters(),
             "mean_router_accuracy": sum(s.router_accuracy for s in scores) / len(scores),
@@ -113,13 +111,8 @@ def calibrate_routers(config: RoutersConfig) -> dict:
             "expected_agreement": at_target.agreement,
         }
         if width == config.router_width:
-            chosen_bank, chosen_scores = bank, scores
+            chosen_bank, chosen_scores, chosen_points, best = bank, scores, points, at_target
     assert chosen_bank is not None
-    probs = exit_probabilities(chosen_bank, val.features)
-    points = sweep_thresholds(
-        probs, val.answer_equal, layers, dims, val.n_tokens.tolist(), val.n_visual.tolist()
-    )
-    best = choose_threshold(points, config.target_agreement)
     chosen_bank.threshold = best.threshold
     chosen_bank.save(config.out / "routers.safetensors")
     model_parameters = sum(p.numel() for p in loaded.model.parameters())
@@ -136,7 +129,7 @@ def calibrate_routers(config: RoutersConfig) -> dict:
         "expected_agreement": best.agreement,
         "expected_mean_exit_layer": best.mean_exit_layer,
         "expected_prefill_macs_saved": 1 - best.macs_ratio,
-        "thresholds": points_json(points),
+        "thresholds": points_json(chosen_points),
         "width_comparison": comparison,
         "label_rule": {"token_agreement": ">= 0.99", "answer_loss_ratio": "<= 1.03"},
         "seconds": {
@@ -144,7 +137,7 @@ def calibrate_routers(config: RoutersConfig) -> dict:
             "total": round(time.perf_counter() - started, 1),
         },
     }
-    write_report(config.out, report, chosen_scores, points)
+    write_report(config.out, report, chosen_scores, chosen_points)
     return report
 
 

@@ -9,6 +9,7 @@ from calibrate.shapes import write_dataset
 from dyvte_rt.cli import main as cli_main
 from export.build import BuildConfig, build_bundle
 from export.reference import RouterBank
+from tests.helpers import eval_json
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +56,7 @@ def test_calibrated_bundle_exits_early_and_keeps_its_answers(calibrated, capsys)
     bundle = root / "bundle"
     build_bundle(BuildConfig(model="demo", out=bundle, routers=out / "routers.safetensors", quiet=True))
     fresh = write_dataset(root / "fresh", 60, seed=9090)
-    results = {}
-    for policy in ("never", "router"):
-        assert (
-            cli_main(["eval", "--bundle", str(bundle), "--data", str(fresh), "--exit", policy, "--json"]) == 0
-        )
-        results[policy] = json.loads(capsys.readouterr().out)
+    results = {policy: eval_json(capsys, bundle, fresh, "--exit", policy) for policy in ("never", "router")}
     assert results["router"]["prefill_macs_saved"] > 0.2
     assert results["router"]["mean_exit_layer"] < results["never"]["mean_exit_layer"]
     assert results["router"]["accuracy"] >= results["never"]["accuracy"] - 0.05
@@ -80,7 +76,7 @@ def test_fixed_layer_records_a_default_policy_the_runtime_uses(demo_bundle, tmp_
     assert code == 0
     chosen = json.loads(capsys.readouterr().out.split("\nrecorded")[0])
     layer = chosen["layer"]
-    assert all(chosen["mean_kl"][str(k)] <= 0.5 for k in range(layer, 5))
+    assert all(kl <= 0.5 for k, kl in chosen["mean_kl"].items() if int(k) >= layer)
     assert load_manifest(bundle).exit.default_policy == f"layer:{layer}"
     image = data.parent / json.loads(data.read_text().splitlines()[0])["image"]
     assert (

@@ -1,12 +1,11 @@
 """The shipped demo model: loads as `--model demo`, and scores on questions it never saw."""
 
-import json
-
 import pytest
 
 from calibrate.shapes import write_dataset
 from dyvte_rt.cli import main as cli_main
 from export.loading import DEMO_CHECKPOINT, load_checkpoint
+from tests.helpers import eval_json
 
 FRESH_SEED = 424_242  # neither the training seed nor the model card's evaluation seed
 FRESH_N = 200  # the bundle answers ~150 questions a second on two cores
@@ -30,26 +29,21 @@ def test_demo_weights_are_small_and_visual_tokens_dominate(demo_bundle):
         assert visual / ids.shape[1] >= 0.75
 
 
-def _eval_json(capsys, bundle, data, *options: str) -> dict:
-    assert cli_main(["eval", "--bundle", str(bundle), "--data", str(data), "--json", *options]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
 def test_demo_scores_at_least_95_percent_on_fresh_questions(demo_bundle, fresh_questions, capsys):
-    report = _eval_json(capsys, demo_bundle, fresh_questions, "--exit", "never")
+    report = eval_json(capsys, demo_bundle, fresh_questions, "--exit", "never")
     assert report["n"] == FRESH_N and report["accuracy"] >= 0.95
     assert report["exit_histogram"] == {"none": FRESH_N} and report["prefill_macs_saved"] == 0.0
 
 
 def test_shipped_routers_exit_early_and_keep_the_score(demo_bundle, fresh_questions, capsys):
     """The quickstart's default: the shipped routers (threshold from calibration) on fresh questions."""
-    report = _eval_json(capsys, demo_bundle, fresh_questions)  # no --exit: the bundle's default, router
+    report = eval_json(capsys, demo_bundle, fresh_questions)  # no --exit: the bundle's default, router
     assert report["policy"] == "router"
     assert report["accuracy"] >= 0.95 and report["prefill_macs_saved"] >= 0.4
 
 
 def test_eval_reports_exit_statistics(demo_bundle, fresh_questions, capsys):
-    report = _eval_json(capsys, demo_bundle, fresh_questions, "--exit", "layer:2", "--limit", "10")
+    report = eval_json(capsys, demo_bundle, fresh_questions, "--exit", "layer:2", "--limit", "10")
     assert report["n"] == 10 and report["exit_histogram"] == {"2": 10} and report["mean_exit_layer"] == 2.0
     assert 0.4 < report["prefill_macs_saved"] < 1.0
 

@@ -18,6 +18,7 @@ from dyvte_rt.compute import DecoderDims, prefill_macs
 from dyvte_rt.errors import DyvteError, InputError
 
 BUNDLE_ENV = "DYVTE_RT_BUNDLE"  # default --bundle
+SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE
 
 
 @dataclass(frozen=True)
@@ -376,21 +377,27 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
+    code = 0
     try:
         if command == "macs":
             print(run_macs(MacsConfig(**args)))
         elif command == "infer":
-            return run_infer(InferConfig(**args))
+            code = run_infer(InferConfig(**args))
         elif command == "eval":
             print(run_eval(EvalConfig(**args)))
         elif command == "bench":
             print(run_bench(BenchConfig(**args)))
         elif command == "inspect":
             print(run_inspect(args["bundle"], args["verify"]))
+        sys.stdout.flush()
     except DyvteError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)
         return err.exit_code
-    return 0
+    except BrokenPipeError:
+        # the reader left early (`dyvte-rt inspect B | head`): stop quietly, as a unix filter does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
+    return code
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ if [ ! -f "$bundle/manifest.json" ] || [ "$stale" = 1 ]; then
   .venv/bin/python -m export.build --model demo --routers export/demo_checkpoint/routers.safetensors \
     --out "$bundle" --overwrite
 fi
-.venv/bin/dyvte-rt inspect "$bundle" --no-verify | head -9
+.venv/bin/dyvte-rt inspect "$bundle" --no-verify
 for question in "what color is the shape in the top left?" "what shape is in the top right?" "how many shapes are there?"; do
   printf '%s -> ' "$question"
   .venv/bin/dyvte-rt infer examples/three_shapes.png "$question"

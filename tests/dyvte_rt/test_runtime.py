@@ -210,3 +210,15 @@ def test_cli_inspect_summarises_the_bundle(bundles):
         and "segment_00[0-1]" in done.stdout
         and "sha256 verified" in done.stdout
     )
+
+
+def test_cli_reader_leaving_early_is_quiet(bundles):
+    # `dyvte-rt inspect B | head -1`: the closed pipe ends the command without a traceback
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dyvte_rt.cli", "inspect", str(bundles["qwen2"])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child.stdout.close()
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and stderr == "", stderr

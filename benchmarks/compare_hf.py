@@ -104,13 +104,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
+    parser.add_argument("--spin", action="store_true", help="let idle ONNX Runtime threads spin-wait")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     examples = read_jsonl(args.data, args.limit) if args.data else [Example(args.image, args.question, "")]
     loaded = load_checkpoint(args.model)
     loaded.model.set_attn_implementation("eager")
-    model = DyvteModel.load(args.bundle, threads=args.threads)
+    model = DyvteModel.load(args.bundle, threads=args.threads, spin=args.spin)
     systems = ["hf-eager", *(p.strip() for p in args.exit.split(","))]
     rows: dict[str, list[dict]] = {s: [] for s in systems}
     for run in range(args.warmup + args.runs):
@@ -123,7 +124,7 @@ def main() -> int:
                     row = dyvte_request(model, example, system, args.max_new_tokens)
                 if run >= args.warmup:
                     rows[system].append(row)
-                time.sleep(0.05)  # let ONNX Runtime's spinning threads go idle before the next system
+                time.sleep(0.05)  # let torch's and (with --spin) ONNX Runtime's spinning threads go idle
         print(f"run {run + 1}/{args.warmup + args.runs} done", file=sys.stderr, flush=True)
     summary = {}
     base_ttft = float(np.median([r["ttft"] for r in rows["never"]])) if "never" in rows else None
@@ -146,9 +147,10 @@ def main() -> int:
         summary[system] = entry
     hf = summary["hf-eager"]
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    spinning = " (ONNX Runtime spinning)" if args.spin else ""
     print(
         f"\n{len(examples)} input(s) x {args.runs} runs (+{args.warmup} warm-up), {args.max_new_tokens} new "
-        f"tokens, {args.threads} threads; peak RSS {peak_gib:.1f} GiB\n"
+        f"tokens, {args.threads} threads{spinning}; peak RSS {peak_gib:.1f} GiB\n"
     )
     print(
         "| system | TTFT ms (median) | TTFT p90 | prefill ms | vision ms | decode tok/s | decode vs HF | "

@@ -36,6 +36,7 @@ class InferConfig:
     device: str
     dtype: str | None
     threads: int
+    spin: bool
     as_json: bool
 
 
@@ -102,6 +103,7 @@ class BenchConfig:
     device: str
     dtype: str | None
     threads: int
+    spin: bool
     as_json: bool
 
 
@@ -129,7 +131,11 @@ def run_bench(config: BenchConfig) -> str:
             raise InputError(f"--images {config.images} holds no {'/'.join(IMAGE_SUFFIXES)} files")
         examples = [Example(path, config.question, "") for path in files]
     with DyvteModel.load(
-        _bundle_or_error(config.bundle), device=config.device, threads=config.threads, dtype=config.dtype
+        _bundle_or_error(config.bundle),
+        device=config.device,
+        threads=config.threads,
+        spin=config.spin,
+        dtype=config.dtype,
     ) as model:
         specs = config.exit.split(",") if config.exit else _default_bench_policies(model)
         policies = [model.policy(spec.strip()) for spec in specs if spec.strip()]
@@ -170,7 +176,9 @@ def run_infer(config: InferConfig) -> int:
 
     bundle = _bundle_or_error(config.bundle)
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.seed)
-    with DyvteModel.load(bundle, device=config.device, threads=config.threads, dtype=config.dtype) as model:
+    with DyvteModel.load(
+        bundle, device=config.device, threads=config.threads, spin=config.spin, dtype=config.dtype
+    ) as model:
         generation = model.generate(
             config.image,
             config.question,
@@ -279,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     infer.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     _add_device_arguments(infer)
-    infer.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    _add_thread_arguments(infer)
     infer.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     evaluation = commands.add_parser(
         "eval",
@@ -335,9 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--warmup", type=int, default=1, help="unmeasured runs first")
     benchmark.add_argument("--max-new-tokens", type=int, default=16)
     _add_device_arguments(benchmark)
-    benchmark.add_argument(
-        "--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)"
-    )
+    _add_thread_arguments(benchmark)
     benchmark.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     inspect = commands.add_parser(
         "inspect",
@@ -371,6 +377,16 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the precision you expect; a bundle exported for another is refused (default: the bundle's, "
         "except that fp16 on --device cpu must be asked for)",
+    )
+
+
+def _add_thread_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    parser.add_argument(
+        "--spin",
+        action="store_true",
+        help="let idle ONNX Runtime threads spin-wait between runs: lower latency where cores are to "
+        "spare, much slower decode where they are not",
     )
 
 

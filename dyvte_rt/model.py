@@ -76,13 +76,17 @@ class DyvteModel:
         bundle: str | Path,
         device: str = "cpu",
         threads: int = 0,
+        spin: bool = False,
         optimization: str = "all",
         verify_hashes: bool = True,
         dtype: str | None = None,
     ) -> DyvteModel:
         """`dtype` (fp32 | fp16): refuse a bundle of another precision; None accepts the bundle's
-        own, except fp16 on the CPU."""
-        options = SessionOptions(device=device, intra_op_threads=threads, optimization=optimization)
+        own, except fp16 on the CPU. `spin`: let idle worker threads spin-wait (lower latency only
+        where cores are to spare)."""
+        options = SessionOptions(
+            device=device, intra_op_threads=threads, optimization=optimization, spin=spin
+        )
         return cls(Bundle.open(bundle, options, verify_hashes=verify_hashes, dtype=dtype))
 
     def close(self) -> None:

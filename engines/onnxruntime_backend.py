@@ -48,6 +48,7 @@ class OrtSession(Session):
         options.graph_optimization_level = levels[self.options.optimization]
         options.intra_op_num_threads = self.options.intra_op_threads
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spin else "0")
         try:
             self._session = ort.InferenceSession(
                 str(self.path), options, providers=providers_for(self.options.device)

@@ -20,6 +20,10 @@ from dyvte_rt.manifest import BundleError, GraphInfo
 class SessionOptions:
     device: str = "cpu"  # cpu | cuda | tensorrt
     intra_op_threads: int = 0  # 0: the backend's default
+    # Idle worker threads spin-wait between runs. Off by default: on a machine with few cores the
+    # spinning workers take the CPU from the thread that prepares the next run, which halved decode
+    # speed on a 2-core machine (docs/benchmarks.md).
+    spin: bool = False
     optimization: str = "all"  # none | basic | extended | all
 
 

@@ -222,3 +222,12 @@ def test_cli_reader_leaving_early_is_quiet(bundles):
     child.stdout.close()
     stderr = child.stderr.read().decode()
     assert child.wait(timeout=120) == 141 and stderr == "", stderr
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_worker_spinning_follows_the_option(bundles, spin):
+    # spinning idle workers halved decode speed on a 2-core machine, so it is off unless asked for
+    with DyvteModel.load(bundles["llama-gqa"], spin=spin, verify_hashes=False) as model:
+        for session in model.bundle.sessions.values():
+            options = session._session.get_session_options()
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spin))

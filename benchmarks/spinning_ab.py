@@ -1,0 +1,62 @@
+"""ONNX Runtime's idle workers spinning or not, side by side in one process.
+
+    python benchmarks/spinning_ab.py --bundle runs/demo-bundle-routers --runs 30 --max-new-tokens 16
+
+Loads the bundle twice (spinning off, the runtime's default, and on) and alternates requests
+between the two, the order flipping every run; prints median prefill and decode rate of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dyvte_rt.model import DyvteModel
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--image", type=Path, default=Path("examples/three_shapes.png"))
+    parser.add_argument("--question", default="what shape is in the top left?")
+    parser.add_argument("--exit", default="never")
+    parser.add_argument("--runs", type=int, default=10, help="measured requests per setting")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    models = {spin: DyvteModel.load(args.bundle, threads=args.threads, spin=spin) for spin in (False, True)}
+    rows: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for run in range(args.warmup + args.runs):
+        for spin in (False, True) if run % 2 else (True, False):
+            answer = (
+                models[spin]
+                .generate(
+                    args.image,
+                    args.question,
+                    exit=args.exit,
+                    max_new_tokens=args.max_new_tokens,
+                    stop_at_eos=False,
+                )
+                .result()
+            )
+            if run >= args.warmup:
+                decode_tps = (len(answer.token_ids) - 1) / (answer.timings_ms["decode"] / 1e3)
+                rows[spin].append((answer.timings_ms["prefill"], decode_tps))
+            time.sleep(0.05)
+    print(f"{args.bundle}: policy {args.exit}, {args.runs} requests each, {args.threads} threads")
+    print("| spinning | prefill ms | decode tok/s |\n| --- | ---: | ---: |")
+    for spin, data in rows.items():
+        prefill, decode = np.median(np.array(data), axis=0)
+        print(f"| {'on' if spin else 'off (default)'} | {prefill:.1f} | {decode:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

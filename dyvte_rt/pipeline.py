@@ -111,8 +111,8 @@ class Pipeline:
                 exit_probs[segment.last_layer] = prob
             if policy.decide(segment.last_layer, prob):
                 exit_layer = segment.last_layer
-                keep = ~is_visual
-                hidden, positions, pool = hidden[:, keep], positions[:, keep], pool[:, keep]  # N-V tokens
+                keep = np.flatnonzero(~is_visual)  # the N-V text positions
+                hidden, positions, pool = hidden.take(keep, 1), positions.take(keep, 1), pool.take(keep, 1)
             switch_ms += 1e3 * (time.perf_counter() - deciding)
         logits = self.head(hidden)
         prefill_ms = 1e3 * (time.perf_counter() - started)

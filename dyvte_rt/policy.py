@@ -7,6 +7,7 @@ numpy runtime, so they take router logits as plain numpy arrays.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,13 +21,18 @@ EXIT_CLASS = 1
 
 
 def exit_probability(router_logits: np.ndarray) -> float:
-    """p(exit) from a router's two logits ([..., 2]; batch 1), computed stably."""
-    logits = np.asarray(router_logits, dtype=np.float64).reshape(-1)
-    if logits.shape != (2,):
-        raise ValueError(f"router logits must hold 2 values for batch 1, got shape {logits.shape}")
-    shifted = logits - logits.max()
-    probs = np.exp(shifted) / np.exp(shifted).sum()
-    return float(probs[EXIT_CLASS])
+    """p(exit) from a router's two logits ([..., 2]; batch 1), computed stably.
+
+    Plain float arithmetic: this runs inside the exit switch, where every numpy call counts.
+    """
+    logits = np.asarray(router_logits).ravel().tolist()
+    if len(logits) != 2:
+        raise ValueError(f"router logits must hold 2 values for batch 1, got {len(logits)}")
+    margin = logits[1 - EXIT_CLASS] - logits[EXIT_CLASS]  # softmax of two logits = sigmoid(-margin)
+    if margin >= 0:
+        decay = math.exp(-margin)
+        return decay / (1.0 + decay)
+    return 1.0 / (1.0 + math.exp(margin))
 
 
 class ExitPolicy(Protocol):

@@ -55,6 +55,16 @@ def test_exit_probability_is_stable_for_huge_logits():
     assert exit_probability(np.array([1e4, 0.0])) == 0.0
 
 
+def test_exit_probability_is_the_softmax_exit_class():
+    rng = np.random.default_rng(0)
+    for logits in rng.normal(0, 8, size=(200, 1, 2)).astype(np.float32):
+        shifted = logits.astype(np.float64) - logits.max()
+        softmax = np.exp(shifted) / np.exp(shifted).sum()
+        assert exit_probability(logits) == pytest.approx(softmax[0, 1], rel=1e-12, abs=1e-300)
+    with pytest.raises(ValueError, match="2 values"):
+        exit_probability(np.zeros((2, 2)))
+
+
 def test_fixed_layer_must_be_a_candidate():
     check_policy_fits(FixedLayerExit(2), 8, (1, 2, 3))
     with pytest.raises(PolicyError, match=r"1\.\.3"):

@@ -10,12 +10,11 @@ calls (the gap between the sum and the step time).
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
+from single_request import single_request_parser
 
 from dyvte_rt.images import load_image
 from dyvte_rt.model import DyvteModel
@@ -23,16 +22,9 @@ from dyvte_rt.preprocess import preprocess
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--image", type=Path, default=Path("examples/three_shapes.png"))
-    parser.add_argument("--question", default="what shape is in the top left?")
-    parser.add_argument("--exit", default="never")
+    parser = single_request_parser(__doc__)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="prefill + steps, the first unmeasured")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--spin", action="store_true", help="let idle ONNX Runtime threads spin-wait")
     args = parser.parse_args()
 

@@ -8,27 +8,19 @@ between the two, the order flipping every run; prints median prefill and decode 
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import numpy as np
+from single_request import single_request_parser
 
 from dyvte_rt.model import DyvteModel
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--image", type=Path, default=Path("examples/three_shapes.png"))
-    parser.add_argument("--question", default="what shape is in the top left?")
-    parser.add_argument("--exit", default="never")
+    parser = single_request_parser(__doc__)
     parser.add_argument("--runs", type=int, default=10, help="measured requests per setting")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     models = {spin: DyvteModel.load(args.bundle, threads=args.threads, spin=spin) for spin in (False, True)}

@@ -84,9 +84,9 @@ def router_bundle(tiny_checkpoints, tmp_path_factory):
     from export.build import BuildConfig, build_bundle
 
     root = tmp_path_factory.mktemp("router-bundle")
-    from tests.helpers import routers_firing_at
+    from export.reference.routers import constant_routers
 
-    bank = routers_firing_at(64, range(0, 3), fire_at=2)
+    bank = constant_routers(64, range(0, 3), fire_at=2)
     bank.save(root / "routers.safetensors")
     build_bundle(
         BuildConfig(

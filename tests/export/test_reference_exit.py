@@ -7,7 +7,7 @@ from dyvte_rt.errors import InputError, PolicyError
 from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
 from export.reference import DyVTEReference, RouterBank, feature_positions
 from export.reference.masking import prefill_with_visual_keys_masked
-from tests.helpers import routers_firing_at
+from export.reference.routers import constant_routers
 
 
 def test_removal_equals_masking_for_every_exit_layer(loaded_models, backbone, prompt_factory):
@@ -52,7 +52,7 @@ def test_router_policy_exits_where_the_routers_fire(loaded_models, backbone, pro
     loaded = loaded_models[backbone]
     prompt = prompt_factory(loaded)
     layers = range(loaded.adapter.dims.num_layers - 1)
-    bank = routers_firing_at(loaded.adapter.dims.hidden, layers, fire_at=2)
+    bank = constant_routers(loaded.adapter.dims.hidden, layers, fire_at=2)
     reference = DyVTEReference(loaded.adapter, routers=bank)
     routed = reference.prefill(prompt.input_ids, prompt.pixel_values, RouterExit(0.5))
     fixed = reference.prefill(prompt.input_ids, prompt.pixel_values, FixedLayerExit(2))

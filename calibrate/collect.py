@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
 from calibrate.sweep import sweep
-from dyvte_rt.errors import InputError
-from dyvte_rt.evaluate import Example
+from dyvte_rt.datasets import Example
 from export.loading import LoadedModel
+from export.prompting import hf_inputs
 from export.reference.model import DyVTEReference
 
 
@@ -37,13 +36,6 @@ class Collected:
         return Collected(**{k: v[index] for k, v in vars(self).items()})
 
 
-def prompt_inputs(loaded: LoadedModel, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
-    processor = loaded.processor
-    content = [{"type": "image"}, {"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return processor(images=image, text=text, return_tensors="pt")
-
-
 def answer_ids(loaded: LoadedModel, answer: str) -> torch.Tensor:
     tokenizer = loaded.processor.tokenizer
     ids = tokenizer.encode(" " + answer, add_special_tokens=False)
@@ -59,12 +51,7 @@ def collect(loaded: LoadedModel, examples: list[Example], layers: tuple[int, ...
     exits = total = 0
     bar = tqdm(examples, desc="labels", unit="sample", file=sys.stderr)
     for example in bar:
-        try:
-            with Image.open(example.image) as handle:
-                image = handle.convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-            raise InputError(f"cannot read calibration image {example.image}: {err}") from None
-        inputs = prompt_inputs(loaded, image, example.question)
+        inputs = hf_inputs(loaded.processor, example.image, example.question)
         result = sweep(
             reference,
             inputs["input_ids"].to(device),

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dyvte_rt.errors import DyvteError, InputError
+from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.errors import InputError
+from export.cli_options import model_options
 
 
 def pick_layer(mean_kl: dict[int, float], max_kl: float) -> int | None:
@@ -41,54 +43,77 @@ def record_default_policy(bundle: Path, layer: int) -> None:
     staging.replace(bundle / MANIFEST_FILE)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m calibrate.fixed_layer",
-        description="Choose one exit layer for a model from KL divergences on a calibration set (VTW).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", type=Path, required=True, help="data.jsonl or LLaVA conversation JSON")
-    parser.add_argument("--image-root", type=Path, default=None)
-    parser.add_argument("--max-kl", type=float, default=0.05, help="largest mean KL (nats) accepted")
-    parser.add_argument("--exit-layers", default=None, help="candidate layers (default: 1..L-2)")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    parser.add_argument(
-        "--bundle", type=Path, default=None, help="record layer:K as this bundle's default policy"
-    )
-    args = parser.parse_args(argv)
-    try:
-        from calibrate.collect import collect
-        from calibrate.data import read_examples
-        from export.build import parse_exit_layers
-        from export.loading import inspect_checkpoint, load_checkpoint
+@dataclass(frozen=True)
+class FixedLayerConfig:
+    model: str
+    data: Path
+    image_root: Path | None = None
+    max_kl: float = 0.05
+    exit_layers: str | None = None  # None: 1..L-2
+    limit: int | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+    bundle: Path | None = None  # record layer:K as this bundle's default policy
+    trust_remote_code: bool = False
 
-        checkpoint = inspect_checkpoint(args.model)
-        layers = parse_exit_layers(args.exit_layers, checkpoint.num_layers)
-        examples = read_examples(args.data, args.image_root, args.limit)
-        loaded = load_checkpoint(checkpoint, args.dtype, args.device)
-        data = collect(loaded, examples, layers, args.device)
-        mean_kl = {k: float(data.kl_first[:, i].mean()) for i, k in enumerate(layers)}
-        layer = pick_layer(mean_kl, args.max_kl)
-        print(
-            json.dumps(
-                {"mean_kl": {str(k): round(v, 5) for k, v in mean_kl.items()}, "layer": layer}, indent=2
-            )
-        )
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "python -m calibrate.fixed_layer",
+        "Choose one exit layer for a model from KL divergences on a calibration set (VTW), and optionally "
+        "record it as a bundle's default policy.",
+        parents=[model_options()],
+    )
+    parser.add_argument("--data", type=Path, required=True, help="data.jsonl or LLaVA conversation JSON")
+    parser.add_argument("--image-root", type=Path, metavar="DIR", help="folder of the LLaVA JSON's images")
+    parser.add_argument("--max-kl", type=float, help="largest mean KL (nats) accepted")
+    parser.add_argument("--exit-layers", metavar="LAYERS", help="candidate layers (default: 1..L-2)")
+    parser.add_argument("--limit", type=int, metavar="N", help="use the first N samples only")
+    parser.add_argument("--device", help="torch device: cpu or cuda")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="precision the model runs in")
+    parser.add_argument(
+        "--bundle", type=Path, metavar="DIR", help="record layer:K as this bundle's default policy"
+    )
+    use_config_defaults(parser, FixedLayerConfig)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> FixedLayerConfig:
+    return config_from(FixedLayerConfig, build_parser().parse_args(argv))
+
+
+def choose_fixed_layer(config: FixedLayerConfig) -> dict:
+    from calibrate.collect import collect
+    from dyvte_rt.datasets import read_examples
+    from export.build import parse_exit_layers
+    from export.loading import inspect_checkpoint, load_checkpoint
+
+    checkpoint = inspect_checkpoint(config.model)
+    layers = parse_exit_layers(config.exit_layers, checkpoint.num_layers)
+    examples = read_examples(config.data, config.image_root, config.limit)
+    loaded = load_checkpoint(checkpoint, config.dtype, config.device, config.trust_remote_code)
+    data = collect(loaded, examples, layers, config.device)
+    mean_kl = {k: float(data.kl_first[:, i].mean()) for i, k in enumerate(layers)}
+    return {"mean_kl": mean_kl, "layer": pick_layer(mean_kl, config.max_kl)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> None:
+        config = parse_args(argv)
+        chosen = choose_fixed_layer(config)
+        layer = chosen["layer"]
+        mean_kl = {str(k): round(v, 5) for k, v in chosen["mean_kl"].items()}
+        print(json.dumps({"mean_kl": mean_kl, "layer": layer}, indent=2))
         if layer is None:
             raise InputError(
-                f"no candidate layer keeps the mean KL within {args.max_kl}",
+                f"no candidate layer keeps the mean KL within {config.max_kl}",
                 hint="raise --max-kl or use policy 'never'",
             )
-        if args.bundle is not None:
-            record_default_policy(args.bundle, layer)
-            print(f"recorded default policy layer:{layer} in {args.bundle}")
-    except DyvteError as err:
-        print(f"error: {err.one_line()}", file=sys.stderr)
-        return err.exit_code
-    return 0
+        if config.bundle is not None:
+            record_default_policy(config.bundle, layer)
+            print(f"recorded default policy layer:{layer} in {config.bundle}")
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dyvte_rt.errors import DyvteError, InputError
+from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.errors import InputError
+from export.cli_options import model_options
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,6 @@ def calibrate_routers(config: RoutersConfig) -> dict:
     from tqdm import tqdm
 
     from calibrate.collect import collect
-    from calibrate.data import read_examples
     from calibrate.report import points_json, scores_json, write_report
     from calibrate.router_training import (
         choose_threshold,
@@ -55,6 +56,7 @@ def calibrate_routers(config: RoutersConfig) -> dict:
         sweep_thresholds,
         train_routers,
     )
+    from dyvte_rt.datasets import read_examples
     from export.build import parse_exit_layers
     from export.loading import inspect_checkpoint, load_checkpoint
 
@@ -155,16 +157,13 @@ def _widths(config: RoutersConfig) -> list[int]:
     return list(dict.fromkeys(widths))
 
 
-def parse_args(argv: list[str] | None) -> RoutersConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m calibrate.routers",
-        description="Train DyVTE routers on the model's own behaviour and choose the exit threshold. Writes "
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "python -m calibrate.routers",
+        "Train DyVTE routers on the model's own behaviour and choose the exit threshold. Writes "
         "routers.safetensors (threshold in its metadata), features.safetensors (cached), report.json and "
         "report.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--model", required=True, help="demo, an alias, a checkpoint directory or a cached repo id"
+        parents=[model_options()],
     )
     parser.add_argument(
         "--data",
@@ -172,65 +171,62 @@ def parse_args(argv: list[str] | None) -> RoutersConfig:
         required=True,
         help="data.jsonl ({image, question, answer} per line) or LLaVA conversation JSON",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     parser.add_argument(
         "--image-root",
         type=Path,
-        default=None,
+        metavar="DIR",
         help="folder the LLaVA JSON's image paths are relative to (default: its own folder)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    parser.add_argument("--exit-layers", default=None, help="candidate exit layers (default: 1..L-2)")
+    parser.add_argument("--device", help="torch device: cpu or cuda")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="precision the model runs in")
+    parser.add_argument("--exit-layers", metavar="LAYERS", help="candidate exit layers (default: 1..L-2)")
     parser.add_argument(
         "--router-width",
         type=int,
-        default=256,
         help="hidden width of each router (0: one linear layer; the paper uses 2048)",
     )
     parser.add_argument(
         "--compare-widths",
-        default=None,
+        metavar="WIDTHS",
         help="also train these widths (e.g. '0,64,2048') and compare them in the report",
     )
-    parser.add_argument("--epochs", type=int, default=300, help="full-batch training epochs")
-    parser.add_argument("--val-fraction", type=float, default=0.25, help="held-out share for the threshold")
+    parser.add_argument("--epochs", type=int, help="full-batch training epochs")
+    parser.add_argument("--val-fraction", type=float, help="held-out share for the threshold")
     parser.add_argument(
         "--target-agreement",
         type=float,
-        default=0.99,
         help="answers that must equal the full model's on the held-out split",
     )
-    parser.add_argument("--limit", type=int, default=None, help="use the first N samples only")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trust-remote-code", action="store_true")
-    return RoutersConfig(**vars(parser.parse_args(argv)))
+    parser.add_argument("--limit", type=int, metavar="N", help="use the first N samples only")
+    parser.add_argument("--seed", type=int, help="training seed")
+    use_config_defaults(parser, RoutersConfig)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> RoutersConfig:
+    return config_from(RoutersConfig, build_parser().parse_args(argv))
+
+
+SUMMARY_KEYS = (
+    "threshold",
+    "expected_agreement",
+    "expected_prefill_macs_saved",
+    "expected_mean_exit_layer",
+    "router_parameters",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    try:
+    def body() -> None:
+        config = parse_args(argv)
         report = calibrate_routers(config)
-    except DyvteError as err:
-        print(f"error: {err.one_line()}", file=sys.stderr)
-        return err.exit_code
-    print(
-        json.dumps(
-            {
-                k: report[k]
-                for k in (
-                    "threshold",
-                    "expected_agreement",
-                    "expected_prefill_macs_saved",
-                    "expected_mean_exit_layer",
-                    "router_parameters",
-                )
-            },
-            indent=2,
+        print(json.dumps({k: report[k] for k in SUMMARY_KEYS}, indent=2))
+        print(
+            f"routers written to {config.out / 'routers.safetensors'}; report in {config.out / 'report.png'}"
         )
-    )
-    print(f"routers written to {config.out / 'routers.safetensors'}; report in {config.out / 'report.png'}")
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

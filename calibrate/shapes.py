@@ -18,6 +18,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from dyvte_rt.commandline import new_parser, run_command
+from dyvte_rt.errors import InputError
+
 IMAGE_SIZE = 64
 COLORS = {
     "red": (220, 40, 40),
@@ -37,13 +40,6 @@ class Shape:
     kind: str
     color: str
     position: str
-
-
-@dataclass(frozen=True)
-class Sample:
-    shapes: tuple[Shape, ...]
-    question: str
-    answer: str
 
 
 def draw(shapes: tuple[Shape, ...], rng: random.Random) -> Image.Image:
@@ -166,22 +162,27 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m calibrate.shapes",
-        description="Write a coloured-shapes visual-question dataset (images/*.png + data.jsonl).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "python -m calibrate.shapes",
+        "Write a coloured-shapes visual-question dataset (images/*.png + data.jsonl).",
     )
-    parser.add_argument("--out", type=Path, required=True, help="dataset directory")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset directory")
     parser.add_argument("--n", type=int, default=1000, help="number of questions (one image each)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.n < 1:
-        print("error: --n must be at least 1", file=sys.stderr)
-        return 2
-    path = write_dataset(args.out, args.n, args.seed)
-    print(f"wrote {args.n} questions to {path}")
-    return 0
+    parser.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> None:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.n < 1:
+            raise InputError("--n must be at least 1")
+        path = write_dataset(args.out, args.n, args.seed)
+        print(f"wrote {args.n} questions to {path}")
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from calibrate.shapes import draw, generate, question_kind, vocabulary
+from dyvte_rt.commandline import new_parser, run_command
 from dyvte_rt.preprocess import preprocess
 from export.families.llava import LlavaAdapter
 from export.manifest_builder import image_preprocess
+from export.prompting import hf_inputs
 from export.reference.masks import additive
 from export.reference.model import merge_image_features
 from export.tiny_models import TinySpec, _llama, new_llava
@@ -104,12 +107,8 @@ class Batcher:
 
     def prompt_ids(self, question: str) -> list[int]:
         if question not in self._prompt_ids:
-            content = [{"type": "image"}, {"type": "text", "text": question}]
-            text = self.processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True
-            )
-            dummy = np.zeros((64, 64, 3), dtype=np.uint8)
-            self._prompt_ids[question] = self.processor(images=dummy, text=text)["input_ids"][0]
+            dummy = Image.new("RGB", (64, 64))
+            self._prompt_ids[question] = hf_inputs(self.processor, dummy, question)["input_ids"][0].tolist()
         return self._prompt_ids[question]
 
     def answer_ids(self, answer: str) -> list[int]:
@@ -261,38 +260,43 @@ def train(config: TrainConfig) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m calibrate.train_demo",
-        description="Train the bundled demo model (deterministic, CPU, two phases: "
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "python -m calibrate.train_demo",
+        "Train the bundled demo model (deterministic, CPU, two phases: "
         + ", ".join(f"{p.steps} steps at lr {p.lr:g}" for p in PHASES)
         + ").",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--batch", type=int, default=TrainConfig.batch)
-    parser.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint directory")
+    parser.add_argument("--batch", type=int, default=TrainConfig.batch, help="samples per step")
+    parser.add_argument("--eval-n", type=int, default=TrainConfig.eval_n, help="held-out questions")
     parser.add_argument(
         "--init",
         type=Path,
-        default=None,
         help="start from a checkpoint written by an earlier phase (with --first-phase)",
     )
     parser.add_argument("--first-phase", type=int, default=1, help="1-based phase to start at")
-    args = parser.parse_args(argv)
-    if (args.first_phase > 1) != (args.init is not None):
-        parser.error("--first-phase > 1 and --init go together")
-    report = train(
-        TrainConfig(
-            out=args.out,
-            batch=args.batch,
-            eval_n=args.eval_n,
-            init=args.init,
-            first_phase=args.first_phase - 1,
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> None:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if (args.first_phase > 1) != (args.init is not None):
+            parser.error("--first-phase > 1 and --init go together")
+        report = train(
+            TrainConfig(
+                out=args.out,
+                batch=args.batch,
+                eval_n=args.eval_n,
+                init=args.init,
+                first_phase=args.first_phase - 1,
+            )
         )
-    )
-    print(json.dumps(report["eval_accuracy"], indent=2))
-    return 0
+        print(json.dumps(report["eval_accuracy"], indent=2))
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dyvte_rt.evaluate import Example
+from dyvte_rt.datasets import Example
 from dyvte_rt.model import DyvteModel
 from dyvte_rt.policy import ExitPolicy
 
@@ -96,7 +96,7 @@ def bench(
                         "exit": answer.exit_layer,
                         "full": answer.prefill_macs["full"],
                         "actual": answer.prefill_macs["actual"],
-                        "kv_bytes": model.last_kv_bytes,
+                        "kv_bytes": answer.kv_cache_bytes,
                     }
                 )
     bar.close()

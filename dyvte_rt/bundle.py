@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dyvte_rt.errors import BackendUnavailableError
 from dyvte_rt.manifest import BundleError, Manifest, SegmentInfo, load_manifest
-from engines import Session, SessionOptions, open_session
+from engines import BackendError, Session, SessionOptions, open_session
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -30,6 +31,12 @@ def check_dtype_and_device(bundle_dtype: str, device: str, asked: str | None) ->
             hint="use --device cuda, re-export with --dtype fp32 for the CPU, "
             "or pass --dtype fp16 to run it anyway",
         )
+
+
+def as_runtime_error(err: BackendError) -> BundleError | BackendUnavailableError:
+    """A backend's error as the runtime's: a missing backend, or a bundle it cannot use."""
+    kind = BackendUnavailableError if err.unavailable else BundleError
+    return kind(err.message, hint=err.hint)
 
 
 @dataclass
@@ -56,10 +63,13 @@ class Bundle:
         sessions: dict[str, Session] = {}
         try:
             for name, graph in manifest.graphs.items():
-                sessions[name] = open_session(path / graph.file, graph, options)
-        except BaseException:
+                names = tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs)
+                sessions[name] = open_session(path / graph.file, *names, options)
+        except BaseException as err:
             for session in sessions.values():
                 session.close()
+            if isinstance(err, BackendError):
+                raise as_runtime_error(err) from None
             raise
         return cls(path, manifest, sessions)
 

@@ -1,7 +1,8 @@
 """The one family of exceptions for user mistakes.
 
-Every entry point catches `DyvteError` and prints it as a single line with its hint and a
-non-zero exit code; anything else escaping is a bug in dyvte-rt, not in the user's input.
+Every entry point runs through `dyvte_rt.commandline.run_command`, which prints a `DyvteError` as
+a single line with its hint and exits with status 1; anything else escaping is a bug in dyvte-rt,
+not in the user's input.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 class DyvteError(Exception):
     """A problem the user can fix: bad input, a missing model, a damaged bundle."""
-
-    exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -39,3 +38,7 @@ class PolicyError(DyvteError):
 
 class InputError(DyvteError):
     """A request (image, question, options) cannot be processed as given."""
+
+
+class BackendUnavailableError(DyvteError):
+    """The backend or device asked for is not installed or cannot run here."""

@@ -1,28 +1,18 @@
 """`dyvte-rt eval`: accuracy, exit layers and compute saved of a bundle on a JSONL dataset.
 
-The dataset format is the project's: one {"image", "question", "answer"} object per line, image
-paths relative to the JSONL file's directory.
+Datasets are read by `dyvte_rt.datasets`.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
-from dyvte_rt.errors import InputError
+from dyvte_rt.datasets import Example
 from dyvte_rt.model import DyvteModel
 from dyvte_rt.policy import ExitPolicy
-
-
-@dataclass(frozen=True)
-class Example:
-    image: Path
-    question: str
-    answer: str
 
 
 @dataclass(frozen=True)
@@ -37,29 +27,6 @@ class EvalReport:
 
 def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def read_jsonl(path: Path, limit: int | None = None) -> list[Example]:
-    if not path.is_file():
-        raise InputError(f"dataset {path} does not exist")
-    examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                example = Example(path.parent / row["image"], str(row["question"]), str(row["answer"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise InputError(
-                    f"{path}:{number} is not a {{'image', 'question', 'answer'}} JSON object ({err})"
-                ) from None
-            examples.append(example)
-            if limit is not None and len(examples) >= limit:
-                break
-    if not examples:
-        raise InputError(f"dataset {path} holds no examples")
-    return examples
 
 
 def evaluate(

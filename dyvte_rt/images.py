@@ -20,6 +20,16 @@ from dyvte_rt.errors import InputError
 ImageInput = str | Path | Image.Image
 MAX_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000; larger images are refused before decoding
 SUPPORTED = "PNG, JPEG, GIF, BMP, TIFF or WebP"
+IMAGE_SUFFIXES = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+)  # for directories of images
 
 
 def load_image(image: ImageInput) -> Image.Image:

@@ -1,9 +1,10 @@
 """The Python API for edge applications: load a bundle once, ask many questions.
 
-model = DyvteModel.load("bundle/")
-answer = model.ask("photo.jpg", "What colour is the car?", exit="router")
-for piece in model.generate("photo.jpg", "Describe it.", exit="layer:8"):
-    print(piece, end="", flush=True)
+with DyvteModel.load("bundle/") as model:
+    answer = model.ask("photo.jpg", "What colour is the car?", exit="router")
+    for piece in model.generate("photo.jpg", "Describe it.", exit="layer:8"):
+        print(piece, end="", flush=True)
+    model.ask(None, "What is 2 + 2?")  # a question without an image
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers.decoders import DecodeStream
 
 from dyvte_rt.bundle import Bundle
 from dyvte_rt.errors import InputError
@@ -26,18 +28,23 @@ from dyvte_rt.prompt import PromptBuilder
 from dyvte_rt.sampling import Sampler, SamplingConfig
 from engines import SessionOptions
 
+FINISH_STOP = "stop"  # the model produced an end-of-sequence token
+FINISH_LENGTH = "length"  # max_new_tokens was reached first
 
-@dataclass
+
+@dataclass(frozen=True)
 class Answer:
     answer: str
     token_ids: list[int]  # generated ids, EOS included if produced
-    exit_layer: int | None
-    exit_probs: dict[int, float]
+    finish_reason: str  # "stop" | "length", as in the OpenAI API
+    exit_layer: int | None  # the last layer that saw the visual tokens; None: they never left
+    exit_probs: dict[int, float]  # router p(exit) per evaluated candidate layer
+    policy: str
     prompt_tokens: int
     visual_tokens: int
     timings_ms: dict[str, float]  # vision, prefill, switch (part of prefill), decode
     prefill_macs: dict[str, int]  # full, actual
-    policy: str
+    kv_cache_bytes: int  # KV cache held at the end of the request
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -46,18 +53,39 @@ class Answer:
 
 
 class Generation:
-    """Iterate for text pieces as tokens are produced; `answer` is complete once exhausted."""
+    """The text pieces of one answer, produced lazily as it is iterated.
+
+    It can be iterated any number of times: a later iteration replays the pieces produced so far
+    and continues where generation stands. `answer` is set once generation has finished, and
+    `result()` finishes it.
+    """
 
     def __init__(self, produce: Callable[[Generation], Iterator[str]]) -> None:
         self.answer: Answer | None = None  # set by `produce` when it finishes
-        self._pieces = produce(self)
+        self._source = produce(self)
+        self._pieces: list[str] = []
+        self._finished = False
 
     def __iter__(self) -> Iterator[str]:
-        return self._pieces
+        index = 0
+        while True:
+            if index < len(self._pieces):
+                yield self._pieces[index]
+                index += 1
+            elif self._finished:
+                return
+            else:
+                self._advance()
+
+    def _advance(self) -> None:
+        try:
+            self._pieces.append(next(self._source))
+        except StopIteration:
+            self._finished = True
 
     def result(self) -> Answer:
-        for _ in self._pieces:
-            pass
+        while not self._finished:
+            self._advance()
         assert self.answer is not None
         return self.answer
 
@@ -68,7 +96,6 @@ class DyvteModel:
         self.manifest = bundle.manifest
         self.pipeline = Pipeline(bundle)
         self.prompts = PromptBuilder(bundle.manifest, bundle.path / TOKENIZER_FILE)
-        self.last_kv_bytes = 0  # KV cache size at the end of the latest request (benchmarks read it)
 
     @classmethod
     def load(
@@ -105,27 +132,52 @@ class DyvteModel:
         spec = exit if exit is not None else self.manifest.exit.default_policy
         return parse_policy(spec, self.manifest.exit.threshold if threshold is None else threshold)
 
-    def ask(self, image: ImageInput, question: str, **options: object) -> Answer:
-        return self.generate(image, question, **options).result()
+    def ask(
+        self,
+        image: ImageInput | None,
+        question: str,
+        *,
+        exit: str | ExitPolicy | None = None,
+        threshold: float | None = None,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig | None = None,
+        stop_at_eos: bool = True,
+    ) -> Answer:
+        """Answer `question` about `image` (None: a text-only question); see `generate`."""
+        return self.generate(
+            image,
+            question,
+            exit=exit,
+            threshold=threshold,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_at_eos=stop_at_eos,
+        ).result()
 
     def generate(
         self,
-        image: ImageInput,
+        image: ImageInput | None,
         question: str,
+        *,
         exit: str | ExitPolicy | None = None,
         threshold: float | None = None,
         max_new_tokens: int = 64,
         sampling: SamplingConfig | None = None,
         stop_at_eos: bool = True,
     ) -> Generation:
-        """Check everything, then return a lazy generation (no compute happens until iterated)."""
+        """Check everything, then return a lazy generation (no compute happens until iterated).
+
+        `exit`: never, router, layer:K or a policy object (default: the bundle's); `threshold`
+        overrides the bundle's router threshold; `stop_at_eos=False` decodes exactly
+        `max_new_tokens` (benchmarks).
+        """
         policy = self.policy(exit, threshold)
         self.pipeline.check_policy(policy)
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if not question.strip():
             raise InputError("the question is empty", hint="ask something about the image")
-        input_ids = self.prompts.encode(question)
+        input_ids = self.prompts.encode(question, with_image=image is not None)
         limit = self.manifest.dims.max_positions
         if input_ids.shape[1] + max_new_tokens > limit:
             raise InputError(
@@ -133,7 +185,7 @@ class DyvteModel:
                 f"the model's context of {limit} positions",
                 hint="shorten the question or lower --max-new-tokens",
             )
-        pixels = preprocess(load_image(image), self.manifest.vision.preprocess)
+        pixels = None if image is None else preprocess(load_image(image), self.manifest.vision.preprocess)
         sampler = Sampler(sampling or SamplingConfig())
         return Generation(
             lambda generation: self._run(
@@ -145,22 +197,26 @@ class DyvteModel:
         self,
         generation: Generation,
         input_ids: np.ndarray,
-        pixels: np.ndarray,
+        pixels: np.ndarray | None,
         policy: ExitPolicy,
         max_new_tokens: int,
         sampler: Sampler,
-        stop_at_eos: bool = True,
+        stop_at_eos: bool,
     ) -> Iterator[str]:
         prefill = self.pipeline.prefill(input_ids, pixels, policy)
-        eos = set(self.manifest.tokens.eos) if stop_at_eos else set()  # benchmarks decode a fixed count
+        eos = set(self.manifest.tokens.eos) if stop_at_eos else set()
+        detokenizer = DecodeStream(skip_special_tokens=True)
         tokens = [sampler(prefill.logits)]
-        text = ""
+        pieces: list[str] = []
         started = time.perf_counter()
         while True:
-            new_text = self.prompts.decode(tokens)
-            if new_text.startswith(text):  # stream only what was added (tokenizers may re-space)
-                yield new_text[len(text) :]
-                text = new_text
+            piece = detokenizer.step(self.prompts.tokenizer, tokens[-1])
+            if piece:
+                if not pieces:
+                    piece = piece.lstrip()  # the answer starts after the prompt's space
+                if piece:
+                    pieces.append(piece)
+                    yield piece
             if tokens[-1] in eos or len(tokens) >= max_new_tokens:
                 break
             logits = self.pipeline.decode_one_token(
@@ -168,15 +224,16 @@ class DyvteModel:
             )
             tokens.append(sampler(logits))
         decode_ms = 1e3 * (time.perf_counter() - started)
-        self.last_kv_bytes = prefill.cache.nbytes()
         generation.answer = Answer(
-            answer=self.prompts.decode(tokens).strip(),
+            answer="".join(pieces).strip(),
             token_ids=tokens,
+            finish_reason=FINISH_STOP if tokens[-1] in eos else FINISH_LENGTH,
             exit_layer=prefill.exit_layer,
             exit_probs=prefill.exit_probs,
+            policy=policy.spec(),
             prompt_tokens=prefill.n_tokens,
             visual_tokens=prefill.n_visual,
             timings_ms={**prefill.timings_ms, "decode": decode_ms},
             prefill_macs={"full": prefill.macs.full, "actual": prefill.macs.actual},
-            policy=policy.spec(),
+            kv_cache_bytes=prefill.cache.nbytes(),
         )

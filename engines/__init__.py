@@ -1,23 +1,13 @@
-"""Backends behind one session interface (STYLE.md); never imports torch.
+"""Backends behind one session interface (STYLE.md); never imports torch or the runtime.
 
-`open_session` picks the backend for a device. ONNX Runtime serves cpu, cuda and tensorrt (its
-TensorRT execution provider).
+The runtime chooses a backend by device name through `BACKENDS`; each entry opens sessions for
+that device. ONNX Runtime serves cpu and cuda.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from dyvte_rt.manifest import GraphInfo
+from engines.errors import BackendError
+from engines.registry import BACKENDS, DEVICES, open_session
 from engines.session import Session, SessionOptions
 
-DEVICES = ("cpu", "cuda", "tensorrt")
-
-
-def open_session(path: Path, graph: GraphInfo, options: SessionOptions) -> Session:
-    from engines.onnxruntime_backend import OrtSession
-
-    return OrtSession(path, graph, options)
-
-
-__all__ = ["DEVICES", "Session", "SessionOptions", "open_session"]
+__all__ = ["BACKENDS", "DEVICES", "BackendError", "Session", "SessionOptions", "open_session"]

@@ -1,41 +1,79 @@
-"""ONNX Runtime sessions on CPU, CUDA or the TensorRT execution provider."""
+"""ONNX Runtime sessions on the CPU, CUDA or ONNX Runtime's TensorRT execution provider."""
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import numpy as np
 
-from dyvte_rt.errors import DyvteError
-from dyvte_rt.manifest import BundleError
+from engines.errors import BackendError
 from engines.session import Session
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "ort-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+_RUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
 _INSTALL_HINT = {
-    "cuda": "install the GPU build: pip install 'dyvte-rt[gpu]' (onnxruntime-gpu) on a machine with CUDA",
-    "tensorrt": "install onnxruntime-gpu with TensorRT support and the TensorRT libraries "
-    "(pip install 'dyvte-rt[gpu]')",
+    "cuda": "on a machine with CUDA: pip uninstall -y onnxruntime && pip install 'dyvte-rt[gpu]'",
+    "ort-tensorrt": "on a machine with CUDA and the TensorRT libraries: "
+    "pip uninstall -y onnxruntime && pip install 'dyvte-rt[gpu]'",
 }
+
+
+def installed_runtimes() -> list[str]:
+    """The ONNX Runtime distributions pip has installed (normally exactly one)."""
+    found = []
+    for name in _RUNTIME_PACKAGES:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def check_installation(installed: list[str] | None = None) -> None:
+    """Refuse the two broken set-ups with one line each: no ONNX Runtime, or both builds at once.
+
+    With `onnxruntime` and `onnxruntime-gpu` both installed they share one `onnxruntime` import
+    package; whichever was installed last wins, and the CUDA provider silently disappears.
+    """
+    installed = installed_runtimes() if installed is None else installed
+    if not installed:
+        raise BackendError(
+            "ONNX Runtime is not installed",
+            hint="pip install 'dyvte-rt[cpu]' (or 'dyvte-rt[gpu]' on a machine with CUDA)",
+            unavailable=True,
+        )
+    if len(installed) > 1:
+        raise BackendError(
+            "both onnxruntime and onnxruntime-gpu are installed, and the CPU package shadows the GPU one",
+            hint="pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'dyvte-rt[cpu]' "
+            "or 'dyvte-rt[gpu]' (never both)",
+            unavailable=True,
+        )
 
 
 def providers_for(device: str) -> list[str]:
+    check_installation()
     import onnxruntime as ort
 
-    if device not in _PROVIDERS:
-        raise DyvteError(f"unknown device {device!r}", hint=f"choose one of {', '.join(_PROVIDERS)}")
     wanted = _PROVIDERS[device][0]
     if wanted not in ort.get_available_providers():
-        raise DyvteError(
-            f"--device {device} needs ONNX Runtime's {wanted}, which this installation lacks",
+        raise BackendError(
+            f"--device {device} needs ONNX Runtime's {wanted}, which this installation "
+            f"({', '.join(installed_runtimes())}) lacks",
             hint=_INSTALL_HINT.get(device),
+            unavailable=True,
         )
     return _PROVIDERS[device]
 
 
 class OrtSession(Session):
     def _open_impl(self) -> None:
+        providers = providers_for(self.options.device)
         import onnxruntime as ort
 
         levels = {
@@ -50,13 +88,9 @@ class OrtSession(Session):
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spin else "0")
         try:
-            self._session = ort.InferenceSession(
-                str(self.path), options, providers=providers_for(self.options.device)
-            )
-        except DyvteError:
-            raise
+            self._session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as err:  # ORT raises its own exception types for unreadable models
-            raise BundleError(
+            raise BackendError(
                 f"cannot load {self.path.name}: {str(err).splitlines()[0][:200]}",
                 hint="the file is damaged or truncated; re-export the bundle",
             ) from None

@@ -1,8 +1,8 @@
 """The one session interface every backend implements.
 
-The base class owns the lifecycle and the checks: I/O names are compared with the manifest once,
-when the session opens, never on the decode hot path. Backends implement `_open_impl`,
-`_run_impl` and `_close_impl`.
+The base class owns the lifecycle and the checks: I/O names are compared with what the caller
+expects once, when the session opens, never on the decode hot path. Backends implement
+`_open_impl`, `_io_names_impl`, `_run_impl` and `_close_impl`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dyvte_rt.manifest import BundleError, GraphInfo
+from engines.errors import BackendError
 
 
 @dataclass(frozen=True)
 class SessionOptions:
-    device: str = "cpu"  # cpu | cuda | tensorrt
+    device: str = "cpu"  # a key of engines.BACKENDS
     intra_op_threads: int = 0  # 0: the backend's default
     # Idle worker threads spin-wait between runs. Off by default: on a machine with few cores the
     # spinning workers take the CPU from the thread that prepares the next run, which halved decode
@@ -28,21 +28,16 @@ class SessionOptions:
 
 
 class Session(ABC):
-    def __init__(self, path: Path, graph: GraphInfo, options: SessionOptions) -> None:
+    def __init__(
+        self, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], options: SessionOptions
+    ) -> None:
         self.path = Path(path)
-        self.graph = graph
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
         self.options = options
         self._open_impl()
         self._check_io()
         self._closed = False
-
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.graph.inputs)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.graph.outputs)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph; `feeds` holds exactly the graph's inputs. Returns every output by name."""
@@ -64,7 +59,7 @@ class Session(ABC):
     def _check_io(self) -> None:
         actual_in, actual_out = self._io_names_impl()
         if tuple(actual_in) != self.inputs or tuple(actual_out) != self.outputs:
-            raise BundleError(
+            raise BackendError(
                 f"{self.path.name} does not have the inputs/outputs its manifest lists",
                 hint="the bundle is damaged or was edited; re-export it",
             )

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyvte_rt.errors import DyvteError, InputError
+from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.errors import InputError
 from dyvte_rt.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -29,8 +30,10 @@ from dyvte_rt.manifest import (
     sha256_file,
 )
 from dyvte_rt.policy import DEFAULT_THRESHOLD, check_policy_fits, parse_policy
+from export.cli_options import model_options
 
 DEFAULT_OPSET = 18
+CHECKPOINT_ROUTERS = "routers.safetensors"  # routers a checkpoint ships with (the demo's)
 EXPORT_DTYPES = ("fp32", "fp16")
 
 
@@ -40,7 +43,8 @@ class BuildConfig:
     out: Path
     dtype: str = "fp32"
     exit_layers: str | None = None  # None: every layer from 1 to L-2
-    routers: Path | None = None
+    routers: Path | None = None  # None: the checkpoint's own routers.safetensors, if any
+    no_routers: bool = False
     default_exit: str | None = None  # None: "router" with routers, else "never"
     threshold: float | None = None  # None: the routers file's, else 0.5
     opset: int = DEFAULT_OPSET
@@ -107,8 +111,9 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
         raise InputError(f"--dtype must be one of {EXPORT_DTYPES}, got {config.dtype!r}")
     out = config.out.expanduser().absolute()
     _check_destination(out, config.overwrite)
-    routers = RouterBank.load(config.routers) if config.routers else None
     checkpoint = inspect_checkpoint(config.model)
+    routers_file = routers_path(config, checkpoint.path)
+    routers = RouterBank.load(routers_file) if routers_file else None
     num_layers = checkpoint.num_layers
     candidates = parse_exit_layers(config.exit_layers, num_layers)
     if routers is not None:
@@ -208,6 +213,16 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
     return rows
 
 
+def routers_path(config: BuildConfig, checkpoint: Path) -> Path | None:
+    """--routers, else the checkpoint's own routers file (unless --no-routers)."""
+    if config.no_routers:
+        return None
+    if config.routers is not None:
+        return config.routers
+    shipped = checkpoint / CHECKPOINT_ROUTERS
+    return shipped if shipped.is_file() else None
+
+
 def _check_destination(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
@@ -263,71 +278,65 @@ def _size(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def parse_args(argv: list[str] | None) -> BuildConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m export.build",
-        description="Split a multimodal checkpoint into a verified ONNX bundle: vision, embed, decoder "
-        "segments (KV cache I/O, routers at candidate exit layers), head, tokenizer.json and manifest.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "python -m export.build",
+        "Split a multimodal checkpoint into a verified ONNX bundle: vision, embed, decoder segments (KV "
+        "cache I/O), routers at candidate exit layers, head, tokenizer.json and manifest.json. Exit status: "
+        "0 ok, 1 error, 2 usage error, 130 interrupted (the output is then left as it was).",
+        parents=[model_options()],
     )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to create")
     parser.add_argument(
-        "--model",
-        required=True,
-        help="alias (llava-7b, llava-13b), checkpoint directory, or repo id in the local HF cache",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
-    parser.add_argument(
-        "--dtype", choices=EXPORT_DTYPES, default="fp32", help="fp16 is meant for GPU bundles"
+        "--dtype", choices=EXPORT_DTYPES, help="weight precision; fp16 is meant for GPU bundles"
     )
     parser.add_argument(
         "--exit-layers",
-        default=None,
+        metavar="LAYERS",
         help="layers that may end a segment and carry a router, e.g. '1-30' or '4,8,12' "
         "(default: every layer from 1 to L-2)",
     )
-    parser.add_argument(
+    routers = parser.add_mutually_exclusive_group()
+    routers.add_argument(
         "--routers",
         type=Path,
-        default=None,
-        help="trained routers (.safetensors from calibrate); without them the bundle supports "
-        "the policies 'never' and 'layer:K' only",
+        metavar="FILE",
+        help="trained routers (.safetensors from python -m calibrate.routers) (default: the checkpoint's own "
+        f"{CHECKPOINT_ROUTERS} if it ships one, as the demo does)",
+    )
+    routers.add_argument(
+        "--no-routers",
+        action="store_true",
+        help="export without routers: the bundle then offers the policies never and layer:K only",
     )
     parser.add_argument(
         "--default-exit",
-        default=None,
-        help="policy the runtime uses when none is asked for (default: 'router' with routers, else 'never')",
+        metavar="POLICY",
+        help="policy the runtime uses when none is asked for (default: router with routers, else never)",
     )
     parser.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="router exit threshold (default: the routers file's, else 0.5)",
+        "--threshold", type=float, help="router exit threshold (default: the routers file's, else 0.5)"
     )
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--opset", type=int, help="ONNX opset")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow the checkpoint's own Python code to run (off by default)",
-    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    return BuildConfig(**vars(parser.parse_args(argv)))
+    use_config_defaults(parser, BuildConfig)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> BuildConfig:
+    return config_from(BuildConfig, build_parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    try:
+    def body() -> None:
+        config = parse_args(argv)
         rows = build_bundle(config)
-    except DyvteError as err:
-        print(f"error: {err.one_line()}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print(f"interrupted: {config.out} was left as it was", file=sys.stderr)
-        return 130
-    if not config.quiet:
-        print(format_summary(rows))
-        print(f"bundle written to {config.out}")
-    return 0
+        if not config.quiet:
+            print(format_summary(rows))
+            print(f"bundle written to {config.out}")
+
+    return run_command(body, interrupted="interrupted: the output directory was left as it was")
 
 
 if __name__ == "__main__":

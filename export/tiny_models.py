@@ -29,6 +29,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from dyvte_rt.commandline import new_parser, run_command
 from export.word_tokenizer import BOS, EOS, IMAGE, PAD, UNK, build_word_tokenizer
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), as llava-hf renders it.
@@ -72,8 +73,9 @@ class TinySpec:
     head_std: float = 0.6  # sharper LM head: greedy picks win by clear margins, not near-ties
 
 
-def _llama(spec: TinySpec, vocab: int) -> PretrainedConfig:
-    return LlamaConfig(
+def decoder_config(config_class: type, spec: TinySpec, vocab: int, **extra: object) -> PretrainedConfig:
+    """A Llama-layout decoder config of `spec`'s sizes (special ids as the word tokenizer's)."""
+    return config_class(
         vocab_size=vocab,
         hidden_size=spec.hidden,
         intermediate_size=spec.mlp,
@@ -81,30 +83,21 @@ def _llama(spec: TinySpec, vocab: int) -> PretrainedConfig:
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_positions,
-        rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
         initializer_range=spec.init_std,
+        **extra,
     )
 
 
+def _llama(spec: TinySpec, vocab: int) -> PretrainedConfig:
+    return decoder_config(LlamaConfig, spec, vocab, rms_norm_eps=1e-5)
+
+
 def _qwen2(spec: TinySpec, vocab: int) -> PretrainedConfig:
-    return Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.mlp,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions,
-        rms_norm_eps=1e-6,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        initializer_range=spec.init_std,
-        use_sliding_window=False,
-        tie_word_embeddings=False,
+    return decoder_config(
+        Qwen2Config, spec, vocab, rms_norm_eps=1e-6, use_sliding_window=False, tie_word_embeddings=False
     )
 
 
@@ -211,11 +204,10 @@ def new_llava(
     return model, processor
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m export.tiny_models",
-        description="Write a tiny random-weight LLaVA checkpoint (llava-hf layout) for tests and trials.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "python -m export.tiny_models",
+        "Write a random-weight LLaVA checkpoint (llava-hf layout) for tests and trials.",
     )
     parser.add_argument(
         "--backbone",
@@ -223,19 +215,28 @@ def main(argv: list[str] | None = None) -> int:
         default="llama-gqa",
         help="llava-7b-slice: true LLaVA-1.5-7B dimensions and CLIP ViT-L/14-336, random weights",
     )
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the backbone's)")
-    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the backbone's)")
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="checkpoint directory to write"
+    )
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
-    args = parser.parse_args(argv)
-    if args.backbone == "llava-7b-slice":
-        spec, text_config = LLAVA_7B_SLICE, _llama
-    else:
-        spec, text_config = TINY_BACKBONES[args.backbone].spec, TINY_BACKBONES[args.backbone].text_config
-    if args.layers is not None:
-        spec = dataclasses.replace(spec, layers=args.layers)
-    path = build_random_llava(text_config, spec, args.out, args.seed)
-    print(f"wrote random {args.backbone} LLaVA checkpoint ({spec.layers} decoder layers) to {path}")
-    return 0
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> None:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.backbone == "llava-7b-slice":
+            spec, text_config = LLAVA_7B_SLICE, _llama
+        else:
+            spec, text_config = TINY_BACKBONES[args.backbone].spec, TINY_BACKBONES[args.backbone].text_config
+        if args.layers is not None:
+            spec = dataclasses.replace(spec, layers=args.layers)
+        path = build_random_llava(text_config, spec, args.out, args.seed)
+        print(f"wrote random {args.backbone} LLaVA checkpoint ({spec.layers} decoder layers) to {path}")
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

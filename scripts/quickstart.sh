@@ -11,8 +11,7 @@ for file in export/demo_checkpoint/model.safetensors export/demo_checkpoint/rout
   if [ "$file" -nt "$bundle/manifest.json" ]; then stale=1; fi
 done
 if [ ! -f "$bundle/manifest.json" ] || [ "$stale" = 1 ]; then
-  .venv/bin/python -m export.build --model demo --routers export/demo_checkpoint/routers.safetensors \
-    --out "$bundle" --overwrite
+  .venv/bin/python -m export.build --model demo --out "$bundle" --overwrite  # with the demo's routers
 fi
 .venv/bin/dyvte-rt inspect "$bundle" --no-verify
 for question in "what color is the shape in the top left?" "what shape is in the top right?" "how many shapes are there?"; do

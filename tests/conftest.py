@@ -44,25 +44,26 @@ def sample_image(tmp_path_factory) -> Path:
 @dataclass
 class Prompt:
     input_ids: object  # torch.LongTensor [1, N]
-    pixel_values: object  # torch.FloatTensor [1, 3, H, W]
+    pixel_values: object  # torch.FloatTensor [1, 3, H, W]; None for a text-only prompt
     inputs: object  # the processor's full output, for calling the HF model directly
 
 
-def make_prompt(loaded, image_path: Path, question: str) -> Prompt:
-    from PIL import Image
+def make_prompt(loaded, image_path: Path | None, question: str) -> Prompt:
+    from export.prompting import hf_inputs
 
-    processor = loaded.processor
-    content = [{"type": "image"}, {"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(images=Image.open(image_path).convert("RGB"), text=text, return_tensors="pt")
-    return Prompt(inputs["input_ids"], inputs["pixel_values"], inputs)
+    inputs = hf_inputs(loaded.processor, image_path, question)
+    return Prompt(inputs["input_ids"], inputs.get("pixel_values"), inputs)
+
+
+_DEFAULT_IMAGE = object()
 
 
 @pytest.fixture
 def prompt_factory(sample_image):
-    return lambda loaded, question="what color is the circle on the left?": make_prompt(
-        loaded, sample_image, question
-    )
+    def factory(loaded, question="what color is the circle on the left?", image=_DEFAULT_IMAGE):
+        return make_prompt(loaded, sample_image if image is _DEFAULT_IMAGE else image, question)
+
+    return factory
 
 
 @pytest.fixture(scope="session")
@@ -101,12 +102,9 @@ def router_bundle(tiny_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory) -> Path:
-    """The shipped demo model exported with its shipped routers, as the quickstart does."""
+    """The shipped demo model exported as the quickstart does (its own routers come by default)."""
     from export.build import BuildConfig, build_bundle
-    from export.loading import DEMO_CHECKPOINT
 
     out = tmp_path_factory.mktemp("demo") / "bundle"
-    build_bundle(
-        BuildConfig(model="demo", out=out, routers=DEMO_CHECKPOINT / "routers.safetensors", quiet=True)
-    )
+    build_bundle(BuildConfig(model="demo", out=out, quiet=True))
     return out

@@ -6,8 +6,6 @@ test model (a guard test fails if a registered family has none).
 
 from __future__ import annotations
 
-from torch import nn
-
 from dyvte_rt.errors import UnsupportedModelError
 from export.families.base import FamilyAdapter
 from export.families.llava import LlavaAdapter
@@ -27,8 +25,4 @@ def adapter_class_for(architecture: str) -> type[FamilyAdapter]:
         ) from None
 
 
-def adapter_for(model: nn.Module) -> FamilyAdapter:
-    return adapter_class_for(type(model).__name__)(model)
-
-
-__all__ = ["FAMILIES", "FamilyAdapter", "adapter_class_for", "adapter_for"]
+__all__ = ["FAMILIES", "FamilyAdapter", "adapter_class_for"]

@@ -14,8 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyvte_rt.errors import DyvteError, InputError
+from dyvte_rt.cli.options import json_option
+from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.errors import InputError
 from dyvte_rt.policy import DEFAULT_THRESHOLD, parse_policy
+from export.cli_options import model_options
 from export.loading import DTYPES
 
 
@@ -34,57 +37,43 @@ class ReferenceConfig:
     as_json: bool = False
 
 
-def parse_args(argv: list[str] | None) -> ReferenceConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m export.reference",
-        description="Run the PyTorch DyVTE reference on one image and question (greedy decoding).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="alias (llava-7b, llava-13b), checkpoint directory, or repo id in the local HF cache",
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "python -m export.reference",
+        "Run the PyTorch DyVTE reference on one image and question (greedy decoding).",
+        parents=[model_options(), json_option()],
     )
     parser.add_argument("--image", type=Path, required=True, help="image file")
     parser.add_argument("--question", required=True, help="question about the image")
-    parser.add_argument("--exit", default="never", help="exit policy: never, router, or layer:K")
+    parser.add_argument("--exit", metavar="POLICY", help="exit policy: never, router, or layer:K")
     parser.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="router exit threshold (default: the routers file's, else 0.5)",
+        "--threshold", type=float, help="router exit threshold (default: the routers file's, else 0.5)"
     )
-    parser.add_argument("--routers", type=Path, default=None, help="trained routers (.safetensors)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow the checkpoint's own Python code to run (off by default)",
-    )
-    parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
-    return ReferenceConfig(**vars(parser.parse_args(argv)))
+    parser.add_argument("--routers", type=Path, help="trained routers (.safetensors)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens to generate")
+    parser.add_argument("--dtype", choices=DTYPES, help="precision the model runs in")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    use_config_defaults(parser, ReferenceConfig)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> ReferenceConfig:
+    return config_from(ReferenceConfig, build_parser().parse_args(argv))
 
 
 def run(config: ReferenceConfig) -> dict:
     """Load, prompt, generate; returns what the CLI prints."""
     import torch
-    from PIL import Image, UnidentifiedImageError
 
+    from dyvte_rt.images import load_image
     from export.loading import load_checkpoint
+    from export.prompting import hf_inputs
     from export.reference.model import DyVTEReference
     from export.reference.routers import RouterBank
 
     if not config.question.strip():
         raise InputError("the question is empty", hint="ask something about the image")
-    try:
-        with Image.open(config.image) as handle:
-            image = handle.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"image {config.image} does not exist") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"cannot read image {config.image}: {err}") from None
+    image = load_image(config.image)
     routers = RouterBank.load(config.routers) if config.routers else None
     threshold = (
         config.threshold
@@ -95,11 +84,7 @@ def run(config: ReferenceConfig) -> dict:
     loaded = load_checkpoint(config.model, config.dtype, config.device, config.trust_remote_code)
     reference = DyVTEReference(loaded.adapter, routers=routers)
     processor = loaded.processor
-    conversation = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config.question}]}
-    ]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(config.device)
+    inputs = hf_inputs(processor, image, config.question).to(config.device)
     if routers is not None:
         reference.routers = routers.to(config.device)
     with torch.inference_mode():
@@ -124,24 +109,25 @@ def run(config: ReferenceConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    try:
-        report = run(config)
-    except DyvteError as err:
-        print(f"error: {err.one_line()}", file=sys.stderr)
-        return err.exit_code
+    def body() -> None:
+        config = parse_args(argv)
+        show(run(config), config)
+
+    return run_command(body)
+
+
+def show(report: dict, config: ReferenceConfig) -> None:
     if config.as_json:
         print(json.dumps(report))
-    else:
-        exit_text = "none" if report["exit_layer"] is None else f"after layer {report['exit_layer']}"
-        print(report["answer"])
-        print(
-            f"[{report['policy']}] visual tokens exit: {exit_text}; prefill multiply-adds "
-            f"{report['prefill_macs']['actual'] / 1e9:.3f} G of {report['prefill_macs']['full'] / 1e9:.3f} G "
-            f"({100 * report['prefill_macs']['saved_fraction']:.1f}% saved)",
-            file=sys.stderr,
-        )
-    return 0
+        return
+    exit_text = "none" if report["exit_layer"] is None else f"after layer {report['exit_layer']}"
+    print(report["answer"])
+    print(
+        f"[{report['policy']}] visual tokens exit: {exit_text}; prefill multiply-adds "
+        f"{report['prefill_macs']['actual'] / 1e9:.3f} G of {report['prefill_macs']['full'] / 1e9:.3f} G "
+        f"({100 * report['prefill_macs']['saved_fraction']:.1f}% saved)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -51,5 +51,5 @@ def test_eval_reports_exit_statistics(demo_bundle, fresh_questions, capsys):
 def test_eval_rejects_a_malformed_dataset(demo_bundle, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "x.png", "question": "q"}\n')
-    assert cli_main(["eval", "--bundle", str(demo_bundle), "--data", str(bad)]) == 2
+    assert cli_main(["eval", "--bundle", str(demo_bundle), "--data", str(bad)]) == 1
     assert "bad.jsonl:1" in capsys.readouterr().err

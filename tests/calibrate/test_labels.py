@@ -5,13 +5,14 @@ import shutil
 import pytest
 import torch
 
-from calibrate.collect import answer_ids, prompt_inputs
+from calibrate.collect import answer_ids
 from calibrate.fixed_layer import pick_layer
 from calibrate.router_training import choose_threshold, sweep_thresholds
 from calibrate.sweep import Sweep, sweep
 from dyvte_rt.compute import DecoderDims
 from dyvte_rt.policy import FixedLayerExit, NeverExit
 from export.loading import load_checkpoint
+from export.prompting import hf_inputs
 from export.reference import DyVTEReference
 
 
@@ -35,10 +36,9 @@ def test_label_rule_thresholds():
 
 @pytest.fixture(scope="module")
 def tiny(loaded_models, sample_image):
-    from PIL import Image
 
     loaded = loaded_models["llama-gqa"]
-    inputs = prompt_inputs(loaded, Image.open(sample_image).convert("RGB"), "what color is the circle?")
+    inputs = hf_inputs(loaded.processor, sample_image, "what color is the circle?")
     return loaded, inputs
 
 

@@ -1,13 +1,108 @@
+"""`dyvte-rt` conventions: exit codes, --json, --bundle, help text; `macs`, `inspect`, `bench`."""
+
+import json
+
+import pytest
+
 from dyvte_rt.cli import main
 
 
 def test_macs_command_reports_llava_7b_savings(capsys):
     assert main(["macs", "--exit-layer", "15"]) == 0
     out = capsys.readouterr().out
-    assert "45." in out and "saved" in out
+    assert "45.4% saved" in out and "1.83x" in out
 
 
-def test_macs_command_rejects_exit_beyond_last_layer(capsys):
-    assert main(["macs", "--exit-layer", "32"]) == 2
+def test_macs_json_and_bundle_sizes(capsys, bundles):
+    assert main(["macs", "--exit-layer", "15", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["saved_fraction"] == pytest.approx(0.4539, abs=1e-4) and data["layers"] == 32
+    assert data["theoretical_speedup"] == pytest.approx(data["full"] / data["actual"])
+    assert main(["macs", "--bundle", str(bundles["llama-gqa"]), "--exit-layer", "1", "--json"]) == 0
+    tiny = json.loads(capsys.readouterr().out)
+    assert (tiny["hidden"], tiny["kv_width"], tiny["layers"], tiny["visual"]) == (64, 32, 4, 16)
+    assert 0 < tiny["saved_fraction"] < 1
+
+
+def test_user_errors_exit_1_and_usage_errors_exit_2(capsys):
+    assert main(["macs", "--exit-layer", "32"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as usage:
+        main(["macs", "--no-such-flag"])
+    assert usage.value.code == 2
+
+
+def test_inspect_takes_the_bundle_either_way_and_prints_json(capsys, bundles):
+    bundle = str(bundles["qwen2"])
+    assert main(["inspect", bundle]) == 0
+    positional = capsys.readouterr().out
+    assert main(["inspect", "--bundle", bundle]) == 0
+    assert capsys.readouterr().out == positional
+    assert "exit layers 1, 2" in positional and "segment_00[0-1]" in positional
+    assert main(["inspect", "--bundle", bundle, "--json", "--no-verify"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sha256_verified"] is False and data["exit"]["candidate_layers"] == [1, 2]
+    assert data["dims"]["num_layers"] == 4 and "segment_00" in data["graphs"]
+
+
+def test_bench_json_reports_every_policy(capsys, bundles, sample_image, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(sample_image.read_bytes())
+    args = ["bench", "--bundle", str(bundles["llama-gqa"]), "--images", str(images), "--json"]
+    assert (
+        main([*args, "--exit", "never,layer:1", "--runs", "2", "--warmup", "0", "--max-new-tokens", "3"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["policies"]) == {"never", "layer:1"} and report["runs"] == 2
+    never, exit1 = report["policies"]["never"], report["policies"]["layer:1"]
+    expected = {
+        "prefill_ms_median",
+        "ttft_ms_median",
+        "decode_tokens_per_s",
+        "macs_ratio",
+        "theoretical_speedup",
+    }
+    assert expected <= set(never)
+    assert never["macs_ratio"] == 1.0 and never["theoretical_speedup"] == 1.0
+    assert exit1["macs_ratio"] < 1 and exit1["theoretical_speedup"] > 1
+    assert never["exit_layers"] == {"none": 2} and exit1["exit_layers"] == {"1": 2}
+    assert never["prefill_ms_median"] > 0 and never["ttft_ms_median"] >= never["prefill_ms_median"]
+
+
+def test_bench_needs_one_input_source(bundles):
+    with pytest.raises(SystemExit) as usage:
+        main(["bench", "--bundle", str(bundles["llama-gqa"])])
+    assert usage.value.code == 2
+
+
+def _all_parsers():
+    from calibrate import fixed_layer, routers, shapes, train_demo
+    from dyvte_rt.cli import build_parser
+    from export import build, tiny_models
+    from export.reference import __main__ as reference
+
+    root = build_parser()
+    subcommands = next(a for a in root._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    return {
+        "dyvte-rt": root,
+        **{f"dyvte-rt {name}": parser for name, parser in subcommands.items()},
+        **{
+            m.__name__: m.build_parser()
+            for m in (build, reference, routers, fixed_layer, shapes, train_demo, tiny_models)
+        },
+    }
+
+
+def test_every_option_of_every_command_explains_itself():
+    for name, parser in _all_parsers().items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.dest in ("help", "version", "command"):
+                continue
+            assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
+            shown = formatter._get_help_string(action)
+            assert shown.count("default:") <= 1, f"{name}: {action.option_strings}: default stated twice"
+        text = parser.format_help()
+        assert "default: None" not in text and "DESIGN" not in text, name

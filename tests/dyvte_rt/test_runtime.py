@@ -70,21 +70,75 @@ def test_router_answers_equal_reference(router_bundle, loaded_models, prompt_fac
         assert model.ask(sample_image, "what?", threshold=0.999, max_new_tokens=2).exit_layer is None
 
 
-def test_streaming_yields_the_answer_piece_by_piece(runtime_models, sample_image):
+def test_streaming_yields_the_answer_piece_by_piece_and_can_be_replayed(runtime_models, sample_image):
     generation = runtime_models["qwen2"].generate(sample_image, "what shape?", max_new_tokens=MAX_NEW)
-    pieces = list(generation)
-    assert len(pieces) >= 2 and "".join(pieces).strip() == generation.answer.answer
+    first = iter(generation)
+    head = next(first)  # generation has started, not finished
+    assert generation.answer is None
+    pieces = [head, *first]
+    assert len(pieces) >= 2 and "".join(pieces) == generation.answer.answer
+    assert list(generation) == pieces  # a second pass replays the same pieces
+    assert generation.result() is generation.answer
 
 
-def test_one_model_serves_many_requests_with_mixed_policies(runtime_models, sample_image):
-    model = runtime_models["llama-mha"]
-    first = [
-        model.ask(sample_image, "what?", exit=p, max_new_tokens=4).token_ids for p in ("never", "layer:1")
-    ]
-    again = [
-        model.ask(sample_image, "what?", exit=p, max_new_tokens=4).token_ids for p in ("never", "layer:1")
-    ]
-    assert first == again
+def test_streamed_pieces_decode_incrementally(runtime_models, sample_image, monkeypatch):
+    # each piece comes from tokenizers' DecodeStream, never from re-decoding the whole answer
+    model = runtime_models["qwen2"]
+    calls = []
+    monkeypatch.setattr(model.prompts.tokenizer, "decode", lambda *a, **k: calls.append(a) or "")
+    answer = model.ask(sample_image, "what shape?", max_new_tokens=MAX_NEW)
+    assert answer.answer and not calls
+
+
+def test_finish_reason_and_request_statistics(runtime_models, sample_image):
+    model = runtime_models["llama-gqa"]
+    fixed = model.ask(sample_image, "what?", max_new_tokens=3, stop_at_eos=False)
+    assert fixed.finish_reason == "length" and len(fixed.token_ids) == 3
+    eos = model.manifest.tokens.eos[0]
+    free = model.ask(sample_image, "what?", max_new_tokens=40)
+    assert (free.finish_reason == "stop") == (free.token_ids[-1] == eos)
+    full = model.ask(sample_image, "what?", exit="never", max_new_tokens=3, stop_at_eos=False)
+    early = model.ask(sample_image, "what?", exit="layer:1", max_new_tokens=3, stop_at_eos=False)
+    dims = model.manifest.dims
+    row = 2 * dims.num_kv_heads * dims.head_dim * 4  # one token's keys and values in one layer, fp32
+    n, v = full.prompt_tokens, full.visual_tokens
+    assert full.kv_cache_bytes == dims.num_layers * (n + 2) * row  # the last token is never fed back
+    assert early.kv_cache_bytes == full.kv_cache_bytes - (dims.num_layers - 2) * v * row
+    assert not hasattr(model, "last_kv_bytes")
+
+
+def test_text_only_questions_match_the_reference_and_hf(runtime_models, loaded_models, prompt_factory):
+    model, loaded = runtime_models["llama-gqa"], loaded_models["llama-gqa"]
+    question = "what color is the circle?"
+    prompt = prompt_factory(loaded, question, image=None)
+    assert np.array_equal(model.prompts.encode(question, with_image=False), prompt.input_ids.numpy())
+    answer = model.ask(None, question, max_new_tokens=MAX_NEW, stop_at_eos=False)
+    assert answer.visual_tokens == 0 and answer.exit_layer is None
+    hf = loaded.model.generate(
+        **prompt.inputs, do_sample=False, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW
+    )
+    assert answer.token_ids == hf[0, prompt.input_ids.shape[1] :].tolist()
+    assert model.ask(None, question, exit="layer:1", max_new_tokens=2).exit_layer is None  # nothing to drop
+
+
+def test_one_model_serves_interleaved_requests_each_with_its_own_policy(
+    runtime_models, loaded_models, prompt_factory, sample_image
+):
+    model, loaded = runtime_models["llama-mha"], loaded_models["llama-mha"]
+    prompt = prompt_factory(loaded, "what?")
+    reference = DyVTEReference(loaded.adapter)
+    policies = {"never": NeverExit(), "layer:1": FixedLayerExit(1), "layer:2": FixedLayerExit(2)}
+    expected = {
+        spec: reference.generate(prompt.input_ids, prompt.pixel_values, policy, max_new_tokens=4)
+        for spec, policy in policies.items()
+    }
+    for spec in ["never", "layer:1", "layer:2", "layer:1", "never", "layer:2"]:
+        answer = model.ask(sample_image, "what?", exit=spec, max_new_tokens=4)
+        assert answer.exit_layer == expected[spec].exit_layer == (None if spec == "never" else int(spec[6:]))
+        assert answer.token_ids == expected[spec].tokens, spec
+        assert answer.policy == spec
+        full, actual = answer.prefill_macs["full"], answer.prefill_macs["actual"]
+        assert (actual == full) if spec == "never" else (actual < full)
 
 
 def test_user_mistakes_are_project_errors(runtime_models, sample_image, tmp_path):
@@ -170,11 +224,12 @@ def test_cli_json_schema(bundles, sample_image):
     assert data["prefill_macs"]["actual"] < data["prefill_macs"]["full"]
 
 
-def test_cli_plain_output_streams_the_answer(bundles, sample_image):
-    done = _cli(
-        "infer", sample_image, "what color?", "--bundle", bundles["llama-gqa"], "--max-new-tokens", "5"
-    )
-    assert done.returncode == 0 and done.stdout.strip() and not done.stderr.strip()
+def test_cli_plain_output_is_the_streamed_answer(bundles, sample_image):
+    args = ["infer", sample_image, "what color?", "--bundle", bundles["llama-gqa"], "--max-new-tokens", "5"]
+    plain, as_json = _cli(*args), _cli(*args, "--json")
+    assert plain.returncode == 0 == as_json.returncode and not plain.stderr.strip()
+    answer = json.loads(as_json.stdout)["answer"]
+    assert answer and plain.stdout == answer + "\n"
 
 
 @pytest.mark.parametrize(
@@ -185,7 +240,7 @@ def test_cli_plain_output_streams_the_answer(bundles, sample_image):
         (["infer", "/no/such.png", "what?", "--bundle", "{bundle}"], "does not exist"),
         (["infer", "{img}", "what?", "--bundle", "/no/bundle"], "does not exist"),
         (["infer", "{img}", "what?"], "no bundle given"),
-        (["infer", "{img}", "what?", "--bundle", "{bundle}", "--device", "cuda"], "onnxruntime-gpu"),
+        (["infer", "{img}", "what?", "--bundle", "{bundle}", "--device", "cuda"], "dyvte-rt[gpu]"),
         (["infer", "{img}", "what?", "--bundle", "{bundle}", "--top-p", "0"], "top-p"),
         (["inspect", "/no/bundle"], "does not exist"),
     ],
@@ -197,7 +252,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(bundles, sample_image, args, mess
     env = {k: v for k, v in os.environ.items() if k != "DYVTE_RT_BUNDLE"} | {"XDG_CACHE_HOME": str(tmp_path)}
     args = [a.format(img=sample_image, bundle=bundles["llama-gqa"]) for a in args]
     done = _cli(*args, env=env)
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
 

@@ -1,0 +1,64 @@
+"""`dyvte-rt eval`: accuracy, exit layers and compute saved on a JSONL dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+from dyvte_rt.cli.common import RunnerConfig, open_model
+from dyvte_rt.cli.options import bundle_options, device_options, json_option
+from dyvte_rt.commandline import HelpFormatter, config_from, use_config_defaults
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(RunnerConfig):
+    data: Path
+    exit: str | None = None
+    threshold: float | None = None
+    limit: int | None = None
+    max_new_tokens: int = 8
+    as_json: bool = False
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="accuracy, exit layers and compute saved on a JSONL dataset",
+        description="Evaluate a bundle on a dataset in the project's JSONL format ({image, question, answer} "
+        "per line, image paths relative to the file). Reports exact-match accuracy, the mean and histogram "
+        "of exit layers (the last layer that saw the visual tokens; L-1 when they never exit) and the share "
+        "of prefill multiply-adds saved.",
+        formatter_class=HelpFormatter,
+        parents=[bundle_options(), device_options(), json_option()],
+    )
+    parser.add_argument("--data", type=Path, required=True, metavar="JSONL", help="the dataset")
+    parser.add_argument("--exit", metavar="POLICY", help="router, never or layer:K (default: the bundle's)")
+    parser.add_argument("--threshold", type=float, help="router threshold (default: the bundle's)")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N questions only")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens per answer")
+    use_config_defaults(parser, EvalConfig)
+    parser.set_defaults(make_config=partial(config_from, EvalConfig), run=run)
+
+
+def run(config: EvalConfig) -> int:
+    from dyvte_rt.datasets import read_jsonl
+    from dyvte_rt.evaluate import evaluate
+
+    examples = read_jsonl(config.data, config.limit)
+    with open_model(config) as model:
+        policy = model.policy(config.exit, config.threshold)
+        model.pipeline.check_policy(policy)
+        report = evaluate(model, examples, policy, config.max_new_tokens, progress=not config.as_json)
+    if config.as_json:
+        print(json.dumps(asdict(report)))
+        return 0
+    histogram = ", ".join(f"{k}: {v}" for k, v in report.exit_histogram.items())
+    print(
+        f"policy {report.policy}: accuracy {100 * report.accuracy:.1f}% on {report.n} questions; "
+        f"mean exit layer {report.mean_exit_layer:.2f} (histogram {histogram}); "
+        f"prefill multiply-adds saved {100 * report.prefill_macs_saved:.1f}%"
+    )
+    return 0

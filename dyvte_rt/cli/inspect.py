@@ -1,0 +1,81 @@
+"""`dyvte-rt inspect [BUNDLE]`: what a bundle holds, from its manifest."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dyvte_rt.cli.options import bundle_options, json_option
+from dyvte_rt.commandline import HelpFormatter, use_config_defaults
+from dyvte_rt.errors import InputError
+from dyvte_rt.locations import resolve_bundle
+from dyvte_rt.manifest import Manifest
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectConfig:
+    bundle: Path | None = None
+    verify: bool = True
+    as_json: bool = False
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "inspect",
+        help="summarise a bundle: model, exit layers, policies, graphs and files",
+        description="Summarise a bundle's manifest and check its files (size and sha256).",
+        formatter_class=HelpFormatter,
+        parents=[bundle_options(), json_option()],
+    )
+    parser.add_argument("path", nargs="?", type=Path, metavar="BUNDLE", help="shorthand for --bundle BUNDLE")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the sha256 check")
+    use_config_defaults(parser, InspectConfig)
+    parser.set_defaults(make_config=make_config, run=run)
+
+
+def make_config(args: argparse.Namespace) -> InspectConfig:
+    if args.path is not None and args.bundle is not None and args.path != args.bundle:
+        raise InputError("give the bundle once: either BUNDLE or --bundle DIR")
+    return InspectConfig(bundle=args.path or args.bundle, verify=args.verify, as_json=args.as_json)
+
+
+def run(config: InspectConfig) -> int:
+    from dyvte_rt.manifest import load_manifest
+
+    bundle = resolve_bundle(config.bundle)
+    manifest = load_manifest(bundle, verify_hashes=config.verify)
+    if config.as_json:
+        data = {"bundle": str(bundle), "sha256_verified": config.verify, **dataclasses.asdict(manifest)}
+        print(json.dumps(data))
+    else:
+        print(summary(bundle, manifest, config.verify))
+    return 0
+
+
+def summary(bundle: Path, m: Manifest, verified: bool) -> str:
+    ex = m.exit
+    total = sum(f.bytes for f in m.files.values())
+    source = f" ({m.source.repo_id}@{m.source.revision})" if m.source.repo_id else ""
+    routers = f"width {ex.router_width})" if ex.router_width is not None else "none)"
+    segments = "  ".join(
+        f"{s.graph}[{s.first_layer}-{s.last_layer}{'+router' if s.has_router else ''}]" for s in m.segments
+    )
+    lines = [
+        f"bundle      {bundle}",
+        f"model       {m.source.model}{source}",
+        f"family      {m.source.family} ({m.source.architecture}), schema v{m.schema_version}",
+        f"dtype       {m.dtype}",
+        f"decoder     {m.dims.num_layers} layers, hidden {m.dims.hidden}, heads {m.dims.num_heads}/"
+        f"{m.dims.num_kv_heads} kv, vocab {m.dims.vocab_size}, context {m.dims.max_positions}",
+        f"image       {m.vision.image_height}x{m.vision.image_width}, {m.vision.visual_tokens} visual tokens",
+        f"exit layers {', '.join(map(str, ex.candidate_layers)) or 'none'}",
+        f"policy      {ex.default_policy} (threshold {ex.threshold:g}; routers: {routers}",
+        f"segments    {segments}",
+        f"files       {len(m.files)} files, {total / 2**20:.1f} MiB"
+        + (", sha256 verified" if verified else ""),
+    ]
+    lines += [f"  {name:<24} {info.bytes / 2**20:>9.2f} MiB" for name, info in m.files.items()]
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""`dyvte-rt macs`: the theoretical prefill saving of an exit (docs/compute.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dyvte_rt.cli.options import bundle_options, json_option
+from dyvte_rt.commandline import HelpFormatter, use_config_defaults
+from dyvte_rt.compute import DecoderDims, prefill_macs
+from dyvte_rt.errors import InputError
+
+# LLaVA-1.5-7B, the default when neither --bundle nor sizes are given
+LLAVA_7B = {"hidden": 4096, "kv_width": 4096, "mlp": 11008, "layers": 32, "visual": 576}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MacsConfig:
+    bundle: Path | None = None  # take the sizes from this bundle
+    hidden: int | None = None
+    kv_width: int | None = None
+    mlp: int | None = None
+    layers: int | None = None
+    visual: int | None = None
+    text: int = 60
+    exit_layer: int | None = None
+    as_json: bool = False
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "macs",
+        help="theoretical prefill multiply-adds with and without an exit",
+        description="Prefill multiply-adds of a decoder with and without a visual-token exit, counted as in "
+        "docs/compute.md. Sizes come from --bundle when given, else from LLaVA-1.5-7B (hidden 4096, 32 "
+        "layers, SwiGLU 11008, 576 visual tokens); any size flag overrides either.",
+        formatter_class=HelpFormatter,
+        parents=[bundle_options(), json_option()],
+    )
+    parser.add_argument("--hidden", type=int, help="hidden size d")
+    parser.add_argument("--kv-width", type=int, help="num_kv_heads * head_dim (default: the hidden size)")
+    parser.add_argument("--mlp", type=int, help="SwiGLU intermediate size m")
+    parser.add_argument("--layers", type=int, help="decoder layers L")
+    parser.add_argument("--visual", type=int, help="visual tokens V")
+    parser.add_argument("--text", type=int, help="text tokens")
+    parser.add_argument(
+        "--exit-layer", type=int, metavar="K", help="exit after layer K (0-indexed; default: none)"
+    )
+    use_config_defaults(parser, MacsConfig)
+    parser.set_defaults(make_config=make_config, run=run)
+
+
+def make_config(args: argparse.Namespace) -> MacsConfig:
+    names = set(MacsConfig.__dataclass_fields__)
+    return MacsConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def sizes(config: MacsConfig) -> dict[str, int]:
+    """Bundle (or LLaVA-1.5-7B) sizes, overridden by the flags given."""
+    base = dict(LLAVA_7B)
+    if config.bundle is not None:
+        from dyvte_rt.manifest import load_manifest
+
+        m = load_manifest(config.bundle, verify_hashes=False)
+        base = {
+            "hidden": m.dims.hidden,
+            "kv_width": m.dims.num_kv_heads * m.dims.head_dim,
+            "mlp": m.dims.mlp,
+            "layers": m.dims.num_layers,
+            "visual": m.vision.visual_tokens,
+        }
+    for key in base:
+        if getattr(config, key) is not None:
+            base[key] = getattr(config, key)
+    if config.kv_width is None and config.hidden is not None and config.bundle is None:
+        base["kv_width"] = base["hidden"]
+    return base
+
+
+def run(config: MacsConfig) -> int:
+    size = sizes(config)
+    if (
+        min(size["hidden"], size["mlp"], size["layers"], size["kv_width"]) < 1
+        or min(size["visual"], config.text) < 0
+    ):
+        raise InputError("sizes must be positive and token counts non-negative")
+    if config.exit_layer is not None and not 0 <= config.exit_layer < size["layers"]:
+        raise InputError(f"--exit-layer must lie in 0..{size['layers'] - 1}, got {config.exit_layer}")
+    dims = DecoderDims(size["hidden"], size["kv_width"], size["mlp"], size["layers"])
+    macs = prefill_macs(dims, size["visual"] + config.text, size["visual"], config.exit_layer)
+    if config.as_json:
+        print(
+            json.dumps(
+                {
+                    **size,
+                    "text": config.text,
+                    "exit_layer": config.exit_layer,
+                    "full": macs.full,
+                    "actual": macs.actual,
+                    "saved_fraction": macs.saved_fraction,
+                    "theoretical_speedup": macs.full / macs.actual,
+                }
+            )
+        )
+        return 0
+    print(
+        f"prefill multiply-adds: full {macs.full / 1e12:.3f} T, with exit {macs.actual / 1e12:.3f} T "
+        f"({100 * macs.saved_fraction:.1f}% saved, {macs.full / macs.actual:.2f}x theoretical speed-up)"
+    )
+    return 0

@@ -1,0 +1,74 @@
+"""The wrapper every entry point runs through: one line per user error, conventional exit codes."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from dyvte_rt.commandline import EXIT_ERROR, EXIT_INTERRUPTED, HelpFormatter, run_command, use_config_defaults
+from dyvte_rt.errors import InputError
+
+
+def test_exit_codes(capsys):
+    assert run_command(lambda: None) == 0
+    assert run_command(lambda: 3) == 3
+
+    def bad_input():
+        raise InputError("the question is empty", hint="ask something")
+
+    assert run_command(bad_input) == EXIT_ERROR == 1
+    assert capsys.readouterr().err == "error: the question is empty (hint: ask something)\n"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_command(interrupted, interrupted="stopped early") == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "stopped early\n"
+
+
+def test_defaults_come_from_the_config_and_show_once():
+    @dataclass(frozen=True)
+    class Config:
+        runs: int = 5
+        name: str | None = None
+        loud: bool = False
+
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser.add_argument("--runs", type=int, help="how many")
+    parser.add_argument("--name", help="a name (default: none)")
+    parser.add_argument("--loud", action="store_true", help="louder")
+    use_config_defaults(parser, Config)
+    assert vars(parser.parse_args([])) == {"runs": 5, "name": None, "loud": False}
+    text = parser.format_help()
+    assert "how many (default: 5)" in text and "default: None" not in text and "(default: False)" not in text
+
+
+def test_ctrl_c_during_eval_exits_130_with_one_line(bundles, sample_image, tmp_path):
+    data = tmp_path / "many.jsonl"
+    row = json.dumps({"image": str(sample_image), "question": "what?", "answer": "x"})
+    data.write_text((row + "\n") * 5000)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dyvte_rt.cli",
+            "eval",
+            "--bundle",
+            str(bundles["llama-gqa"]),
+            "--data",
+            str(data),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    time.sleep(4)  # well into the questions
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err

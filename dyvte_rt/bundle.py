@@ -1,4 +1,4 @@
-"""A loaded bundle: its manifest and one open session per graph."""
+"""A loaded bundle: its manifest, the backend it runs on and one open session per graph."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from dyvte_rt.errors import BackendUnavailableError
 from dyvte_rt.manifest import BundleError, Manifest, SegmentInfo, load_manifest
-from engines import BackendError, Session, SessionOptions, open_session
+from engines import Backend, BackendError, Session, SessionOptions, open_backend
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -43,6 +43,7 @@ def as_runtime_error(err: BackendError) -> BundleError | BackendUnavailableError
 class Bundle:
     path: Path
     manifest: Manifest
+    backend: Backend
     sessions: dict[str, Session]  # graph name -> session
 
     @classmethod
@@ -62,16 +63,17 @@ class Bundle:
         check_dtype_and_device(manifest.dtype, options.device, dtype)
         sessions: dict[str, Session] = {}
         try:
+            backend = open_backend(options)
             for name, graph in manifest.graphs.items():
                 names = tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs)
-                sessions[name] = open_session(path / graph.file, *names, options)
+                sessions[name] = backend.open(path / graph.file, *names)
         except BaseException as err:
             for session in sessions.values():
                 session.close()
             if isinstance(err, BackendError):
                 raise as_runtime_error(err) from None
             raise
-        return cls(path, manifest, sessions)
+        return cls(path, manifest, backend, sessions)
 
     @property
     def float_dtype(self) -> np.dtype:

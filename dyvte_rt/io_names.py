@@ -4,7 +4,10 @@ from __future__ import annotations
 
 HIDDEN_IN = "hidden_states"  # [B, S, D]
 POSITION_IDS = "position_ids"  # [B, S] int64, original positions (gaps after an exit)
+TOTAL_LENGTHS = "total_lengths"  # [B] int32, in-place KV: cache rows valid after this step
 ROUTER_POOL = "router_pool"  # [B, S] float: mean weights over text_after_image[:-1]
+LAST_INDEX = "last_index"  # [B] int64: index of each sample's last real position
+KEEP_INDEX = "keep_index"  # [B, K] int64: positions that stay at an exit (the text tokens)
 HIDDEN_OUT = "hidden_states_out"  # [B, S, D]
 ROUTER_LOGITS = "router_logits"  # [B, 2]; class 1 = exit
 PIXEL_VALUES = "pixel_values"  # [B, 3, H, W]
@@ -15,13 +18,15 @@ LOGITS = "logits"  # [B, vocab], last position only
 
 
 def past_name(layer: int, kind: str) -> str:
-    """`past.{layer}.key` / `past.{layer}.value`: [B, H_kv, P, head_dim]."""
+    """`past.{layer}.key` / `past.{layer}.value`: [B, H_kv, P, head_dim] (concat KV flavour) or
+    the layer's whole buffer [B, H_kv, capacity, head_dim] (in-place flavour)."""
     _check_kind(kind)
     return f"past.{layer}.{kind}"
 
 
 def present_name(layer: int, kind: str) -> str:
-    """`present.{layer}.key` / `present.{layer}.value`: [B, H_kv, P + S, head_dim]."""
+    """`present.{layer}.key` / `present.{layer}.value`: [B, H_kv, P + S, head_dim] (concat), or
+    the same buffer as the past, written in place (in-place)."""
     _check_kind(kind)
     return f"present.{layer}.{kind}"
 

@@ -1,34 +1,136 @@
-"""Per-layer numpy KV cache for the runtime; layers hold different lengths after an exit."""
+"""The runtime's KV cache: backend-resident keys and values per layer, and how many rows each holds.
+
+Layers hold different lengths after an exit (all N prompt tokens up to the exit layer, the N−V
+text tokens after it), so the cache tracks a length per layer and sample. Two flavours, as the
+bundle's manifest says:
+
+- `InplaceKVCache`: one buffer per layer and kind, [B, H_kv, capacity, head_dim], allocated once
+  per request; the graph writes each step's rows into it (past and present are the same value).
+- `ConcatKVCache`: the graph takes the past [B, H_kv, P, head_dim] and returns past + new rows,
+  which become the next step's past.
+
+Either way the cache never leaves the backend. `feeds` gives a segment its cache inputs, `outputs`
+the values it writes into, and `update` takes the step's outputs.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
-from dyvte_rt.io_names import past_name, present_name
+from dyvte_rt import io_names as names
+from dyvte_rt.errors import InputError
 from dyvte_rt.manifest import Dims
+from engines import Backend, Value
 
 
-class KVCache:
-    def __init__(self, dims: Dims, batch: int, dtype: np.dtype) -> None:
-        empty = np.zeros((batch, dims.num_kv_heads, 0, dims.head_dim), dtype=dtype)  # [B, H_kv, 0, hd]
-        self.keys: list[np.ndarray] = [empty] * dims.num_layers
-        self.values: list[np.ndarray] = [empty] * dims.num_layers
+class KVCache(ABC):
+    def __init__(self, backend: Backend, dims: Dims, batch: int, dtype: np.dtype) -> None:
+        self.backend = backend
+        self.dims = dims
+        self.dtype = np.dtype(dtype)
+        self.lengths = np.zeros((batch, dims.num_layers), dtype=np.int64)  # [B, L] rows held per layer
 
-    def past_feeds(self, layers: range) -> dict[str, np.ndarray]:
-        feeds = {}
-        for layer in layers:
-            feeds[past_name(layer, "key")] = self.keys[layer]
-            feeds[past_name(layer, "value")] = self.values[layer]
-        return feeds
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
 
-    def update(self, layers: range, outputs: dict[str, np.ndarray]) -> None:
-        """Take a segment's present keys/values ([B, H_kv, P+S, hd]) as the new past."""
-        for layer in layers:
-            self.keys[layer] = outputs[present_name(layer, "key")]
-            self.values[layer] = outputs[present_name(layer, "value")]
+    def layer_lengths(self) -> list[int]:
+        """Rows held per layer (batch 1)."""
+        return self.lengths[0].tolist()
 
-    def lengths(self) -> list[int]:
-        return [k.shape[2] for k in self.keys]
+    def row_bytes(self) -> int:
+        """Bytes of one token's keys and values in one layer."""
+        return 2 * self.dims.num_kv_heads * self.dims.head_dim * self.dtype.itemsize
 
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values, strict=True))
+        """Bytes of the rows held (what a cache of exactly that size would take)."""
+        return int(self.lengths.sum()) * self.row_bytes()
+
+    @abstractmethod
+    def feeds(self, layers: range, new_tokens: int) -> dict[str, Value | np.ndarray]:
+        """A segment's cache inputs for a step that adds `new_tokens` rows to each of `layers`."""
+
+    @abstractmethod
+    def outputs(self, layers: range) -> dict[str, Value]:
+        """Values the segment writes its present keys/values into (none: the backend allocates)."""
+
+    @abstractmethod
+    def update(self, layers: range, new_tokens: int, outputs: dict[str, Value]) -> None:
+        """Record the step: `outputs` are the segment's outputs."""
+
+
+class InplaceKVCache(KVCache):
+    """One preallocated buffer per layer and kind; rows are written in place by the graph."""
+
+    def __init__(self, backend: Backend, dims: Dims, batch: int, dtype: np.dtype, capacity: int) -> None:
+        super().__init__(backend, dims, batch, dtype)
+        self.capacity = capacity
+        shape = (batch, dims.num_kv_heads, capacity, dims.head_dim)
+        self.buffers = {
+            (layer, kind): backend.empty(shape, self.dtype)
+            for layer in range(dims.num_layers)
+            for kind in ("key", "value")
+        }
+
+    def allocated_bytes(self) -> int:
+        return (
+            len(self.buffers)
+            * self.batch
+            * self.dims.num_kv_heads
+            * self.capacity
+            * self.dims.head_dim
+            * self.dtype.itemsize
+        )
+
+    def feeds(self, layers: range, new_tokens: int) -> dict[str, Value | np.ndarray]:
+        total = self.lengths[:, layers.start] + new_tokens  # [B]; a segment's layers hold equal lengths
+        if int(total.max()) > self.capacity:
+            raise InputError(
+                f"the KV cache holds {self.capacity} positions and this step needs {int(total.max())}",
+                hint="start a new conversation or raise the context it was created with",
+            )
+        feeds: dict[str, Value | np.ndarray] = {names.TOTAL_LENGTHS: total.astype(np.int32)}
+        for layer in layers:
+            for kind in ("key", "value"):
+                feeds[names.past_name(layer, kind)] = self.buffers[layer, kind]
+        return feeds
+
+    def outputs(self, layers: range) -> dict[str, Value]:
+        return {
+            names.present_name(layer, kind): self.buffers[layer, kind]
+            for layer in layers
+            for kind in ("key", "value")
+        }
+
+    def update(self, layers: range, new_tokens: int, outputs: dict[str, Value]) -> None:
+        self.lengths[:, layers.start : layers.stop] += new_tokens
+
+
+class ConcatKVCache(KVCache):
+    """past in, past + new out: standard ONNX, one new value per layer and kind each step."""
+
+    def __init__(self, backend: Backend, dims: Dims, batch: int, dtype: np.dtype) -> None:
+        super().__init__(backend, dims, batch, dtype)
+        empty = np.zeros((batch, dims.num_kv_heads, 0, dims.head_dim), dtype=self.dtype)
+        none = backend.upload(empty)  # 0 bytes
+        self.values: dict[tuple[int, str], Value] = {
+            (layer, kind): none for layer in range(dims.num_layers) for kind in ("key", "value")
+        }
+
+    def feeds(self, layers: range, new_tokens: int) -> dict[str, Value | np.ndarray]:
+        return {
+            names.past_name(layer, kind): self.values[layer, kind]
+            for layer in layers
+            for kind in ("key", "value")
+        }
+
+    def outputs(self, layers: range) -> dict[str, Value]:
+        return {}
+
+    def update(self, layers: range, new_tokens: int, outputs: dict[str, Value]) -> None:
+        for layer in layers:
+            for kind in ("key", "value"):
+                self.values[layer, kind] = outputs[names.present_name(layer, kind)]
+        self.lengths[:, layers.start : layers.stop] += new_tokens

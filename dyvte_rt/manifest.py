@@ -17,9 +17,10 @@ from typing import Any
 
 from dyvte_rt.errors import DyvteError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: routers and the exit gather are graphs of their own; KV flavours
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+KV_FLAVOURS = ("inplace", "concat")  # docs/bundle-format.md
 
 
 class BundleError(DyvteError):
@@ -97,7 +98,11 @@ class SegmentInfo:
     graph: str  # key into Manifest.graphs
     first_layer: int
     last_layer: int
-    has_router: bool
+    router: str | None  # the router graph evaluated on this segment's output (prefill only), if any
+
+    @property
+    def has_router(self) -> bool:
+        return self.router is not None
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ class Manifest:
     schema_version: int
     source: SourceInfo
     dtype: str  # "fp32" | "fp16"
+    kv_flavour: str  # "inplace" (GroupQueryAttention, one buffer per layer) | "concat" (standard ONNX)
     dims: Dims
     vision: VisionInfo
     tokens: TokenInfo

@@ -45,6 +45,7 @@ class Answer:
     timings_ms: dict[str, float]  # vision, prefill, switch (part of prefill), decode
     prefill_macs: dict[str, int]  # full, actual
     kv_cache_bytes: int  # KV cache held at the end of the request
+    host_bytes: dict[str, float]  # copied between host and backend: prefill, decode, per_decode_token
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -203,7 +204,12 @@ class DyvteModel:
         sampler: Sampler,
         stop_at_eos: bool,
     ) -> Iterator[str]:
-        prefill = self.pipeline.prefill(input_ids, pixels, policy)
+        transfers = self.bundle.backend.transfers
+        before = transfers.snapshot()
+        prefill = self.pipeline.prefill(
+            input_ids, pixels, policy, capacity=input_ids.shape[1] + max_new_tokens
+        )
+        after_prefill = transfers.snapshot()
         eos = set(self.manifest.tokens.eos) if stop_at_eos else set()
         detokenizer = DecodeStream(skip_special_tokens=True)
         tokens = [sampler(prefill.logits)]
@@ -224,6 +230,7 @@ class DyvteModel:
             )
             tokens.append(sampler(logits))
         decode_ms = 1e3 * (time.perf_counter() - started)
+        decode_bytes = transfers.since(after_prefill).total
         generation.answer = Answer(
             answer="".join(pieces).strip(),
             token_ids=tokens,
@@ -236,4 +243,9 @@ class DyvteModel:
             timings_ms={**prefill.timings_ms, "decode": decode_ms},
             prefill_macs={"full": prefill.macs.full, "actual": prefill.macs.actual},
             kv_cache_bytes=prefill.cache.nbytes(),
+            host_bytes={
+                "prefill": after_prefill.since(before).total,
+                "decode": decode_bytes,
+                "per_decode_token": decode_bytes / (len(tokens) - 1) if len(tokens) > 1 else 0.0,
+            },
         )

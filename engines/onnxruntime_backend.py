@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import metadata
 
 import numpy as np
 
 from engines.errors import BackendError
-from engines.session import Session
+from engines.session import Backend, Session, SessionOptions, Value
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -72,8 +73,11 @@ def providers_for(device: str) -> list[str]:
 
 
 class OrtSession(Session):
+    """A graph in an `InferenceSession`, run through I/O binding so values stay on the device."""
+
+    backend: OrtBackend
+
     def _open_impl(self) -> None:
-        providers = providers_for(self.options.device)
         import onnxruntime as ort
 
         levels = {
@@ -82,13 +86,18 @@ class OrtSession(Session):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
-        options = ort.SessionOptions()
-        options.graph_optimization_level = levels[self.options.optimization]
-        options.intra_op_num_threads = self.options.intra_op_threads
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spin else "0")
+        options = self.backend.options
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = levels[options.optimization]
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.log_severity_level = 3
+        session_options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if options.spin else "0"
+        )
         try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=providers)
+            self._session = ort.InferenceSession(
+                str(self.path), session_options, providers=self.backend.providers
+            )
         except Exception as err:  # ORT raises its own exception types for unreadable models
             raise BackendError(
                 f"cannot load {self.path.name}: {str(err).splitlines()[0][:200]}",
@@ -98,8 +107,42 @@ class OrtSession(Session):
     def _io_names_impl(self) -> tuple[list[str], list[str]]:
         return [i.name for i in self._session.get_inputs()], [o.name for o in self._session.get_outputs()]
 
-    def _run_impl(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._session.run(None, feeds)
+    def _run_impl(self, feeds: dict[str, Value], into: Mapping[str, Value]) -> list[Value]:
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        device = self.backend.device_type
+        for name in self.outputs:
+            if name in into:
+                binding.bind_ortvalue_output(name, into[name])
+            else:
+                binding.bind_output(name, device)
+        self._session.run_with_iobinding(binding)
+        return binding.get_outputs()
 
     def _close_impl(self) -> None:
         del self._session
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime on one device: values are `OrtValue`s in the device's memory."""
+
+    def __init__(self, options: SessionOptions) -> None:
+        super().__init__(options)
+        self.providers = providers_for(options.device)
+        self.device_type = "cpu" if options.device == "cpu" else "cuda"
+        import onnxruntime as ort
+
+        self._ort = ort
+
+    def _session_class(self) -> type[Session]:
+        return OrtSession
+
+    def _upload_impl(self, array: np.ndarray) -> Value:
+        return self._ort.OrtValue.ortvalue_from_numpy(array, self.device_type, 0)
+
+    def _download_impl(self, value: Value) -> np.ndarray:
+        return np.array(value.numpy(), copy=True)  # on the CPU numpy() is a view of ORT's memory
+
+    def _empty_impl(self, shape: tuple[int, ...], dtype: np.dtype) -> Value:
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype.type, self.device_type, 0)

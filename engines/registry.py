@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from engines.errors import BackendError
-from engines.session import Session, SessionOptions
+from engines.session import Backend, SessionOptions
 
 
-def _onnxruntime(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], options: SessionOptions):
-    from engines.onnxruntime_backend import OrtSession
+def _onnxruntime(options: SessionOptions) -> Backend:
+    from engines.onnxruntime_backend import OrtBackend
 
-    return OrtSession(path, inputs, outputs, options)
+    return OrtBackend(options)
 
 
-# device -> session factory(path, input names, output names, options)
-BACKENDS: dict[str, Callable[..., Session]] = {
+# device -> backend factory
+BACKENDS: dict[str, Callable[[SessionOptions], Backend]] = {
     "cpu": _onnxruntime,
     "cuda": _onnxruntime,
     "ort-tensorrt": _onnxruntime,  # ONNX Runtime's TensorRT execution provider
@@ -24,14 +23,12 @@ BACKENDS: dict[str, Callable[..., Session]] = {
 DEVICES = tuple(BACKENDS)
 
 
-def open_session(
-    path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], options: SessionOptions
-) -> Session:
-    """Open one graph for `options.device`; its I/O names are checked against `inputs`/`outputs`."""
+def open_backend(options: SessionOptions) -> Backend:
+    """The backend for `options.device`; a missing runtime or provider is one BackendError."""
     try:
         factory = BACKENDS[options.device]
     except KeyError:
         raise BackendError(
             f"unknown device {options.device!r}", hint=f"choose one of {', '.join(BACKENDS)}"
         ) from None
-    return factory(Path(path), tuple(inputs), tuple(outputs), options)
+    return factory(options)

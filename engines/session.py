@@ -1,19 +1,29 @@
-"""The one session interface every backend implements.
+"""The interface every backend implements: a `Backend` owns a device's memory, `Session`s run graphs.
 
-The base class owns the lifecycle and the checks: I/O names are compared with what the caller
-expects once, when the session opens, never on the decode hot path. Backends implement
-`_open_impl`, `_io_names_impl`, `_run_impl` and `_close_impl`.
+Values stay where the backend keeps them (ONNX Runtime: `OrtValue`s on the CPU or a GPU; TensorRT:
+device buffers): a session takes backend values in and hands backend values out, so a runtime
+can chain graphs without touching host memory. Host numpy arrays cross only through `upload` and
+`download`, which count the bytes they move — the one number that says whether a loop is
+device-resident.
+
+The base classes own the lifecycle and the checks: I/O names are compared with what the caller
+expects once, when a session opens, never on the decode hot path. Backends implement the small
+`_*_impl` hooks.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from engines.errors import BackendError
+
+Value = Any  # a backend's own tensor type (onnxruntime.OrtValue, a device buffer, ...)
 
 
 @dataclass(frozen=True)
@@ -27,23 +37,67 @@ class SessionOptions:
     optimization: str = "all"  # none | basic | extended | all
 
 
+@dataclass
+class Transfers:
+    """Bytes that crossed between host and backend memory, and how often."""
+
+    to_backend: int = 0
+    to_host: int = 0
+    uploads: int = 0
+    downloads: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.to_backend + self.to_host
+
+    def snapshot(self) -> Transfers:
+        return Transfers(self.to_backend, self.to_host, self.uploads, self.downloads)
+
+    def since(self, earlier: Transfers) -> Transfers:
+        return Transfers(
+            self.to_backend - earlier.to_backend,
+            self.to_host - earlier.to_host,
+            self.uploads - earlier.uploads,
+            self.downloads - earlier.downloads,
+        )
+
+
 class Session(ABC):
+    """One graph on one backend."""
+
     def __init__(
-        self, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], options: SessionOptions
+        self, backend: Backend, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]
     ) -> None:
+        self.backend = backend
         self.path = Path(path)
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
-        self.options = options
+        self._closed = True
         self._open_impl()
-        self._check_io()
         self._closed = False
+        self._check_io()
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the graph; `feeds` holds exactly the graph's inputs. Returns every output by name."""
+    def run(
+        self, feeds: Mapping[str, Value | np.ndarray], into: Mapping[str, Value] | None = None
+    ) -> dict[str, Value]:
+        """Run the graph on `feeds` (every input, by name; numpy arrays are uploaded and counted).
+
+        `into` binds outputs to existing values the graph writes (an in-place KV buffer); other
+        outputs are allocated by the backend. Returns every output by name, as backend values.
+        """
         if self._closed:
-            raise RuntimeError(f"session for {self.path.name} is closed")
-        return dict(zip(self.outputs, self._run_impl(feeds), strict=True))
+            raise BackendError(f"session for {self.path.name} is closed")
+        values = {
+            name: self.backend.upload(value) if isinstance(value, np.ndarray) else value
+            for name, value in feeds.items()
+        }
+        try:
+            outputs = self._run_impl(values, into or {})
+        except BackendError:
+            raise
+        except Exception as err:  # a backend's own failure (out of memory, a kernel error)
+            raise BackendError(f"{self.path.name} failed: {str(err).strip().splitlines()[0][:300]}") from err
+        return dict(zip(self.outputs, outputs, strict=True))
 
     def close(self) -> None:
         if not self._closed:
@@ -71,7 +125,48 @@ class Session(ABC):
     def _io_names_impl(self) -> tuple[list[str], list[str]]: ...
 
     @abstractmethod
-    def _run_impl(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+    def _run_impl(self, feeds: dict[str, Value], into: Mapping[str, Value]) -> list[Value]: ...
 
     @abstractmethod
     def _close_impl(self) -> None: ...
+
+
+class Backend(ABC):
+    """A device's memory and the sessions that run on it; counts every host transfer."""
+
+    def __init__(self, options: SessionOptions) -> None:
+        self.options = options
+        self.transfers = Transfers()
+
+    def open(self, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Session:
+        return self._session_class()(self, path, inputs, outputs)
+
+    def upload(self, array: np.ndarray) -> Value:
+        """Host array -> backend value (a copy on a GPU; counted either way)."""
+        array = np.ascontiguousarray(array)
+        self.transfers.to_backend += array.nbytes
+        self.transfers.uploads += 1
+        return self._upload_impl(array)
+
+    def download(self, value: Value) -> np.ndarray:
+        """Backend value -> a host array of its own (counted)."""
+        array = self._download_impl(value)
+        self.transfers.to_host += array.nbytes
+        self.transfers.downloads += 1
+        return array
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Value:
+        """Uninitialised backend memory (a KV buffer); nothing crosses from the host."""
+        return self._empty_impl(tuple(int(d) for d in shape), np.dtype(dtype))
+
+    @abstractmethod
+    def _session_class(self) -> type[Session]: ...
+
+    @abstractmethod
+    def _upload_impl(self, array: np.ndarray) -> Value: ...
+
+    @abstractmethod
+    def _download_impl(self, value: Value) -> np.ndarray: ...
+
+    @abstractmethod
+    def _empty_impl(self, shape: tuple[int, ...], dtype: np.dtype) -> Value: ...

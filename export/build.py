@@ -19,6 +19,7 @@ from pathlib import Path
 from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
 from dyvte_rt.errors import InputError
 from dyvte_rt.manifest import (
+    KV_FLAVOURS,
     MANIFEST_FILE,
     SCHEMA_VERSION,
     TOKENIZER_FILE,
@@ -42,6 +43,7 @@ class BuildConfig:
     model: str
     out: Path
     dtype: str = "fp32"
+    kv: str = "inplace"  # KV flavour: inplace (ONNX Runtime) | concat (standard ONNX, TensorRT)
     exit_layers: str | None = None  # None: every layer from 1 to L-2
     routers: Path | None = None  # None: the checkpoint's own routers.safetensors, if any
     no_routers: bool = False
@@ -140,7 +142,7 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
             )
         routers = routers.to(next(loaded.model.parameters()).dtype)
 
-    plans = build_plans(loaded.adapter, candidates, routers)
+    plans = build_plans(loaded.adapter, candidates, routers, config.kv)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would make the finished bundle private
@@ -166,12 +168,15 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
             )
         write_tokenizer(loaded, staging / TOKENIZER_FILE)
         files.append(TOKENIZER_FILE)
+        router_graphs = {p.name for p in plans if p.name.startswith("router_")}
         segments = tuple(
             SegmentInfo(
                 graph=p.name,
                 first_layer=p.module.first,
                 last_layer=p.module.last,
-                has_router=p.module.router is not None,
+                router=f"router_{p.module.last:02d}"
+                if f"router_{p.module.last:02d}" in router_graphs
+                else None,
             )
             for p in plans
             if p.name.startswith("segment_")
@@ -180,6 +185,7 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
             schema_version=SCHEMA_VERSION,
             source=source_info(loaded),
             dtype=config.dtype,
+            kv_flavour=config.kv,
             dims=dims_info(loaded),
             vision=vision_info(loaded),
             tokens=token_info(loaded),
@@ -289,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to create")
     parser.add_argument(
         "--dtype", choices=EXPORT_DTYPES, help="weight precision; fp16 is meant for GPU bundles"
+    )
+    parser.add_argument(
+        "--kv",
+        choices=KV_FLAVOURS,
+        help="KV cache flavour: inplace writes each step into one preallocated buffer per layer with ONNX "
+        "Runtime's GroupQueryAttention; concat is standard ONNX (past in, past + new out), for TensorRT",
     )
     parser.add_argument(
         "--exit-layers",

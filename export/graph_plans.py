@@ -6,6 +6,7 @@ then cover them explicitly: past length 0, sequence length 1, batch 2, no visual
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,25 +15,31 @@ from torch.export import Dim
 
 from dyvte_rt import io_names
 from export.families import FamilyAdapter
-from export.parts import EmbedPart, HeadPart, SegmentPart, VisionPart
+from export.parts import EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart, VisionPart
 from export.reference.routers import RouterBank
 
 BATCH = Dim("batch", min=1, max=256)
 SEQ = Dim("seq", min=1, max=1 << 16)
 PAST = Dim("past", min=0, max=1 << 16)
+CAPACITY = Dim("capacity", min=2, max=1 << 16)  # rows of an in-place KV buffer
 PROMPT = Dim("prompt", min=1, max=1 << 16)
 VISUAL = Dim("visual", min=0, max=1 << 16)
+KEPT = Dim("kept", min=1, max=1 << 16)
 
 
 @dataclass
 class GraphPlan:
-    name: str  # file stem and manifest key: vision, embed, segment_00, head
+    name: str  # file stem and manifest key: vision, embed, segment_00, router_03, exit_gather, head
     module: nn.Module
     input_names: list[str]
     output_names: list[str]
     sample: tuple  # tracing inputs
     dynamic_shapes: tuple
+    dtype: torch.dtype
+    tolerance: float  # verification tolerance in fp32 (fp16 graphs get a looser one)
     cases: list[tuple] = field(default_factory=list)  # verification inputs
+    # in-place KV buffers: the rows of a case's present outputs that hold data (the rest is unspecified)
+    valid_rows: Callable[[tuple], int] | None = None
 
     @property
     def file(self) -> str:
@@ -46,118 +53,187 @@ def plan_segments(candidates: tuple[int, ...], num_layers: int) -> list[tuple[in
     return list(zip(starts, ends, strict=True))
 
 
-def build_plans(
-    adapter: FamilyAdapter, candidates: tuple[int, ...], routers: RouterBank | None, seed: int = 0
-) -> list[GraphPlan]:
-    gen = torch.Generator().manual_seed(seed)
-    model = adapter.model
-    dtype = next(model.parameters()).dtype
-    config = model.config
-    text = config.text_config
-    dims = adapter.dims
-    head_dim = dims.kv_width // text.num_key_value_heads
-    vision = config.vision_config
-    v_tokens = (vision.image_size // vision.patch_size) ** 2
+@dataclass
+class _Sampler:
+    """Random tensors of the model's dtype, reproducible from one seed."""
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(dtype)
+    dtype: torch.dtype
+    gen: torch.Generator
 
-    def ids(batch: int, n: int, n_image: int) -> torch.Tensor:
-        out = torch.randint(5, text.vocab_size, (batch, n), generator=gen)
-        out[:, 1 : 1 + n_image] = adapter.image_token_id
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen).to(self.dtype)
+
+    def ids(self, batch: int, n: int, n_image: int, vocab: int, image_id: int) -> torch.Tensor:
+        out = torch.randint(5, vocab, (batch, n), generator=self.gen)
+        out[:, 1 : 1 + n_image] = image_id
         return out
 
+
+def build_plans(
+    adapter: FamilyAdapter, candidates: tuple[int, ...], routers: RouterBank | None, kv: str, seed: int = 0
+) -> list[GraphPlan]:
+    model = adapter.model
+    dtype = next(model.parameters()).dtype
+    rand = _Sampler(dtype, torch.Generator().manual_seed(seed))
+    text = model.config.text_config
+    dims = adapter.dims
+    vision = model.config.vision_config
+    v_tokens = (vision.image_size // vision.patch_size) ** 2
+    n_prompt = v_tokens + 9
+    tol = adapter.tolerance
+
+    def ids(batch: int, n: int, n_image: int) -> torch.Tensor:
+        return rand.ids(batch, n, n_image, text.vocab_size, adapter.image_token_id)
+
+    pixels = (3, vision.image_size, vision.image_size)
     plans = [
         GraphPlan(
             "vision",
             VisionPart(adapter),
             [io_names.PIXEL_VALUES],
             [io_names.IMAGE_FEATURES],
-            sample=(randn(2, 3, vision.image_size, vision.image_size),),
+            sample=(rand.randn(2, *pixels),),
             dynamic_shapes=({0: BATCH},),
-            cases=[
-                (randn(1, 3, vision.image_size, vision.image_size),),
-                (randn(2, 3, vision.image_size, vision.image_size),),
-            ],
+            dtype=dtype,
+            tolerance=tol,
+            cases=[(rand.randn(1, *pixels),), (rand.randn(2, *pixels),)],
         ),
         GraphPlan(
             "embed",
             EmbedPart(adapter),
             [io_names.INPUT_IDS, io_names.IMAGE_FEATURES],
             [io_names.INPUT_EMBEDS],
-            sample=(ids(2, v_tokens + 6, v_tokens), randn(2, v_tokens, dims.hidden)),
+            sample=(ids(2, v_tokens + 6, v_tokens), rand.randn(2, v_tokens, dims.hidden)),
             dynamic_shapes=({0: BATCH, 1: PROMPT}, {0: BATCH, 1: VISUAL}),
+            dtype=dtype,
+            tolerance=tol,
             cases=[
-                (ids(1, v_tokens + 9, v_tokens), randn(1, v_tokens, dims.hidden)),
-                (ids(1, 1, 0), randn(1, 0, dims.hidden)),  # a decode step: no image
-                (ids(2, 7, 0), randn(2, 0, dims.hidden)),
+                (ids(1, v_tokens + 9, v_tokens), rand.randn(1, v_tokens, dims.hidden)),
+                (ids(1, 1, 0), rand.randn(1, 0, dims.hidden)),  # a decode step: no image
+                (ids(2, 7, 0), rand.randn(2, 0, dims.hidden)),
             ],
         ),
     ]
+    head_dim = dims.kv_width // text.num_key_value_heads
     for index, (first, last) in enumerate(plan_segments(candidates, dims.num_layers)):
-        router = routers.routers[str(last)] if routers is not None and last in candidates else None
-        segment = SegmentPart(adapter, first, last, router)
+        segment = SegmentPart(adapter, first, last, kv)
         plans.append(
-            _segment_plan(
-                f"segment_{index:02d}",
-                segment,
-                v_tokens + 9,
-                randn,
-                text.num_key_value_heads,
-                head_dim,
-                dims.hidden,
-            )
+            _segment_plan(f"segment_{index:02d}", segment, n_prompt, rand, text.num_key_value_heads, head_dim)
         )
+    if routers is not None:
+        plans += [
+            _router_plan(f"router_{k:02d}", RouterPart(adapter, routers.routers[str(k)]), n_prompt, rand, tol)
+            for k in candidates
+        ]
+    plans.append(
+        GraphPlan(
+            "exit_gather",
+            ExitGatherPart(),
+            [io_names.HIDDEN_OUT, io_names.KEEP_INDEX],
+            [io_names.HIDDEN_IN],
+            sample=(rand.randn(2, 7, dims.hidden), torch.tensor([[0, 2, 5], [1, 3, 6]])),
+            dynamic_shapes=({0: BATCH, 1: SEQ}, {0: BATCH, 1: KEPT}),
+            dtype=dtype,
+            tolerance=0.0,  # a copy
+            cases=[
+                (rand.randn(1, n_prompt, dims.hidden), torch.arange(v_tokens + 1, n_prompt)[None]),
+                (rand.randn(2, 4, dims.hidden), torch.tensor([[3], [0]])),
+            ],
+        )
+    )
     plans.append(
         GraphPlan(
             "head",
             HeadPart(adapter),
-            [io_names.HIDDEN_OUT],
+            [io_names.HIDDEN_OUT, io_names.LAST_INDEX],
             [io_names.LOGITS],
-            sample=(randn(2, 5, dims.hidden),),
-            dynamic_shapes=({0: BATCH, 1: SEQ},),
-            cases=[(randn(1, 1, dims.hidden),), (randn(2, 7, dims.hidden),)],
+            sample=(rand.randn(2, 5, dims.hidden), torch.tensor([4, 2])),
+            dynamic_shapes=({0: BATCH, 1: SEQ}, {0: BATCH}),
+            dtype=dtype,
+            tolerance=tol,
+            cases=[
+                (rand.randn(1, 1, dims.hidden), torch.tensor([0])),
+                (rand.randn(2, 7, dims.hidden), torch.tensor([6, 3])),
+            ],
         )
     )
     return plans
 
 
 def _segment_plan(
-    name: str, segment: SegmentPart, n_prompt: int, randn, kv_heads: int, head_dim: int, hidden: int
+    name: str, segment: SegmentPart, n_prompt: int, rand: _Sampler, kv_heads: int, head_dim: int
 ) -> GraphPlan:
     layers = segment.layers
-    with_pool = segment.router is not None
-    dtype = randn(1).dtype
+    hidden = segment.adapter.dims.hidden
+    inplace = segment.kv == "inplace"
 
     def inputs(batch: int, seq: int, past: int) -> tuple:
         positions = torch.arange(past, past + seq).repeat(batch, 1)  # [B, S]
-        kv = [randn(batch, kv_heads, past, head_dim) for _ in range(2 * len(layers))]
-        if not with_pool:
-            return (randn(batch, seq, hidden), positions, *kv)
-        pool = torch.zeros(batch, seq, dtype=dtype)  # mean over all but the last position
-        pool[:, : max(seq - 1, 1)] = 1.0 / max(seq - 1, 1)
-        return (randn(batch, seq, hidden), positions, pool, *kv)
+        if not inplace:
+            kv = [rand.randn(batch, kv_heads, past, head_dim) for _ in range(2 * len(layers))]
+            return (rand.randn(batch, seq, hidden), positions, *kv)
+        capacity = past + seq + 3  # rows beyond the valid ones hold noise the operator must ignore
+        kv = [rand.randn(batch, kv_heads, capacity, head_dim) for _ in range(2 * len(layers))]
+        total = torch.full((batch,), past + seq, dtype=torch.int32)
+        return (rand.randn(batch, seq, hidden), positions, total, *kv)
 
-    names = [io_names.HIDDEN_IN, io_names.POSITION_IDS]
-    outputs = [io_names.HIDDEN_OUT, *io_names.kv_names(layers, "present")]
-    rest_shapes: tuple = tuple({0: BATCH, 2: PAST} for _ in range(2 * len(layers)))
-    if with_pool:
-        names.append(io_names.ROUTER_POOL)
-        outputs.append(io_names.ROUTER_LOGITS)
-        rest_shapes = ({0: BATCH, 1: SEQ}, *rest_shapes)
+    if inplace:
+        names = [
+            io_names.HIDDEN_IN,
+            io_names.POSITION_IDS,
+            io_names.TOTAL_LENGTHS,
+            *io_names.kv_names(layers, "past"),
+        ]
+        kv_axes = {0: BATCH, 2: CAPACITY}
+        rest = ({0: BATCH}, *(kv_axes for _ in range(2 * len(layers))))  # total_lengths, then the buffers
+        shapes = ({0: BATCH, 1: SEQ}, {0: BATCH, 1: SEQ}, rest)
+    else:
+        names = [io_names.HIDDEN_IN, io_names.POSITION_IDS, *io_names.kv_names(layers, "past")]
+        shapes = (
+            {0: BATCH, 1: SEQ},
+            {0: BATCH, 1: SEQ},
+            tuple({0: BATCH, 2: PAST} for _ in range(2 * len(layers))),
+        )
     return GraphPlan(
         name,
         segment,
-        [*names, *io_names.kv_names(layers, "past")],
-        outputs,
+        names,
+        [io_names.HIDDEN_OUT, *io_names.kv_names(layers, "present")],
         sample=inputs(2, 5, 3),
-        dynamic_shapes=({0: BATCH, 1: SEQ}, {0: BATCH, 1: SEQ}, rest_shapes),
-        # full prompt, text-only prompt after an exit, decode steps (incl. empty past), batch 2
+        dynamic_shapes=shapes,
+        dtype=rand.dtype,
+        tolerance=segment.adapter.tolerance,
+        valid_rows=(lambda case: int(case[2].max())) if inplace else None,
+        # full prompt, text-only prompt after an exit, decode steps (incl. empty past), a later
+        # turn's several tokens after a past, batch 2
         cases=[
             inputs(1, n_prompt, 0),
             inputs(1, 9, 0),
             inputs(1, 1, n_prompt),
             inputs(1, 1, 0),
-            inputs(2, 4, 6),
+            inputs(1, 3, 11),
+            inputs(2, 4, 0),
+            inputs(2, 1, 6),  # (GroupQueryAttention takes several new tokens after a past at batch 1 only)
         ],
+    )
+
+
+def _router_plan(name: str, router: RouterPart, n_prompt: int, rand: _Sampler, tolerance: float) -> GraphPlan:
+    hidden = router.adapter.dims.hidden
+
+    def inputs(batch: int, seq: int) -> tuple:
+        pool = torch.zeros(batch, seq, dtype=rand.dtype)  # mean over all but the last position
+        pool[:, : max(seq - 1, 1)] = 1.0 / max(seq - 1, 1)
+        return (rand.randn(batch, seq, hidden), pool, torch.full((batch,), seq - 1))
+
+    return GraphPlan(
+        name,
+        router,
+        [io_names.HIDDEN_OUT, io_names.ROUTER_POOL, io_names.LAST_INDEX],
+        [io_names.ROUTER_LOGITS],
+        sample=inputs(2, 5),
+        dynamic_shapes=({0: BATCH, 1: SEQ}, {0: BATCH, 1: SEQ}, {0: BATCH}),
+        dtype=rand.dtype,
+        tolerance=tolerance,
+        cases=[inputs(1, n_prompt), inputs(1, 1), inputs(2, 6)],
     )

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dyvte_rt.manifest import KV_FLAVOURS
 from export.families import FamilyAdapter
+from export.gqa import ATTENTION_NAME, GqaCache, decoder_attention
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask
 from export.reference.model import merge_image_features
@@ -44,59 +46,110 @@ class EmbedPart(nn.Module):
 
 
 class SegmentPart(nn.Module):
-    """Decoder layers first..last with explicit KV I/O and, optionally, the router of `last`.
+    """Decoder layers first..last with explicit KV I/O (no router: routers are graphs of their own).
 
-    With a router:    forward(hidden, position_ids, router_pool, *past)
-    Without a router: forward(hidden, position_ids, *past)
-      hidden [B,S,D], position_ids [B,S], router_pool [B,S], past k/v per layer [B,Hkv,P,hd]
-      -> (hidden_out [B,S,D], present k/v per layer [B,Hkv,P+S,hd], router_logits [B,2] if router)
+    Concat flavour:  forward(hidden, position_ids, *past)
+      past k/v per layer [B,Hkv,P,hd] -> (hidden_out, present k/v per layer [B,Hkv,P+S,hd])
+    In-place flavour: forward(hidden, position_ids, total_lengths, *cache)
+      cache k/v per layer [B,Hkv,M,hd], total_lengths [B] int32 = rows valid after this step
+      -> (hidden_out, the same buffers with this step's rows written)
+    hidden [B,S,D], position_ids [B,S] int64.
     """
 
-    def __init__(self, adapter: FamilyAdapter, first: int, last: int, router: Router | None) -> None:
+    def __init__(self, adapter: FamilyAdapter, first: int, last: int, kv: str) -> None:
         super().__init__()
+        if kv not in KV_FLAVOURS:
+            raise ValueError(f"kv flavour must be one of {KV_FLAVOURS}, got {kv!r}")
         self.adapter = adapter
         self.model = adapter.model
         self.first, self.last = first, last
-        self.router = router
+        self.kv = kv
 
     @property
     def layers(self) -> range:
         return range(self.first, self.last + 1)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, *inputs: torch.Tensor) -> tuple:
-        router_pool, past = (inputs[0], inputs[1:]) if self.router is not None else (None, inputs)
+        cos_sin = self.adapter.rotary(hidden, position_ids)
+        if self.kv == "inplace":
+            return self._inplace(hidden, position_ids, cos_sin, inputs[0], inputs[1:])
         cache = KVCache(self.last + 1)
         for offset, layer in enumerate(self.layers):
-            cache.keys[layer], cache.values[layer] = past[2 * offset], past[2 * offset + 1]
-        mask = causal_mask(hidden.shape[1], past[0].shape[2], hidden.dtype, hidden.device)  # [1,1,S,P+S]
-        cos_sin = self.adapter.rotary(hidden, position_ids)
+            cache.keys[layer], cache.values[layer] = inputs[2 * offset], inputs[2 * offset + 1]
+        mask = causal_mask(hidden.shape[1], inputs[0].shape[2], hidden.dtype, hidden.device)  # [1,1,S,P+S]
         for layer in self.layers:
-            hidden = self.adapter.decoder_layers[layer](
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                position_embeddings=cos_sin,
-                cache=cache,
-                use_cache=True,
-            )
-        presents = [t for layer in self.layers for t in (cache.keys[layer], cache.values[layer])]
-        if router_pool is None:
-            return (hidden, *presents)
+            hidden = self._layer(layer, hidden, position_ids, cos_sin, mask=mask, cache=cache)
+        return (hidden, *(t for layer in self.layers for t in (cache.keys[layer], cache.values[layer])))
+
+    def _inplace(self, hidden, position_ids, cos_sin, total_lengths, buffers) -> tuple:
+        cache = GqaCache(
+            {layer: (buffers[2 * i], buffers[2 * i + 1]) for i, layer in enumerate(self.layers)},
+            total_lengths,
+        )
+        with decoder_attention(self.model.config.text_config, ATTENTION_NAME):
+            for layer in self.layers:
+                hidden = self._layer(
+                    layer, hidden, position_ids, cos_sin, mask=None, cache=cache, gqa_cache=cache
+                )
+        return (hidden, *(t for layer in self.layers for t in cache.presents[layer]))
+
+    def _layer(self, index, hidden, position_ids, cos_sin, mask, cache, **kwargs) -> torch.Tensor:
+        return self.adapter.decoder_layers[index](
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            position_embeddings=cos_sin,
+            cache=cache,
+            use_cache=True,
+            **kwargs,
+        )
+
+
+class RouterPart(nn.Module):
+    """The router of one candidate layer: (hidden [B,S,D], router_pool [B,S], last_index [B]) -> [B, 2].
+
+    Features as the exit semantics define them: concat(pool-weighted mean of the text tokens after
+    the image, the hidden state of the last prompt token).
+    """
+
+    def __init__(self, adapter: FamilyAdapter, router: Router) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.router = router
+
+    def forward(
+        self, hidden: torch.Tensor, router_pool: torch.Tensor, last_index: torch.Tensor
+    ) -> torch.Tensor:
         pooled = torch.einsum("bs,bsd->bd", router_pool.to(hidden.dtype), hidden)  # [B, D]
-        features = torch.cat([pooled, hidden[:, -1]], dim=-1)  # [B, 2D]
-        return (hidden, *presents, self.router(features.to(_dtype_of(self.router))).to(hidden.dtype))
+        last = last_position(hidden, last_index)  # [B, D]
+        features = torch.cat([pooled, last], dim=-1)  # [B, 2D]
+        return self.router(features.to(_dtype_of(self.router))).to(hidden.dtype)
 
 
 class HeadPart(nn.Module):
-    """hidden [B, S, D] -> logits [B, vocab] of the last position (final norm + LM head)."""
+    """(hidden [B, S, D], last_index [B]) -> logits [B, vocab] at each sample's last position."""
 
     def __init__(self, adapter: FamilyAdapter) -> None:
         super().__init__()
         self.adapter = adapter
         self.model = adapter.model
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.adapter.head(hidden[:, -1:])[:, 0]
+    def forward(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        return self.adapter.head(last_position(hidden, last_index)[:, None])[:, 0]
+
+
+class ExitGatherPart(nn.Module):
+    """The exit switch on the backend: (hidden [B, S, D], keep_index [B, K]) -> hidden [B, K, D]."""
+
+    def forward(self, hidden: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+        index = keep_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [B, K, D]
+        return torch.gather(hidden, 1, index)
+
+
+def last_position(hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, D] at position last_index[b] of each sample -> [B, D] (a gather TensorRT takes)."""
+    index = last_index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # [B, 1, D]
+    return torch.gather(hidden, 1, index)[:, 0]
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

@@ -68,7 +68,7 @@ def prompt_factory(sample_image):
 
 @pytest.fixture(scope="session")
 def bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
-    """One exported bundle per tiny backbone (default exit layers, no routers)."""
+    """One exported bundle per tiny backbone (default exit layers, no routers, in-place KV)."""
     from export.build import BuildConfig, build_bundle
 
     root = tmp_path_factory.mktemp("bundles")
@@ -77,6 +77,23 @@ def bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
         build_bundle(BuildConfig(model=str(checkpoint), out=root / name, quiet=True))
         out[name] = root / name
     return out
+
+
+@pytest.fixture(scope="session")
+def concat_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """The same bundles in the concat KV flavour (standard ONNX, the form TensorRT takes)."""
+    from export.build import BuildConfig, build_bundle
+
+    root = tmp_path_factory.mktemp("concat-bundles")
+    for name, checkpoint in tiny_checkpoints.items():
+        build_bundle(BuildConfig(model=str(checkpoint), out=root / name, kv="concat", quiet=True))
+    return {name: root / name for name in tiny_checkpoints}
+
+
+@pytest.fixture(params=["inplace", "concat"])
+def flavour_bundles(request, bundles, concat_bundles) -> dict[str, Path]:
+    """Every tiny bundle, once per KV flavour."""
+    return bundles if request.param == "inplace" else concat_bundles
 
 
 @pytest.fixture(scope="session")

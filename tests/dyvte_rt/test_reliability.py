@@ -15,7 +15,7 @@ from PIL import Image
 
 from dyvte_rt.errors import InputError
 from dyvte_rt.images import MAX_PIXELS, load_image
-from dyvte_rt.manifest import MANIFEST_FILE, BundleError, Manifest
+from dyvte_rt.manifest import MANIFEST_FILE, SCHEMA_VERSION, BundleError, Manifest
 from dyvte_rt.model import DyvteModel
 
 
@@ -129,7 +129,9 @@ def _damaged(bundles, tmp_path, damage) -> str:
         (lambda b: (b / MANIFEST_FILE).write_text("{ not json"), "not valid JSON"),
         (
             lambda b: (b / MANIFEST_FILE).write_text(
-                (b / MANIFEST_FILE).read_text().replace('"schema_version": 1', '"schema_version": 7')
+                (b / MANIFEST_FILE)
+                .read_text()
+                .replace(f'"schema_version": {SCHEMA_VERSION}', f'"schema_version": {SCHEMA_VERSION + 5}')
             ),
             "upgrade",
         ),

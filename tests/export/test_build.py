@@ -15,26 +15,62 @@ from export.graph_plans import plan_segments
 from export.onnx_export import VerificationError
 
 
-def test_bundle_holds_every_graph_and_file_with_hashes(bundles):
+def test_bundle_holds_every_graph_and_file_with_hashes(bundles, concat_bundles):
     bundle = bundles["llama-gqa"]
     manifest = load_manifest(bundle)
     names = sorted(manifest.graphs)
-    assert names == ["embed", "head", "segment_00", "segment_01", "segment_02", "vision"]
-    assert [(s.first_layer, s.last_layer) for s in manifest.segments] == [(0, 1), (2, 2), (3, 3)]
+    assert names == ["embed", "exit_gather", "head", "segment_00", "segment_01", "segment_02", "vision"]
+    assert [(s.first_layer, s.last_layer, s.router) for s in manifest.segments] == [
+        (0, 1, None),
+        (2, 2, None),
+        (3, 3, None),
+    ]
     assert set(manifest.files) == {f"{n}.onnx" for n in names} | {"tokenizer.json"}
     assert sorted(p.name for p in bundle.iterdir()) == sorted([*manifest.files, MANIFEST_FILE])
+    assert manifest.kv_flavour == "inplace"
     seg = manifest.graphs["segment_00"]
     assert [t.name for t in seg.inputs] == [
         "hidden_states",
         "position_ids",
+        "total_lengths",
         "past.0.key",
         "past.0.value",
         "past.1.key",
         "past.1.value",
     ]
-    assert seg.inputs[2].shape == ("batch", 2, "past", 16)  # dynamic batch and past length
+    assert seg.inputs[3].shape == ("batch", 2, "capacity", 16)  # one preallocated buffer per layer
+    assert seg.outputs[1].shape == ("batch", 2, "capacity", 16)  # ... written in place
+    concat = load_manifest(concat_bundles["llama-gqa"])
+    assert concat.kv_flavour == "concat"
+    past = concat.graphs["segment_00"].inputs[2]
+    assert past.name == "past.0.key" and past.shape == ("batch", 2, "past", 16)  # dynamic past length
     assert manifest.vision.visual_tokens == 16 and manifest.tokens.image == 4
     assert "ASSISTANT:" in manifest.chat_template
+
+
+def test_inplace_segments_use_group_query_attention_and_concat_segments_standard_onnx(
+    bundles, concat_bundles
+):
+    import onnx
+
+    def domains(path):
+        model = onnx.load(str(path), load_external_data=False)
+        return {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
+
+    inplace = domains(bundles["qwen2"] / "segment_00.onnx")
+    assert ("com.microsoft", "GroupQueryAttention") in inplace
+    concat = domains(concat_bundles["qwen2"] / "segment_00.onnx")
+    assert {domain for domain, _ in concat} == {"ai.onnx"}
+
+
+def test_routers_are_graphs_of_their_own(router_bundle):
+    manifest = load_manifest(router_bundle[0])
+    assert [s.router for s in manifest.segments] == ["router_01", "router_02", None]
+    router = manifest.graphs["router_01"]
+    assert [t.name for t in router.inputs] == ["hidden_states_out", "router_pool", "last_index"]
+    assert [t.name for t in router.outputs] == ["router_logits"]
+    segment_outputs = [t.name for t in manifest.graphs["segment_00"].outputs]
+    assert "router_logits" not in segment_outputs  # decoding runs segments without any router work
 
 
 def test_each_segment_holds_only_its_own_layers_weights(bundles):
@@ -58,7 +94,7 @@ def test_manifest_round_trips_and_loading_is_strict(bundles):
         "manifest.dims.hidden": lambda d: d["dims"].update(hidden="64"),
         "manifest.exit.threshold": lambda d: d["exit"].pop("threshold"),
         "unknown keys ['surprise']": lambda d: d["tokens"].update(surprise=1),
-        "manifest.segments[0].has_router": lambda d: d["segments"][0].update(has_router=None),
+        "manifest.segments[0].router": lambda d: d["segments"][0].update(router=3),
     }
     for expected, mutate in cases.items():
         broken = json.loads(json.dumps(data))

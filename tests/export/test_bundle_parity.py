@@ -18,7 +18,7 @@ def _compare(pipeline: Pipeline, reference: DyVTEReference, prompt, policy) -> t
     expected = reference.prefill(prompt.input_ids, prompt.pixel_values, policy)
     got = pipeline.prefill(prompt.input_ids.numpy(), prompt.pixel_values.numpy(), policy)
     assert got.exit_layer == expected.exit_layer
-    assert got.cache.lengths() == expected.cache.lengths()
+    assert got.cache.layer_lengths() == expected.cache.lengths()
     worst = float(np.abs(got.logits - expected.logits[:, -1].numpy()).max())
     token = int(expected.logits[0, -1].argmax())
     for step in range(DECODE_STEPS):
@@ -30,11 +30,13 @@ def _compare(pipeline: Pipeline, reference: DyVTEReference, prompt, policy) -> t
     return worst, got
 
 
-def test_bundle_matches_reference_for_every_exit_layer(bundles, loaded_models, backbone, prompt_factory):
+def test_bundle_matches_reference_for_every_exit_layer(
+    flavour_bundles, loaded_models, backbone, prompt_factory
+):
     loaded = loaded_models[backbone]
     prompt = prompt_factory(loaded)
     reference = DyVTEReference(loaded.adapter)
-    with Bundle.open(bundles[backbone]) as bundle:
+    with Bundle.open(flavour_bundles[backbone]) as bundle:
         pipeline = Pipeline(bundle)
         candidates = bundle.manifest.exit.candidate_layers
         assert candidates == tuple(range(1, loaded.adapter.dims.num_layers - 1))  # default: 1..L-2
@@ -44,8 +46,9 @@ def test_bundle_matches_reference_for_every_exit_layer(bundles, loaded_models, b
             n, v = result.n_tokens, result.n_visual
             if result.exit_layer is not None:  # KV: N before the exit, N - V after it
                 k = result.exit_layer
-                assert result.cache.lengths() == [n + DECODE_STEPS] * (k + 1) + [n - v + DECODE_STEPS] * (
-                    len(result.cache.lengths()) - k - 1
+                lengths = result.cache.layer_lengths()
+                assert lengths == [n + DECODE_STEPS] * (k + 1) + [n - v + DECODE_STEPS] * (
+                    len(lengths) - k - 1
                 )
 
 

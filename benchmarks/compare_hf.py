@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dyvte_rt.evaluate import Example, read_jsonl
+from dyvte_rt.datasets import Example, read_jsonl
 from dyvte_rt.model import DyvteModel
 from export.loading import load_checkpoint
+from export.prompting import hf_inputs
 
 
 class _TokenClock:
@@ -46,14 +47,9 @@ class _TokenClock:
 def hf_request(loaded, example: Example, max_new_tokens: int) -> dict:
     """TTFT (preprocessing + vision + prefill + first token) and decode rate of one HF `generate`,
     both read off per-token timestamps."""
-    from PIL import Image
-
-    processor = loaded.processor
-    content = [{"type": "image"}, {"type": "text", "text": example.question}]
     clock = _TokenClock()
     started = time.perf_counter()
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(images=Image.open(example.image).convert("RGB"), text=text, return_tensors="pt")
+    inputs = hf_inputs(loaded.processor, example.image, example.question)
     with torch.inference_mode():
         loaded.model.generate(
             **inputs,
@@ -70,17 +66,11 @@ def hf_request(loaded, example: Example, max_new_tokens: int) -> dict:
 
 
 def dyvte_request(model: DyvteModel, example: Example, policy: str, max_new_tokens: int) -> dict:
-    started = time.perf_counter()
-    generation = model.generate(
+    answer = model.ask(
         example.image, example.question, exit=policy, max_new_tokens=max_new_tokens, stop_at_eos=False
     )
-    ttft = None
-    for _ in generation:
-        if ttft is None:
-            ttft = time.perf_counter() - started
-    answer = generation.answer
     return {
-        "ttft": 1e3 * ttft,
+        "ttft": answer.timings_ms["ttft"],
         "prefill": answer.timings_ms["prefill"],
         "vision": answer.timings_ms["vision"],
         "decode_tps": (len(answer.token_ids) - 1) / (answer.timings_ms["decode"] / 1e3),

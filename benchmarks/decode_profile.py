@@ -33,9 +33,9 @@ def main() -> int:
     for name, session in model.bundle.sessions.items():
         run = session.run
 
-        def timed(feeds, run=run, name=name):
+        def timed(feeds, into=None, run=run, name=name):
             started = time.perf_counter()
-            out = run(feeds)
+            out = run(feeds, into)
             calls[name].append(time.perf_counter() - started)
             return out
 
@@ -45,7 +45,7 @@ def main() -> int:
     policy = model.policy(args.exit)
     steps: list[float] = []
     for repeat in range(args.repeats):
-        prefill = model.pipeline.prefill(input_ids, pixels, policy)
+        prefill = model.pipeline.prefill(input_ids, pixels, policy, capacity=input_ids.shape[1] + args.steps)
         calls.clear()
         for index in range(args.steps):
             started = time.perf_counter()
@@ -55,7 +55,7 @@ def main() -> int:
     step_ms = 1e3 * float(np.median(steps))
     spinning = ", spinning" if args.spin else ""
     print(
-        f"{args.bundle}: policy {args.exit}, past length {prefill.cache.lengths()[0]}, "
+        f"{args.bundle}: policy {args.exit}, past length {prefill.cache.layer_lengths()[0]}, "
         f"{args.threads} threads{spinning}; median of {len(steps)} steps"
     )
     print(f"{'graph':12s} {'ms per step':>12s}")

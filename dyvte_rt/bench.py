@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,12 +26,13 @@ class PolicyStats:
     prefill_ms_median: float  # embed + decoder segments (with the exit) + head; vision excluded
     prefill_ms_p90: float
     switch_ms_median: float  # within prefill: reading router outputs, deciding, dropping visual tokens
-    ttft_ms_median: float  # vision + prefill + first token
+    ttft_ms_median: float  # image preprocessing + vision + prefill + first token
     ttft_ms_p90: float
     decode_tokens_per_s: float  # median over requests of (tokens after the first) / decode time
     exit_layers: dict[str, int]  # exit layer (or "none") -> requests
     macs_ratio: float  # Σ actual / Σ full prefill multiply-adds
     kv_cache_mib: float  # KV cache held at the end of a request (mean)
+    host_bytes_per_decode_token: float  # copied between host and backend per decode step (median)
     measured_speedup: float  # first policy's median prefill / this policy's
     theoretical_speedup: float  # this policy's multiply-adds relative to the first's, inverted
 
@@ -70,15 +70,9 @@ def bench(
             order = np.roll(np.arange(len(policies)), run + index)  # alternate who goes first
             for p in order:
                 policy = policies[p]
-                started = time.perf_counter()
-                generation = model.generate(
+                answer = model.ask(
                     example.image, example.question, exit=policy, max_new_tokens=max_new_tokens
                 )
-                first_piece_at = None
-                for _ in generation:
-                    if first_piece_at is None:
-                        first_piece_at = time.perf_counter()
-                answer = generation.answer
                 bar.update(1)
                 if run < warmup:
                     continue
@@ -89,7 +83,7 @@ def bench(
                         "vision": t["vision"],
                         "prefill": t["prefill"],
                         "switch": t["switch"],
-                        "ttft": 1e3 * (first_piece_at - started),
+                        "ttft": t["ttft"],
                         "decode_tps": n_decoded / (t["decode"] / 1e3)
                         if n_decoded and t["decode"] > 0
                         else float("nan"),
@@ -97,6 +91,7 @@ def bench(
                         "full": answer.prefill_macs["full"],
                         "actual": answer.prefill_macs["actual"],
                         "kv_bytes": answer.kv_cache_bytes,
+                        "host_bytes": answer.host_bytes["per_decode_token"] if n_decoded else float("nan"),
                     }
                 )
     bar.close()
@@ -131,6 +126,9 @@ def bench(
             exit_layers=exits,
             macs_ratio=ratio,
             kv_cache_mib=float(np.mean([r["kv_bytes"] for r in rows])) / 2**20,
+            host_bytes_per_decode_token=float(np.nanmedian([r["host_bytes"] for r in rows]))
+            if any(np.isfinite(r["host_bytes"]) for r in rows)
+            else float("nan"),
             measured_speedup=base_prefill / prefill,
             theoretical_speedup=base_ratio / ratio,
         )
@@ -141,7 +139,7 @@ def bench(
 def format_table(report: BenchReport) -> str:
     header = (
         f"{'policy':<10} {'vision ms':>10} {'prefill ms':>11} {'p90':>8} {'switch ms':>9} {'TTFT ms':>9} "
-        f"{'decode tok/s':>13} "
+        f"{'decode tok/s':>13} {'host B/tok':>10} "
         f"{'MACs':>6} {'speed-up':>9} {'theory':>7}  exits"
     )
     lines = [header, "-" * len(header)]
@@ -150,7 +148,7 @@ def format_table(report: BenchReport) -> str:
         lines.append(
             f"{s.policy:<10} {s.vision_ms_median:>10.2f} {s.prefill_ms_median:>11.2f} "
             f"{s.prefill_ms_p90:>8.2f} {s.switch_ms_median:>9.3f} {s.ttft_ms_median:>9.2f} "
-            f"{s.decode_tokens_per_s:>13.1f} "
+            f"{s.decode_tokens_per_s:>13.1f} {s.host_bytes_per_decode_token:>10.0f} "
             f"{s.macs_ratio:>6.2f} "
             f"{s.measured_speedup:>8.2f}x {s.theoretical_speedup:>6.2f}x  {exits}"
         )

@@ -42,7 +42,9 @@ class Answer:
     policy: str
     prompt_tokens: int
     visual_tokens: int
-    timings_ms: dict[str, float]  # vision, prefill, switch (part of prefill), decode
+    # preprocess (image loading, resizing), vision, prefill (embed + segments + head), switch (part of
+    # prefill), ttft (preprocess + vision + prefill + first token), decode (all later tokens)
+    timings_ms: dict[str, float]
     prefill_macs: dict[str, int]  # full, actual
     kv_cache_bytes: int  # KV cache held at the end of the request
     host_bytes: dict[str, float]  # copied between host and backend: prefill, decode, per_decode_token
@@ -186,11 +188,13 @@ class DyvteModel:
                 f"the model's context of {limit} positions",
                 hint="shorten the question or lower --max-new-tokens",
             )
+        started = time.perf_counter()
         pixels = None if image is None else preprocess(load_image(image), self.manifest.vision.preprocess)
+        preprocess_ms = 1e3 * (time.perf_counter() - started)
         sampler = Sampler(sampling or SamplingConfig())
         return Generation(
             lambda generation: self._run(
-                generation, input_ids, pixels, policy, max_new_tokens, sampler, stop_at_eos
+                generation, input_ids, pixels, policy, max_new_tokens, sampler, stop_at_eos, preprocess_ms
             )
         )
 
@@ -203,7 +207,9 @@ class DyvteModel:
         max_new_tokens: int,
         sampler: Sampler,
         stop_at_eos: bool,
+        preprocess_ms: float,
     ) -> Iterator[str]:
+        requested = time.perf_counter()
         transfers = self.bundle.backend.transfers
         before = transfers.snapshot()
         prefill = self.pipeline.prefill(
@@ -215,6 +221,7 @@ class DyvteModel:
         tokens = [sampler(prefill.logits)]
         pieces: list[str] = []
         started = time.perf_counter()
+        ttft_ms = preprocess_ms + 1e3 * (started - requested)
         while True:
             piece = detokenizer.step(self.prompts.tokenizer, tokens[-1])
             if piece:
@@ -240,7 +247,12 @@ class DyvteModel:
             policy=policy.spec(),
             prompt_tokens=prefill.n_tokens,
             visual_tokens=prefill.n_visual,
-            timings_ms={**prefill.timings_ms, "decode": decode_ms},
+            timings_ms={
+                "preprocess": preprocess_ms,
+                **prefill.timings_ms,
+                "ttft": ttft_ms,
+                "decode": decode_ms,
+            },
             prefill_macs={"full": prefill.macs.full, "actual": prefill.macs.actual},
             kv_cache_bytes=prefill.cache.nbytes(),
             host_bytes={
@@ -249,3 +261,4 @@ class DyvteModel:
                 "per_decode_token": decode_bytes / (len(tokens) - 1) if len(tokens) > 1 else 0.0,
             },
         )
+        self.pipeline.release(prefill.cache)  # its buffers serve the next request

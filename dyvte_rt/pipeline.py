@@ -68,6 +68,7 @@ class Pipeline:
         self._dtype = bundle.float_dtype
         self._inplace = manifest.kv_flavour == "inplace"
         self._no_image = self.backend.upload(np.zeros((1, 0, self.dims.hidden), dtype=self._dtype))
+        self._spare: InplaceKVCache | None = None  # buffers of a finished request, reused by the next
 
     def check_policy(self, policy: ExitPolicy) -> None:
         check_policy_fits(policy, self.dims.num_layers, self.candidates)
@@ -78,12 +79,24 @@ class Pipeline:
             )
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        """A KV cache for requests of up to `capacity` positions (prompt and generated tokens)."""
+        """A KV cache for requests of up to `capacity` positions (prompt and generated tokens);
+        in-place buffers released by an earlier request are reused when they are large enough."""
         if capacity > self.dims.max_positions:
             raise InputError(f"{capacity} positions exceed the model's context of {self.dims.max_positions}")
-        if self._inplace:
-            return InplaceKVCache(self.backend, self.dims, batch, self._dtype, capacity)
-        return ConcatKVCache(self.backend, self.dims, batch, self._dtype)
+        if not self._inplace:
+            return ConcatKVCache(self.backend, self.dims, batch, self._dtype)
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.capacity >= capacity and spare.batch == batch:
+            spare.lengths[:] = 0
+            return spare
+        return InplaceKVCache(self.backend, self.dims, batch, self._dtype, capacity)
+
+    def release(self, cache: KVCache) -> None:
+        """`cache` is no longer used: keep its buffers for the next request (the largest one seen)."""
+        if isinstance(cache, InplaceKVCache) and (
+            self._spare is None or cache.capacity > self._spare.capacity
+        ):
+            self._spare = cache
 
     def prefill(
         self,
@@ -215,17 +228,23 @@ class ExitSwitch:
         if self.exit_layer is not None or segment.last_layer not in self.pipeline.candidates:
             return hidden, positions
         started = time.perf_counter()
-        prob = None
+        prob, gathered = None, None
         if self.policy.needs_routers and segment.router is not None:
-            feeds = {names.HIDDEN_OUT: hidden, names.ROUTER_POOL: self._pool, names.LAST_INDEX: self._last}
-            logits = self.pipeline.sessions[segment.router].run(feeds)[names.ROUTER_LOGITS]
-            prob = exit_probability(self.pipeline.backend.download(logits))
+            feeds = {
+                names.HIDDEN_OUT: hidden,
+                names.ROUTER_POOL: self._pool,
+                names.LAST_INDEX: self._last,
+                names.KEEP_INDEX: self._keep,
+            }
+            out = self.pipeline.sessions[segment.router].run(feeds)
+            prob = exit_probability(self.pipeline.backend.download(out[names.ROUTER_LOGITS]))
             self.exit_probs[segment.last_layer] = prob
+            gathered = out[names.HIDDEN_IN]  # the router graph also gathers the text rows
         if self.policy.decide(segment.last_layer, prob):
             self.exit_layer = segment.last_layer
-            out = self.pipeline.sessions["exit_gather"].run(
-                {names.HIDDEN_OUT: hidden, names.KEEP_INDEX: self._keep}
-            )
-            hidden, positions = out[names.HIDDEN_IN], positions[:, self._keep[0]]
+            if gathered is None:
+                feeds = {names.HIDDEN_OUT: hidden, names.KEEP_INDEX: self._keep}
+                gathered = self.pipeline.sessions["exit_gather"].run(feeds)[names.HIDDEN_IN]
+            hidden, positions = gathered, positions[:, self._keep[0]]
         self.ms += 1e3 * (time.perf_counter() - started)
         return hidden, positions

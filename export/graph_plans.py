@@ -221,19 +221,20 @@ def _segment_plan(
 def _router_plan(name: str, router: RouterPart, n_prompt: int, rand: _Sampler, tolerance: float) -> GraphPlan:
     hidden = router.adapter.dims.hidden
 
-    def inputs(batch: int, seq: int) -> tuple:
+    def inputs(batch: int, seq: int, kept: int) -> tuple:
         pool = torch.zeros(batch, seq, dtype=rand.dtype)  # mean over all but the last position
         pool[:, : max(seq - 1, 1)] = 1.0 / max(seq - 1, 1)
-        return (rand.randn(batch, seq, hidden), pool, torch.full((batch,), seq - 1))
+        keep = torch.arange(seq - kept, seq).repeat(batch, 1)  # the text rows, after the image
+        return (rand.randn(batch, seq, hidden), pool, torch.full((batch,), seq - 1), keep)
 
     return GraphPlan(
         name,
         router,
-        [io_names.HIDDEN_OUT, io_names.ROUTER_POOL, io_names.LAST_INDEX],
-        [io_names.ROUTER_LOGITS],
-        sample=inputs(2, 5),
-        dynamic_shapes=({0: BATCH, 1: SEQ}, {0: BATCH, 1: SEQ}, {0: BATCH}),
+        [io_names.HIDDEN_OUT, io_names.ROUTER_POOL, io_names.LAST_INDEX, io_names.KEEP_INDEX],
+        [io_names.ROUTER_LOGITS, io_names.HIDDEN_IN],
+        sample=inputs(2, 5, 3),
+        dynamic_shapes=({0: BATCH, 1: SEQ}, {0: BATCH, 1: SEQ}, {0: BATCH}, {0: BATCH, 1: KEPT}),
         dtype=rand.dtype,
         tolerance=tolerance,
-        cases=[inputs(1, n_prompt), inputs(1, 1), inputs(2, 6)],
+        cases=[inputs(1, n_prompt, 9), inputs(1, 1, 1), inputs(2, 6, 2)],
     )

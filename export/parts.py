@@ -106,24 +106,35 @@ class SegmentPart(nn.Module):
 
 
 class RouterPart(nn.Module):
-    """The router of one candidate layer: (hidden [B,S,D], router_pool [B,S], last_index [B]) -> [B, 2].
+    """The router of one candidate layer, and the exit switch it may trigger, in one graph:
+
+    (hidden [B,S,D], router_pool [B,S], last_index [B], keep_index [B,K])
+      -> (router_logits [B, 2], hidden [B, K, D] at keep_index)
 
     Features as the exit semantics define them: concat(pool-weighted mean of the text tokens after
-    the image, the hidden state of the last prompt token).
+    the image, the hidden state of the last prompt token). The gathered hidden state is the input
+    of the next segment if the router says exit (a copy of the few text rows either way), which
+    saves the switch a second graph call.
     """
 
     def __init__(self, adapter: FamilyAdapter, router: Router) -> None:
         super().__init__()
         self.adapter = adapter
         self.router = router
+        self.gather = ExitGatherPart()
 
     def forward(
-        self, hidden: torch.Tensor, router_pool: torch.Tensor, last_index: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        hidden: torch.Tensor,
+        router_pool: torch.Tensor,
+        last_index: torch.Tensor,
+        keep_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = torch.einsum("bs,bsd->bd", router_pool.to(hidden.dtype), hidden)  # [B, D]
         last = last_position(hidden, last_index)  # [B, D]
         features = torch.cat([pooled, last], dim=-1)  # [B, 2D]
-        return self.router(features.to(_dtype_of(self.router))).to(hidden.dtype)
+        logits = self.router(features.to(_dtype_of(self.router))).to(hidden.dtype)
+        return logits, self.gather(hidden, keep_index)
 
 
 class HeadPart(nn.Module):

@@ -43,7 +43,7 @@ def device_options(threads: bool = True) -> argparse.ArgumentParser:
             "--threads",
             type=int,
             metavar="N",
-            help="intra-op threads; 0 leaves it to ONNX Runtime (one per core)",
+            help="intra-op threads; 0 chooses: one for models narrower than 1024, else one per core",
         )
         parser.add_argument(
             "--spin",

@@ -219,8 +219,10 @@ def test_cli_json_schema(bundles, sample_image):
         "prefill_macs",
     } <= set(data)
     assert data["exit_layer"] == 1 and data["visual_tokens"] == 16 and len(data["token_ids"]) <= 5
-    assert set(data["timings_ms"]) == {"vision", "prefill", "switch", "decode"}
-    assert 0 <= data["timings_ms"]["switch"] <= data["timings_ms"]["prefill"]
+    timings = data["timings_ms"]
+    assert set(timings) == {"preprocess", "vision", "prefill", "switch", "ttft", "decode"}
+    assert 0 <= timings["switch"] <= timings["prefill"]
+    assert timings["ttft"] >= timings["preprocess"] + timings["vision"] + timings["prefill"]
     assert data["prefill_macs"]["actual"] < data["prefill_macs"]["full"]
 
 
@@ -286,3 +288,11 @@ def test_worker_spinning_follows_the_option(bundles, spin):
         for session in model.bundle.sessions.values():
             options = session._session.get_session_options()
             assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spin))
+
+
+@pytest.mark.parametrize(("asked", "used"), [(0, 1), (2, 2)])
+def test_small_models_default_to_one_thread(bundles, asked, used):
+    # measured on the demo: for a 128-wide model a second thread slows every operator down
+    with DyvteModel.load(bundles["llama-gqa"], threads=asked, verify_hashes=False) as model:
+        for session in model.bundle.sessions.values():
+            assert session._session.get_session_options().intra_op_num_threads == used

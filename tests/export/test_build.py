@@ -67,8 +67,8 @@ def test_routers_are_graphs_of_their_own(router_bundle):
     manifest = load_manifest(router_bundle[0])
     assert [s.router for s in manifest.segments] == ["router_01", "router_02", None]
     router = manifest.graphs["router_01"]
-    assert [t.name for t in router.inputs] == ["hidden_states_out", "router_pool", "last_index"]
-    assert [t.name for t in router.outputs] == ["router_logits"]
+    assert [t.name for t in router.inputs] == ["hidden_states_out", "router_pool", "last_index", "keep_index"]
+    assert [t.name for t in router.outputs] == ["router_logits", "hidden_states"]  # + the exit gather
     segment_outputs = [t.name for t in manifest.graphs["segment_00"].outputs]
     assert "router_logits" not in segment_outputs  # decoding runs segments without any router work
 

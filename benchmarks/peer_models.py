@@ -1,0 +1,198 @@
+"""Build each peer's model from one llava-hf checkpoint's language model, cached by checkpoint.
+
+- `language_model_dir`: the decoder as a standalone Hugging Face causal LM (config + safetensors +
+  tokenizer), the input ONNX Runtime GenAI's model builder takes;
+- `ort_genai_model`: ONNX Runtime GenAI's own model builder on it (fp32, int8 or int4);
+- `gguf_model`: the same weights written as GGUF with the `gguf` package (F32/F16) and quantised by
+  llama.cpp itself (Q8_0, Q4_0) through llama-cpp-python.
+
+Nothing here is hand-tuned per peer: each gets its own tool's defaults except where equal conditions
+require a setting (thread count, block size), and every choice is recorded in the harness output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def checkpoint_key(checkpoint: Path) -> str:
+    """A short key that changes when the checkpoint's weights or config change."""
+    digest = hashlib.sha256()
+    for path in [*sorted(checkpoint.glob("*.safetensors")), checkpoint / "config.json"]:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
+
+
+def language_model_dir(checkpoint: Path, cache: Path) -> Path:
+    """The llava-hf checkpoint's decoder and LM head as a plain causal LM directory."""
+    out = cache / f"lm-{checkpoint_key(checkpoint)}"
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    text = dict(config["text_config"])
+    text["architectures"] = [CAUSAL_LM[text["model_type"]]]
+    text.setdefault("torch_dtype", config.get("torch_dtype") or config.get("dtype") or "float32")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if name.startswith("model.language_model."):
+                    tensors["model." + name.removeprefix("model.language_model.")] = handle.get_tensor(name)
+                elif name == "lm_head.weight":
+                    tensors[name] = handle.get_tensor(name)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    (staging / "config.json").write_text(json.dumps(text, indent=2))
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (checkpoint / name).is_file():
+            shutil.copy(checkpoint / name, staging / name)
+    staging.rename(out)
+    return out
+
+
+def ort_genai_model(lm_dir: Path, precision: str, cache: Path, block_size: int = 32) -> Path:
+    """ONNX Runtime GenAI's model builder on the language model (CPU execution provider)."""
+    out = cache / f"ort-genai-{precision}-b{block_size}-{lm_dir.name}"
+    if (out / "genai_config.json").is_file():
+        return out
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(lm_dir), "-o", str(staging), "-p", precision, "-e", "cpu",
+        "-c", str(cache / "ort-genai-cache"),
+    ]  # fmt: skip
+    if precision in ("int4", "int8"):
+        command += ["--extra_options", f"block_size={block_size}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ONNX Runtime GenAI's builder failed: {done.stderr.strip().splitlines()[-1:]}")
+    staging.rename(out)
+    return out
+
+
+GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
+
+
+def gguf_model(lm_dir: Path, kind: str, cache: Path) -> Path:
+    """The language model as GGUF: F32/F16 written with `gguf`, Q8_0/Q4_0 by llama.cpp's quantiser."""
+    if kind not in GGUF_TYPES:
+        raise ValueError(f"GGUF type must be one of {GGUF_TYPES}")
+    out = cache / f"{lm_dir.name}-{kind}.gguf"
+    if out.is_file():
+        return out
+    if kind in ("F32", "F16"):
+        _write_gguf(lm_dir, out, kind)
+    else:
+        source = gguf_model(lm_dir, "F32", cache)
+        _quantize_gguf(source, out, kind)
+    return out
+
+
+def _write_gguf(lm_dir: Path, out: Path, kind: str) -> None:
+    """A llama-architecture GGUF of the decoder (Llama/Qwen2-style layouts, no attention biases)."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    config = json.loads((lm_dir / "config.json").read_text())
+    if config.get("attention_bias") or config["model_type"] == "qwen2":
+        raise ValueError("the GGUF writer here covers Llama-layout decoders without attention biases")
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    dtype = np.float32 if kind == "F32" else np.float16
+    writer = gguf.GGUFWriter(str(out) + ".partial", "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if kind == "F32" else gguf.LlamaFileType.MOSTLY_F16)
+    vocab = config["vocab_size"]
+    # The harness feeds token ids; llama.cpp still wants a vocabulary, so each id gets a placeholder.
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"<t{i}>".encode() for i in range(vocab)])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([gguf.TokenType.NORMAL] * vocab)
+    writer.add_bos_token_id(config.get("bos_token_id") or 1)
+    writer.add_eos_token_id(config.get("eos_token_id") or 2)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    with safe_open(str(lm_dir / "model.safetensors"), framework="numpy") as handle:
+        for name in handle.keys():  # noqa: SIM118
+            tensor = handle.get_tensor(name)
+            if name.startswith("model.layers."):
+                index, rest = name.removeprefix("model.layers.").split(".", 1)
+                target = f"blk.{index}.{per_layer[rest]}"
+                if rest == "self_attn.q_proj.weight":
+                    tensor = _permute_rope(tensor, heads)
+                elif rest == "self_attn.k_proj.weight":
+                    tensor = _permute_rope(tensor, kv_heads)
+            else:
+                target = names[name]
+            # norms stay F32, as llama.cpp's own converter keeps 1-D tensors
+            writer.add_tensor(target, tensor.astype(np.float32 if tensor.ndim == 1 else dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    Path(str(out) + ".partial").rename(out)
+
+
+def _permute_rope(weight, heads: int):
+    """HF stores q/k rotary halves split; llama.cpp expects them interleaved (as its converter does)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def _quantize_gguf(source: Path, out: Path, kind: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[
+        kind
+    ]
+    params.nthread = 2
+    partial = Path(str(out) + ".partial")
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+    if status != 0:
+        raise RuntimeError(f"llama.cpp could not quantise {source.name} to {kind} (status {status})")
+    partial.rename(out)

@@ -28,6 +28,23 @@ TOKENIZER_FILES = (
 )
 
 
+# llava-hf checkpoints name the decoder's tensors one of two ways (saved by transformers 4 or 5)
+_LANGUAGE_PREFIXES = {
+    "language_model.model.": "model.",
+    "model.language_model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+    "lm_head.": "lm_head.",
+}
+
+
+def language_model_name(name: str) -> str | None:
+    """A llava-hf tensor name as the standalone causal LM names it; None for vision/projector tensors."""
+    for prefix, replacement in _LANGUAGE_PREFIXES.items():
+        if name.startswith(prefix):
+            return replacement + name.removeprefix(prefix)
+    return None
+
+
 def checkpoint_key(checkpoint: Path) -> str:
     """A short key that changes when the checkpoint's weights or config change."""
     digest = hashlib.sha256()
@@ -54,10 +71,9 @@ def language_model_dir(checkpoint: Path, cache: Path) -> Path:
     for shard in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if name.startswith("model.language_model."):
-                    tensors["model." + name.removeprefix("model.language_model.")] = handle.get_tensor(name)
-                elif name == "lm_head.weight":
-                    tensors[name] = handle.get_tensor(name)
+                target = language_model_name(name)
+                if target is not None:
+                    tensors[target] = handle.get_tensor(name)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -1,0 +1,212 @@
+"""One system of the peers harness, measured in a process of its own.
+
+    python benchmarks/peer_systems.py '{"kind": "ort-genai", "path": "...", ...}'
+
+prints one JSON object: per request, the language-model prefill time, the time to the first token,
+the decode rate; and the process's peak resident memory. The first request warms up and is not
+reported. Every system decodes exactly `max_new_tokens` tokens greedily (end-of-sequence ignored)
+from a prompt of the same token count; peers without an image path get random token ids of that
+count. Systems are measured one process at a time so that their memory does not mix.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _clock() -> float:
+    return time.perf_counter()
+
+
+def measure_dyvte(spec: dict) -> list[dict]:
+    from dyvte_rt.model import DyvteModel
+
+    rows = []
+    with DyvteModel.load(
+        spec["path"], threads=spec["threads"], spin=spec["spin"], verify_hashes=False
+    ) as model:
+        for _ in range(spec["requests"]):
+            answer = model.ask(
+                spec["image"],
+                spec["question"],
+                exit=spec["policy"],
+                max_new_tokens=spec["max_new_tokens"],
+                stop_at_eos=False,
+            )
+            t = answer.timings_ms
+            rows.append(
+                {
+                    "prefill_ms": t["prefill"],
+                    "vision_ms": t["vision"],
+                    "ttft_ms": t["ttft"],
+                    "decode_tokens_per_s": (len(answer.token_ids) - 1) / (t["decode"] / 1e3),
+                    "prompt_tokens": answer.prompt_tokens,
+                    "exit_layer": answer.exit_layer,
+                }
+            )
+    return rows
+
+
+def measure_hf(spec: dict) -> list[dict]:
+    """The llava-hf model in transformers: vision, then the language model's own prefill and a
+    greedy decode loop over its KV cache (what `generate` does, with each phase timed)."""
+    import torch
+    from transformers import DynamicCache
+
+    from export.loading import load_checkpoint
+    from export.prompting import hf_inputs
+    from export.reference.model import merge_image_features
+
+    torch.set_num_threads(spec["threads"])
+    loaded = load_checkpoint(spec["path"])
+    model = loaded.model
+    model.set_attn_implementation({"text_config": spec["attention"], "vision_config": spec["attention"]})
+    language = model.model.language_model
+    rows = []
+    for _ in range(spec["requests"]):
+        with torch.inference_mode():
+            started = _clock()
+            inputs = hf_inputs(loaded.processor, spec["image"], spec["question"])
+            ids = inputs["input_ids"]
+            features = loaded.adapter.image_features(inputs["pixel_values"])  # vision tower + projector
+            vision_done = _clock()
+            image_id = loaded.adapter.image_token_id
+            embeds = merge_image_features(
+                language.embed_tokens(ids.masked_fill(ids == image_id, 0)), ids, features, image_id
+            )
+            prefill_started = _clock()
+            cache = DynamicCache(config=model.config.text_config)
+            out = language(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+            logits = model.lm_head(out.last_hidden_state[:, -1:])
+            token = logits.argmax(-1)
+            first = _clock()
+            for _ in range(spec["max_new_tokens"] - 1):
+                out = language(input_ids=token, past_key_values=cache, use_cache=True)
+                token = model.lm_head(out.last_hidden_state).argmax(-1)
+            done = _clock()
+        rows.append(
+            {
+                "prefill_ms": 1e3 * (first - prefill_started),
+                "vision_ms": 1e3 * (vision_done - started),
+                "ttft_ms": 1e3 * (first - started),
+                "decode_tokens_per_s": (spec["max_new_tokens"] - 1) / (done - first),
+                "prompt_tokens": int(ids.shape[1]),
+            }
+        )
+    return rows
+
+
+def measure_ort_genai(spec: dict) -> list[dict]:
+    import onnxruntime_genai as og
+
+    config = og.Config(spec["path"])
+    session = {
+        "intra_op_num_threads": spec["threads"],
+        "session.intra_op.allow_spinning": "1" if spec["spin"] else "0",
+    }
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+    model = og.Model(config)
+    n, new = spec["prompt_tokens"], spec["max_new_tokens"]
+    ids = np.random.default_rng(0).integers(5, spec["vocab_size"], n, dtype=np.int32)
+    rows = []
+    for _ in range(spec["requests"]):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=n + new, min_length=n + new, do_sample=False)
+        generator = og.Generator(model, params)
+        started = _clock()
+        generator.append_tokens(ids)  # the prompt's forward pass
+        prefill_done = _clock()
+        generator.generate_next_token()  # picks the first token from the prompt's logits
+        first = _clock()
+        for _ in range(new - 1):
+            generator.generate_next_token()  # one forward pass, then the next token
+        done = _clock()
+        rows.append(
+            {
+                "prefill_ms": 1e3 * (prefill_done - started),
+                "vision_ms": None,
+                "ttft_ms": 1e3 * (first - started),
+                "decode_tokens_per_s": (new - 1) / (done - first),
+                "prompt_tokens": n,
+            }
+        )
+        del generator
+    return rows
+
+
+def measure_llama_cpp(spec: dict) -> list[dict]:
+    import llama_cpp
+
+    n, new = spec["prompt_tokens"], spec["max_new_tokens"]
+    llm = llama_cpp.Llama(
+        model_path=spec["path"],
+        n_ctx=n + new + 8,
+        n_batch=n,  # the whole prompt in one batch, as the other systems prefill it
+        n_ubatch=n,
+        n_threads=spec["threads"],
+        n_threads_batch=spec["threads"],
+        logits_all=False,
+        verbose=False,
+    )
+    ids = np.random.default_rng(0).integers(5, spec["vocab_size"], n).tolist()
+    rows = []
+    for _ in range(spec["requests"]):
+        llm.reset()
+        started = _clock()
+        llm.eval(ids)
+        token = int(np.argmax(last_logits(llm)))
+        first = _clock()
+        for _ in range(new - 1):
+            llm.eval([token])
+            token = int(np.argmax(last_logits(llm)))
+        done = _clock()
+        rows.append(
+            {
+                "prefill_ms": 1e3 * (first - started),
+                "vision_ms": None,
+                "ttft_ms": 1e3 * (first - started),
+                "decode_tokens_per_s": (new - 1) / (done - first),
+                "prompt_tokens": n,
+            }
+        )
+    return rows
+
+
+def last_logits(llm) -> np.ndarray:
+    """The last evaluated token's logits (llama-cpp-python keeps none itself without logits_all)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark (VmHWM: unlike ru_maxrss it does not carry the
+    parent's peak over a fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+MEASURE = {
+    "dyvte-rt": measure_dyvte,
+    "hf": measure_hf,
+    "ort-genai": measure_ort_genai,
+    "llama.cpp": measure_llama_cpp,
+}
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: export/, dyvte_rt/
+    rows = MEASURE[spec["kind"]](spec)
+    print(json.dumps({"requests": rows[1:] if len(rows) > 1 else rows, "peak_rss_mb": peak_rss_mb()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

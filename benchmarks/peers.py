@@ -1,0 +1,336 @@
+"""dyvte-rt side by side with the runtimes people choose between, on the same weights.
+
+    python benchmarks/peers.py --model runs/llava-7b-slice-4 --bundle runs/slice4-bundle \\
+        --peers hf,hf-eager,ort-genai,llama.cpp --precision fp32,int4 --exit never,layer:1 --runs 3
+
+Every peer is built from the one llava-hf checkpoint's language model (`peer_models.py`):
+Hugging Face transformers (default attention and eager), ONNX Runtime GenAI with its own model
+builder, llama.cpp (llama-cpp-python) from GGUF; dyvte-rt runs the bundles given with --bundle
+(one per precision). All decode exactly --max-new-tokens tokens greedily from a prompt of the same
+token count, with the same thread count; each system runs in a process of its own, and systems
+alternate round by round so that machine drift hits all. The machine's read bandwidth and matmul
+throughput are measured in the same run and turned into bounds: a decode step cannot be faster than
+reading its weights and KV cache once, a prefill no faster than its multiply-adds at peak
+throughput. ONNX Runtime-based systems run with idle-thread spinning off and on (`--spinning`).
+
+Prints a Markdown table; --json prints {"systems", "limits", "settings"} instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from limits import matmul_gflop_per_s, memory_bandwidth_gb_per_s
+from peer_models import gguf_model, language_model_dir, language_model_name, ort_genai_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ("hf", "hf-eager", "ort-genai", "llama.cpp")
+PRECISIONS = ("fp32", "int8", "int4")
+GGUF_FOR = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
+
+
+@dataclass
+class System:
+    name: str
+    spec: dict  # what peer_systems.py measures
+    model_bytes: int  # on disk
+    bytes_per_token: int  # weights a decode step reads (embedding tables excluded: one row is read)
+    kv_bytes_per_position: int  # all layers, keys and values, at the system's KV precision
+    precision: str
+    notes: str = ""
+    rounds: list[dict] = field(default_factory=list)
+
+
+def main() -> int:
+    args = parse_args()
+    sys.path.insert(0, str(ROOT))
+    from dyvte_rt.manifest import load_manifest
+    from dyvte_rt.model import DyvteModel
+
+    bundles = {load_manifest(b, verify_hashes=False).dtype: b for b in args.bundle}
+    reference_bundle = next(iter(bundles.values()))
+    with DyvteModel.load(reference_bundle, verify_hashes=False) as model:
+        prompt_tokens = int(model.prompts.encode(args.question).shape[1])
+        dims = model.manifest.dims
+        visual_tokens = model.manifest.vision.visual_tokens
+    common = {
+        "threads": args.threads,
+        "max_new_tokens": args.max_new_tokens,
+        "requests": 2,  # one warm-up, one measured, per round
+        "image": str(args.image),
+        "question": args.question,
+        "prompt_tokens": prompt_tokens,
+        "vocab_size": dims.vocab_size,
+    }
+    systems = build_systems(args, bundles, common, dims)
+    progress(f"{len(systems)} systems, prompt of {prompt_tokens} tokens; measuring the machine")
+    limits = {**memory_bandwidth_gb_per_s(), "matmul_gflop_per_s": matmul_gflop_per_s(threads=args.threads)}
+    for round_index in range(args.runs):
+        order = systems[round_index % len(systems) :] + systems[: round_index % len(systems)]
+        for system in order if round_index % 2 == 0 else order[::-1]:
+            system.rounds.append(run_worker(system.spec))
+            progress(f"round {round_index + 1}/{args.runs}: {system.name}")
+    report = summarise(systems, limits, args, prompt_tokens, visual_tokens, dims)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", type=Path, required=True, help="the llava-hf checkpoint every peer is built from"
+    )
+    parser.add_argument(
+        "--bundle", type=Path, action="append", required=True, help="a dyvte-rt bundle (repeat per precision)"
+    )
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated: {', '.join(PEERS)}")
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, int8, int4")
+    parser.add_argument("--exit", default="never", help="dyvte-rt policies, comma-separated")
+    parser.add_argument("--runs", type=int, default=3, help="rounds; each system is measured once a round")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every system")
+    parser.add_argument(
+        "--spinning",
+        choices=("both", "off"),
+        default="both",
+        help="ONNX Runtime systems: both settings, or off only",
+    )
+    parser.add_argument(
+        "--gguf-fp", choices=("F32", "F16"), default="F32", help="llama.cpp's unquantised type"
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=32, help="int4/int8 block size of ONNX Runtime GenAI"
+    )
+    parser.add_argument("--image", type=Path, default=ROOT / "examples/three_shapes.png")
+    parser.add_argument("--question", default="what shape is in the top left?")
+    parser.add_argument(
+        "--cache", type=Path, default=ROOT / "runs/peers-cache", help="where peer models are built"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
+    unknown = sorted(set(args.peers) - set(PEERS)) + sorted(set(args.precision) - set(PRECISIONS))
+    if unknown:
+        parser.error(f"unknown peers or precisions: {unknown}")
+    return args
+
+
+def build_systems(args, bundles: dict[str, Path], common: dict, dims) -> list[System]:
+    systems: list[System] = []
+    kv_row = 2 * dims.num_kv_heads * dims.head_dim * dims.num_layers  # elements per position
+    spins = (False, True) if args.spinning == "both" else (False,)
+    lm_dir = None
+    if {"ort-genai", "llama.cpp"} & set(args.peers):
+        progress("extracting the language model")
+        lm_dir = language_model_dir(args.model, args.cache)
+    for precision in args.precision:
+        bundle = bundles.get({"fp32": "fp32", "int8": "int8", "int4": "int4"}[precision])
+        if bundle is not None:
+            read = onnx_weight_bytes([*sorted(bundle.glob("segment_*.onnx")), bundle / "head.onnx"])
+            for policy in args.exit.split(","):
+                for spin in spins:
+                    name = f"dyvte-rt {precision} {policy}" + (" spin" if spin else "")
+                    spec = {
+                        **common,
+                        "kind": "dyvte-rt",
+                        "path": str(bundle),
+                        "policy": policy.strip(),
+                        "spin": spin,
+                    }
+                    systems.append(System(name, spec, dir_bytes(bundle), read, 4 * kv_row, precision))
+        if precision == "fp32":
+            for peer, attention in (("hf", "sdpa"), ("hf-eager", "eager")):
+                if peer in args.peers:
+                    spec = {**common, "kind": "hf", "path": str(args.model), "attention": attention}
+                    read = hf_language_weight_bytes(args.model)
+                    systems.append(System(peer, spec, dir_bytes(args.model), read, 4 * kv_row, precision))
+        if "ort-genai" in args.peers:
+            progress(f"ONNX Runtime GenAI's builder, {precision}")
+            path = ort_genai_model(lm_dir, precision, args.cache, args.block_size)
+            read = onnx_weight_bytes([path / "model.onnx"])
+            for spin in spins:
+                name = f"ort-genai {precision}" + (" spin" if spin else "")
+                spec = {**common, "kind": "ort-genai", "path": str(path), "spin": spin}
+                systems.append(
+                    System(
+                        name,
+                        spec,
+                        dir_bytes(path),
+                        read,
+                        4 * kv_row,
+                        precision,
+                        "language model only, no image path",
+                    )
+                )
+        if "llama.cpp" in args.peers:
+            kind = args.gguf_fp if precision == "fp32" else GGUF_FOR[precision]
+            progress(f"GGUF {kind}")
+            path = gguf_model(lm_dir, kind, args.cache)
+            spec = {**common, "kind": "llama.cpp", "path": str(path)}
+            systems.append(
+                System(
+                    f"llama.cpp {kind}",
+                    spec,
+                    path.stat().st_size,
+                    gguf_weight_bytes(path),
+                    2 * kv_row,  # llama.cpp keeps its KV cache in f16
+                    precision,
+                    "language model only, no image path",
+                )
+            )
+    return systems
+
+
+def run_worker(spec: dict) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("peer_systems.py")), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec['kind']} failed: {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    time.sleep(0.5)  # let the machine settle between processes
+    return result
+
+
+def summarise(
+    systems: list[System], limits: dict, args, prompt_tokens: int, visual_tokens: int, dims
+) -> dict:
+    from dyvte_rt.compute import DecoderDims, prefill_macs
+
+    decoder = DecoderDims(dims.hidden, dims.num_kv_heads * dims.head_dim, dims.mlp, dims.num_layers)
+    out = {}
+    for system in systems:
+        rows = [row for result in system.rounds for row in result["requests"]]
+        median = {
+            key: float(np.median([r[key] for r in rows]))
+            for key in ("prefill_ms", "ttft_ms", "decode_tokens_per_s")
+        }
+        vision = [r["vision_ms"] for r in rows if r.get("vision_ms") is not None]
+        exit_layer = rows[0].get("exit_layer")  # only dyvte-rt exits
+        context = prompt_tokens + args.max_new_tokens // 2  # the mean context of a decode step
+        layers_without_image = 0 if exit_layer is None else dims.num_layers - 1 - exit_layer
+        kv_positions = context - visual_tokens * layers_without_image / dims.num_layers
+        read = system.bytes_per_token + system.kv_bytes_per_position * kv_positions
+        macs = prefill_macs(decoder, prompt_tokens, visual_tokens, exit_layer)
+        out[system.name] = {
+            **median,
+            "vision_ms": float(np.median(vision)) if vision else None,
+            "peak_rss_mb": max(result["peak_rss_mb"] for result in system.rounds),
+            "model_bytes": system.model_bytes,
+            "precision": system.precision,
+            "bytes_read_per_token": read,
+            "decode_bound_tokens_per_s": limits["read"] * 1e9 / read,
+            "prefill_bound_ms": 1e3 * 2 * macs.actual / (limits["matmul_gflop_per_s"] * 1e9),
+            "spinning": system.spec.get("spin"),
+            "notes": system.notes,
+            "measured_requests": len(rows),
+        }
+        out[system.name]["decode_fraction_of_bound"] = (
+            out[system.name]["decode_tokens_per_s"] / out[system.name]["decode_bound_tokens_per_s"]
+        )
+    return {
+        "systems": out,
+        "limits": {
+            "memory_gb_per_s": limits["read"],
+            "copy_gb_per_s": limits["copy"],
+            "matmul_gflop_per_s": limits["matmul_gflop_per_s"],
+        },
+        "settings": {
+            "threads": args.threads,
+            "prompt_tokens": prompt_tokens,
+            "max_new_tokens": args.max_new_tokens,
+            "greedy": True,
+            "eos_ignored": True,
+            "runs": args.runs,
+            "spinning": "ONNX Runtime systems with idle-thread spinning off and on"
+            if args.spinning == "both"
+            else "off",
+            "block_size": args.block_size,
+            "model": str(args.model),
+        },
+    }
+
+
+def table(report: dict) -> str:
+    s, limits = report["settings"], report["limits"]
+    header = "| system | LM prefill ms | vision ms | TTFT ms | decode tok/s | bound tok/s | of bound "
+    lines = [
+        f"prompt {s['prompt_tokens']} tokens, {s['max_new_tokens']} new tokens (greedy, EOS ignored), "
+        f"{s['threads']} threads, {s['runs']} rounds; read bandwidth {limits['memory_gb_per_s']:.1f} GB/s, "
+        f"matmul {limits['matmul_gflop_per_s']:.0f} GFLOP/s",
+        "",
+        header + "| peak RSS MB | model MB | notes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in report["systems"].items():
+        vision = f"{r['vision_ms']:.0f}" if r["vision_ms"] is not None else "–"
+        decode = f"{r['decode_tokens_per_s']:.1f} | {r['decode_bound_tokens_per_s']:.1f}"
+        memory = f"{r['peak_rss_mb']:.0f} | {r['model_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"| {name} | {r['prefill_ms']:.0f} | {vision} | {r['ttft_ms']:.0f} | {decode} | "
+            f"{r['decode_fraction_of_bound']:.2f} | {memory} | {r['notes']} |"
+        )
+    return "\n".join(lines)
+
+
+def onnx_weight_bytes(paths: list[Path]) -> int:
+    """Initializer bytes of ONNX graphs, leaving out tables only indexed by Gather (embeddings)."""
+    import onnx
+
+    total = 0
+    for path in paths:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        gathered = {node.input[0] for node in graph.node if node.op_type == "Gather"}
+        for tensor in graph.initializer:
+            if tensor.name in gathered:
+                continue
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            total += int(info["length"]) if "length" in info else len(tensor.raw_data) or tensor.ByteSize()
+    return total
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+
+
+def hf_language_weight_bytes(checkpoint: Path) -> int:
+    from safetensors import safe_open
+
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2}
+    total = 0
+    for shard in checkpoint.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118
+                target = language_model_name(name)
+                if target is not None and "embed_tokens" not in target:
+                    tensor = handle.get_slice(name)
+                    total += int(np.prod(tensor.get_shape())) * itemsize[tensor.get_dtype()]
+    return total
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

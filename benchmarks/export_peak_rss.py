@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from export.build import BuildConfig, build_bundle, format_summary
+from export.build import BuildConfig, build_bundle
+from export.summary import format_summary
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ def pick_layer(mean_kl: dict[int, float], max_kl: float) -> int | None:
 
 def record_default_policy(bundle: Path, layer: int) -> None:
     """Rewrite the bundle's manifest atomically with `layer:K` as its default policy."""
-    from dyvte_rt.manifest import MANIFEST_FILE, load_manifest
+    from dyvte_rt.manifest import load_manifest, write_manifest
 
     manifest = load_manifest(bundle, verify_hashes=False)
     if layer not in manifest.exit.candidate_layers:
@@ -37,10 +37,7 @@ def record_default_policy(bundle: Path, layer: int) -> None:
             f"layer {layer} is not an exit layer of {bundle} ({list(manifest.exit.candidate_layers)})",
             hint="re-export the bundle with --exit-layers including it",
         )
-    updated = replace(manifest, exit=replace(manifest.exit, default_policy=f"layer:{layer}"))
-    staging = bundle / (MANIFEST_FILE + ".tmp")
-    staging.write_text(updated.to_json(), encoding="utf-8")
-    staging.replace(bundle / MANIFEST_FILE)
+    write_manifest(bundle, replace(manifest, exit=replace(manifest.exit, default_policy=f"layer:{layer}")))
 
 
 @dataclass(frozen=True)

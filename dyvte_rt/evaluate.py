@@ -23,6 +23,8 @@ class EvalReport:
     exit_histogram: dict[str, int]  # exit layer (or "none") -> requests
     prefill_macs_saved: float  # 1 - Σ actual / Σ full prefill multiply-adds, 0-1
     policy: str
+    exit_agreement: float | None = None  # with --compare-bundle: same exit layer as the other bundle
+    answer_agreement: float | None = None  # ... and the same (normalised) answer
 
 
 def normalize_answer(text: str) -> str:
@@ -35,25 +37,38 @@ def evaluate(
     policy: ExitPolicy,
     max_new_tokens: int = 8,
     progress: bool = True,
+    compare_with: DyvteModel | None = None,
 ) -> EvalReport:
+    """Accuracy, exits and compute of `model` under `policy`; with `compare_with`, also how often
+    another bundle (the float bundle a quantised one came from, say) exits at the same layer and
+    gives the same answer under the same policy (each bundle with its own router threshold)."""
     from tqdm import tqdm
 
     last_layer = model.manifest.dims.num_layers - 1
-    correct, exits, full, actual = 0, [], 0, 0
+    correct, exits, full, actual, same_exit, same_answer = 0, [], 0, 0, 0, 0
     for example in tqdm(examples, desc="eval", unit="q", disable=not progress, file=sys.stderr):
         answer = model.ask(example.image, example.question, exit=policy, max_new_tokens=max_new_tokens)
         correct += normalize_answer(answer.answer) == normalize_answer(example.answer)
         exits.append(answer.exit_layer)
         full += answer.prefill_macs["full"]
         actual += answer.prefill_macs["actual"]
+        if compare_with is not None:
+            other = compare_with.ask(
+                example.image, example.question, exit=policy.spec(), max_new_tokens=max_new_tokens
+            )
+            same_exit += other.exit_layer == answer.exit_layer
+            same_answer += normalize_answer(other.answer) == normalize_answer(answer.answer)
     histogram = Counter("none" if k is None else str(k) for k in exits)
+    n = len(examples)
     return EvalReport(
-        accuracy=correct / len(examples),
-        n=len(examples),
-        mean_exit_layer=sum(last_layer if k is None else k for k in exits) / len(exits),
+        accuracy=correct / n,
+        n=n,
+        mean_exit_layer=sum(last_layer if k is None else k for k in exits) / n,
         exit_histogram=dict(
             sorted(histogram.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0] != "none" else 0))
         ),
         prefill_macs_saved=1.0 - actual / full if full else 0.0,
         policy=policy.spec(),
+        exit_agreement=same_exit / n if compare_with is not None else None,
+        answer_agreement=same_answer / n if compare_with is not None else None,
     )

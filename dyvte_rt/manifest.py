@@ -17,7 +17,7 @@ from typing import Any
 
 from dyvte_rt.errors import DyvteError
 
-SCHEMA_VERSION = 2  # 2: routers and the exit gather are graphs of their own; KV flavours
+SCHEMA_VERSION = 3  # 2: routers and the exit gather are graphs; KV flavours. 3: quantisation
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 KV_FLAVOURS = ("inplace", "concat")  # docs/bundle-format.md
@@ -114,6 +114,24 @@ class ExitInfo:
 
 
 @dataclass(frozen=True)
+class GraphQualityInfo:
+    min_cosine: float  # of a quantised graph's outputs against its float graph, verification inputs
+    max_abs_error: float
+
+
+@dataclass(frozen=True)
+class QuantizationInfo:
+    """Weight-only, block-wise quantisation of some graphs' MatMul weights (docs/quantization.md)."""
+
+    bits: int  # 4 | 8
+    block_size: int
+    format: str  # "matmulnbits" (ONNX Runtime) | "qdq" (DequantizeLinear + MatMul)
+    symmetric: bool
+    accuracy_level: int  # MatMulNBits: 4 = int8 activations inside the kernel; 0 = the weights' type
+    graphs: dict[str, GraphQualityInfo]  # quantised graph -> its quality against the float graph
+
+
+@dataclass(frozen=True)
 class FileInfo:
     sha256: str
     bytes: int
@@ -123,7 +141,8 @@ class FileInfo:
 class Manifest:
     schema_version: int
     source: SourceInfo
-    dtype: str  # "fp32" | "fp16"
+    dtype: str  # "fp32" | "fp16": activations, and the weights quantisation leaves as they are
+    quantization: QuantizationInfo | None  # None: every weight in `dtype`
     kv_flavour: str  # "inplace" (GroupQueryAttention, one buffer per layer) | "concat" (standard ONNX)
     dims: Dims
     vision: VisionInfo
@@ -133,6 +152,11 @@ class Manifest:
     exit: ExitInfo
     graphs: dict[str, GraphInfo]
     files: dict[str, FileInfo] = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        """int4 / int8 for quantised bundles, else the dtype."""
+        return f"int{self.quantization.bits}" if self.quantization is not None else self.dtype
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -172,6 +196,13 @@ def load_manifest(bundle: Path, verify_hashes: bool = True) -> Manifest:
     manifest = Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
     verify_files(bundle, manifest, hashes=verify_hashes)
     return manifest
+
+
+def write_manifest(bundle: Path, manifest: Manifest) -> None:
+    """Replace a bundle's manifest atomically (the files it lists stay as they are)."""
+    staging = Path(bundle) / (MANIFEST_FILE + ".tmp")
+    staging.write_text(manifest.to_json(), encoding="utf-8")
+    staging.replace(Path(bundle) / MANIFEST_FILE)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

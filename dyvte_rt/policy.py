@@ -105,6 +105,22 @@ class RouterExit:
         return "router"
 
 
+@dataclass(frozen=True)
+class RouterProbe:
+    """Asks every router and never exits: for calibration, which needs p(exit) at every layer."""
+
+    needs_routers: bool = True
+
+    def decide(self, layer: int, exit_prob: float | None) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return "probe"
+
+    def spec(self) -> str:
+        return "never"
+
+
 _LAYER_SPEC = re.compile(r"^layer:(\d+)$")
 
 

@@ -1,4 +1,4 @@
-"""`python -m export.build`: split a checkpoint into a verified ONNX bundle (DESIGN §4).
+"""`python -m export.build`: split a checkpoint into a verified ONNX bundle (docs/bundle-format.md).
 
 The bundle is built in a temporary directory beside --out and renamed into place only when
 every graph has been exported and verified: a failed or interrupted export leaves --out as it was.
@@ -7,11 +7,10 @@ every graph has been exported and verified: a failed or interrupted export leave
 from __future__ import annotations
 
 import argparse
-import errno
+import dataclasses
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +22,24 @@ from dyvte_rt.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
     TOKENIZER_FILE,
-    BundleError,
     ExitInfo,
     FileInfo,
+    GraphQualityInfo,
     Manifest,
+    QuantizationInfo,
     SegmentInfo,
     sha256_file,
 )
 from dyvte_rt.policy import DEFAULT_THRESHOLD, check_policy_fits, parse_policy
 from export.cli_options import model_options
+from export.staging import check_destination, staged_directory
+from export.summary import GraphRow, format_summary
 
 DEFAULT_OPSET = 18
 CHECKPOINT_ROUTERS = "routers.safetensors"  # routers a checkpoint ships with (the demo's)
 EXPORT_DTYPES = ("fp32", "fp16")
+QUANT_BITS = {"int4": 4, "int8": 8}
+ACCURACY_LEVEL = 4  # MatMulNBits on the CPU: int8 activations inside the kernel, as ONNX Runtime GenAI uses
 
 
 @dataclass(frozen=True)
@@ -49,19 +53,29 @@ class BuildConfig:
     no_routers: bool = False
     default_exit: str | None = None  # None: "router" with routers, else "never"
     threshold: float | None = None  # None: the routers file's, else 0.5
+    quantize: str | None = None  # None (float weights) | int8 | int4
+    block_size: int = 32
+    quant_format: str = "matmulnbits"  # matmulnbits | qdq
+    quantize_vision: str | None = None  # None | int8
+    force: bool = False  # write a quantised bundle even below the quality bar
     opset: int = DEFAULT_OPSET
     overwrite: bool = False
     trust_remote_code: bool = False
     quiet: bool = False
 
+    def quantize_settings(self, graph: str):
+        """How `graph` is quantised, or None when it keeps float weights."""
+        from export.quantize import QuantizeSettings
 
-@dataclass(frozen=True)
-class GraphRow:
-    name: str
-    parameters: int
-    size_bytes: int
-    seconds: float
-    max_abs_error: float
+        if graph.startswith("segment_") or graph == "head":
+            bits = QUANT_BITS.get(self.quantize or "")
+        elif graph == "vision":
+            bits = QUANT_BITS.get(self.quantize_vision or "")
+        else:
+            bits = None  # embed (a Gather), routers and the exit gather stay float
+        if bits is None:
+            return None
+        return QuantizeSettings(bits, self.block_size, self.quant_format, ACCURACY_LEVEL)
 
 
 def parse_exit_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
@@ -97,22 +111,16 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
 
     from export.graph_plans import build_plans
     from export.loading import inspect_checkpoint, load_checkpoint
-    from export.manifest_builder import (
-        chat_template,
-        dims_info,
-        graph_info,
-        source_info,
-        token_info,
-        vision_info,
-        write_tokenizer,
-    )
+    from export.manifest_builder import graph_info, write_tokenizer
     from export.onnx_export import export_plan
     from export.reference.routers import RouterBank
 
     if config.dtype not in EXPORT_DTYPES:
         raise InputError(f"--dtype must be one of {EXPORT_DTYPES}, got {config.dtype!r}")
+    if config.block_size < 16 or config.block_size & (config.block_size - 1):
+        raise InputError(f"--block-size must be a power of two of at least 16, got {config.block_size}")
     out = config.out.expanduser().absolute()
-    _check_destination(out, config.overwrite)
+    check_destination(out, config.overwrite)
     checkpoint = inspect_checkpoint(config.model)
     routers_file = routers_path(config, checkpoint.path)
     routers = RouterBank.load(routers_file) if routers_file else None
@@ -143,80 +151,108 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
         routers = routers.to(next(loaded.model.parameters()).dtype)
 
     plans = build_plans(loaded.adapter, candidates, routers, config.kv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would make the finished bundle private
     rows: list[GraphRow] = []
-    try:
-        graphs, files = {}, []
+    with staged_directory(out, config.overwrite) as staging:
+        graphs, files, qualities = {}, [], {}
         bar = tqdm(plans, desc="export", unit="graph", disable=config.quiet, file=sys.stderr)
         for plan in bar:
             bar.set_postfix_str(plan.name)
             started = time.perf_counter()
             exported = export_plan(plan, staging, config.opset)
+            plan_files, quality = list(exported.files), None
+            settings = config.quantize_settings(plan.name)
+            if settings is not None:
+                plan_files, quality = quantize_exported(plan, staging, settings, config.force)
+                qualities[plan.name] = quality
             graphs[plan.name] = graph_info(staging / plan.file)
-            files.extend(exported.files)
-            size = sum((staging / f).stat().st_size for f in exported.files)
+            files.extend(plan_files)
+            size = sum((staging / f).stat().st_size for f in plan_files)
+            cosine = quality.min_cosine if quality is not None else None
+            seconds = time.perf_counter() - started
             rows.append(
-                GraphRow(
-                    plan.name,
-                    exported.parameters,
-                    size,
-                    time.perf_counter() - started,
-                    exported.max_abs_error,
-                )
+                GraphRow(plan.name, exported.parameters, size, seconds, exported.max_abs_error, cosine)
             )
         write_tokenizer(loaded, staging / TOKENIZER_FILE)
         files.append(TOKENIZER_FILE)
-        router_graphs = {p.name for p in plans if p.name.startswith("router_")}
-        segments = tuple(
-            SegmentInfo(
-                graph=p.name,
-                first_layer=p.module.first,
-                last_layer=p.module.last,
-                router=f"router_{p.module.last:02d}"
-                if f"router_{p.module.last:02d}" in router_graphs
-                else None,
-            )
-            for p in plans
-            if p.name.startswith("segment_")
+        manifest = _manifest(
+            config, loaded, plans, graphs, qualities, candidates, default_policy, threshold, routers
         )
-        manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
-            source=source_info(loaded),
-            dtype=config.dtype,
-            kv_flavour=config.kv,
-            dims=dims_info(loaded),
-            vision=vision_info(loaded),
-            tokens=token_info(loaded),
-            chat_template=chat_template(loaded),
-            segments=segments,
-            exit=ExitInfo(
-                candidate_layers=candidates,
-                default_policy=default_policy.spec(),
-                threshold=threshold,
-                router_width=routers.width if routers is not None else None,
-            ),
-            graphs=graphs,
-            files={
-                f: FileInfo(sha256=sha256_file(staging / f), bytes=(staging / f).stat().st_size)
-                for f in files
-            },
-        )
+        manifest = dataclasses.replace(manifest, files={f: _file_info(staging / f) for f in files})
         (staging / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
-        _move_into_place(staging, out, config.overwrite)
-    except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise BundleError(
-                f"no space left on the device while writing the bundle next to {out}",
-                hint="free some disk space or choose another --out",
-            ) from None
-        raise
-    except BaseException:  # failures and Ctrl-C alike: leave nothing half-written behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return rows
+
+
+def _manifest(
+    config, loaded, plans, graphs, qualities, candidates, default_policy, threshold, routers
+) -> Manifest:
+    from export.manifest_builder import chat_template, dims_info, source_info, token_info, vision_info
+
+    router_graphs = {p.name for p in plans if p.name.startswith("router_")}
+    segments = tuple(
+        SegmentInfo(
+            graph=p.name,
+            first_layer=p.module.first,
+            last_layer=p.module.last,
+            router=f"router_{p.module.last:02d}" if f"router_{p.module.last:02d}" in router_graphs else None,
+        )
+        for p in plans
+        if p.name.startswith("segment_")
+    )
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        source=source_info(loaded),
+        dtype=config.dtype,
+        quantization=quantization_info(config, qualities),
+        kv_flavour=config.kv,
+        dims=dims_info(loaded),
+        vision=vision_info(loaded),
+        tokens=token_info(loaded),
+        chat_template=chat_template(loaded),
+        segments=segments,
+        exit=ExitInfo(
+            candidate_layers=candidates,
+            default_policy=default_policy.spec(),
+            threshold=threshold,
+            router_width=routers.width if routers is not None else None,
+        ),
+        graphs=graphs,
+    )
+
+
+def _file_info(path: Path) -> FileInfo:
+    return FileInfo(sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def quantize_exported(plan, staging: Path, settings, force: bool):
+    """Quantise an exported, verified float graph in place; check it against the float graph."""
+    from export.quantize import check_quality, compare_graphs, quantize_graph
+
+    floats = staging / ".float"
+    floats.mkdir(exist_ok=True)
+    for path in staging.glob(plan.file + "*"):
+        path.rename(floats / path.name)
+    try:
+        files = quantize_graph(floats / plan.file, staging / plan.file, settings)
+        cases = [{n: t.numpy() for n, t in zip(plan.input_names, case, strict=True)} for case in plan.cases]
+        rows = [plan.valid_rows(case) if plan.valid_rows is not None else None for case in plan.cases]
+        quality = compare_graphs(floats / plan.file, staging / plan.file, cases, rows)
+        check_quality(plan.name, quality, settings.bits, force)
+    finally:
+        shutil.rmtree(floats, ignore_errors=True)
+    return files, quality
+
+
+def quantization_info(config: BuildConfig, qualities: dict) -> QuantizationInfo | None:
+    if not qualities:
+        return None
+    return QuantizationInfo(
+        bits=QUANT_BITS[config.quantize] if config.quantize else QUANT_BITS[config.quantize_vision],
+        block_size=config.block_size,
+        format=config.quant_format,
+        symmetric=True,
+        accuracy_level=ACCURACY_LEVEL,
+        graphs={name: GraphQualityInfo(q.min_cosine, q.max_abs_error) for name, q in qualities.items()},
+    )
 
 
 def routers_path(config: BuildConfig, checkpoint: Path) -> Path | None:
@@ -229,15 +265,6 @@ def routers_path(config: BuildConfig, checkpoint: Path) -> Path | None:
     return shipped if shipped.is_file() else None
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(
-            f"--out {out} already exists and is not empty", hint="pass --overwrite to replace it"
-        )
-
-
 def _check_routers(routers, candidates: tuple[int, ...]) -> None:
     missing = sorted(set(candidates) - set(routers.layers))
     if missing:
@@ -245,43 +272,6 @@ def _check_routers(routers, candidates: tuple[int, ...]) -> None:
             f"the routers file has no router for exit layers {missing}",
             hint=f"pass --exit-layers within the routers' layers {list(routers.layers)}",
         )
-
-
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished bundle into place; an old bundle is only removed after the swap."""
-    if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise InputError(f"--out {out} appeared while exporting", hint="pass --overwrite to replace it")
-        old = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
-
-
-def format_summary(rows: list[GraphRow]) -> str:
-    header = f"{'graph':<12} {'parameters':>12} {'size':>10} {'export s':>9} {'max abs err':>12}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r.name:<12} {r.parameters:>12,} {_size(r.size_bytes):>10} {r.seconds:>9.1f} "
-            f"{r.max_abs_error:>12.2e}"
-        )
-    total = sum(r.size_bytes for r in rows)
-    lines.append(
-        f"{'total':<12} {sum(r.parameters for r in rows):>12,} {_size(total):>10} "
-        f"{sum(r.seconds for r in rows):>9.1f}"
-    )
-    return "\n".join(lines)
-
-
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1024 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError("unreachable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +318,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threshold", type=float, help="router exit threshold (default: the routers file's, else 0.5)"
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="weight-only, block-wise quantisation of the decoder segments' and the head's MatMul weights "
+        "with ONNX Runtime's quantiser (routers, norms and the embedding table stay float)",
+    )
+    parser.add_argument("--block-size", type=int, metavar="N", help="weights per quantisation block")
+    parser.add_argument(
+        "--quant-format",
+        choices=("matmulnbits", "qdq"),
+        help="matmulnbits: ONNX Runtime's MatMulNBits; qdq: DequantizeLinear + MatMul, the form TensorRT "
+        "parses as weight-only quantisation",
+    )
+    parser.add_argument(
+        "--quantize-vision", choices=("int8",), help="also quantise the vision tower's MatMuls"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write a quantised bundle even if a graph falls below the quality bar",
     )
     parser.add_argument("--opset", type=int, help="ONNX opset")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dyvte_rt.errors import DyvteError
-from export.gqa import TRANSLATIONS
+from export.attention import TRANSLATIONS
 from export.graph_plans import GraphPlan
 
 EXTERNAL_DATA_BYTES = 1536 << 20  # well under protobuf's 2 GB limit

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from dyvte_rt.manifest import KV_FLAVOURS
+from export.attention import ATTENTION_NAME, FP32_ATTENTION_NAME, GqaCache, attention_function
 from export.families import FamilyAdapter
-from export.gqa import ATTENTION_NAME, GqaCache, decoder_attention
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask
 from export.reference.model import merge_image_features
@@ -27,7 +27,8 @@ class VisionPart(nn.Module):
         self.model = adapter.model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.adapter.image_features(pixel_values)
+        with attention_function(self.model.config.vision_config, _fp32_attention_for(pixel_values)):
+            return self.adapter.image_features(pixel_values)
 
 
 class EmbedPart(nn.Module):
@@ -70,15 +71,19 @@ class SegmentPart(nn.Module):
         return range(self.first, self.last + 1)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, *inputs: torch.Tensor) -> tuple:
-        cos_sin = self.adapter.rotary(hidden, position_ids)
+        # cos/sin in fp32: the rotary embedding then runs in fp32 in fp16 graphs too
+        cos_sin = self.adapter.rotary(hidden.float(), position_ids)
         if self.kv == "inplace":
             return self._inplace(hidden, position_ids, cos_sin, inputs[0], inputs[1:])
-        cache = KVCache(self.last + 1)
+        cache = CastingKVCache(self.last + 1)
         for offset, layer in enumerate(self.layers):
             cache.keys[layer], cache.values[layer] = inputs[2 * offset], inputs[2 * offset + 1]
-        mask = causal_mask(hidden.shape[1], inputs[0].shape[2], hidden.dtype, hidden.device)  # [1,1,S,P+S]
-        for layer in self.layers:
-            hidden = self._layer(layer, hidden, position_ids, cos_sin, mask=mask, cache=cache)
+        fp32 = _fp32_attention_for(hidden)
+        mask_dtype = torch.float32 if fp32 else hidden.dtype  # an fp32 mask cannot overflow in fp16
+        mask = causal_mask(hidden.shape[1], inputs[0].shape[2], mask_dtype, hidden.device)  # [1,1,S,P+S]
+        with attention_function(self.model.config.text_config, fp32):
+            for layer in self.layers:
+                hidden = self._layer(layer, hidden, position_ids, cos_sin, mask=mask, cache=cache)
         return (hidden, *(t for layer in self.layers for t in (cache.keys[layer], cache.values[layer])))
 
     def _inplace(self, hidden, position_ids, cos_sin, total_lengths, buffers) -> tuple:
@@ -86,7 +91,7 @@ class SegmentPart(nn.Module):
             {layer: (buffers[2 * i], buffers[2 * i + 1]) for i, layer in enumerate(self.layers)},
             total_lengths,
         )
-        with decoder_attention(self.model.config.text_config, ATTENTION_NAME):
+        with attention_function(self.model.config.text_config, ATTENTION_NAME):
             for layer in self.layers:
                 hidden = self._layer(
                     layer, hidden, position_ids, cos_sin, mask=None, cache=cache, gqa_cache=cache
@@ -103,6 +108,18 @@ class SegmentPart(nn.Module):
             use_cache=True,
             **kwargs,
         )
+
+
+class CastingKVCache(KVCache):
+    """The concat cache, storing keys in the model's dtype (they arrive in fp32 from an fp32 rotary)."""
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object):
+        return super().update(key.to(value.dtype), value, layer_idx, *args, **kwargs)
+
+
+def _fp32_attention_for(tensor: torch.Tensor) -> str | None:
+    """fp16/bf16 graphs compute attention scores and softmax in fp32; fp32 graphs keep their own."""
+    return FP32_ATTENTION_NAME if tensor.dtype != torch.float32 else None
 
 
 class RouterPart(nn.Module):

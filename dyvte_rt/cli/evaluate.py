@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -20,6 +22,7 @@ class EvalConfig(RunnerConfig):
     threshold: float | None = None
     limit: int | None = None
     max_new_tokens: int = 8
+    compare_bundle: Path | None = None
     as_json: bool = False
 
 
@@ -39,6 +42,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=float, help="router threshold (default: the bundle's)")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N questions only")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens per answer")
+    parser.add_argument(
+        "--compare-bundle",
+        type=Path,
+        metavar="DIR",
+        help="also run this bundle (e.g. the float one a quantised bundle came from) and report how often "
+        "both exit at the same layer and give the same answer",
+    )
     use_config_defaults(parser, EvalConfig)
     parser.set_defaults(make_config=partial(config_from, EvalConfig), run=run)
 
@@ -48,17 +58,29 @@ def run(config: EvalConfig) -> int:
     from dyvte_rt.evaluate import evaluate
 
     examples = read_jsonl(config.data, config.limit)
-    with open_model(config) as model:
+    with contextlib.ExitStack() as stack:
+        model = stack.enter_context(open_model(config))
+        other = None
+        if config.compare_bundle is not None:
+            other = stack.enter_context(open_model(dataclasses.replace(config, bundle=config.compare_bundle)))
         policy = model.policy(config.exit, config.threshold)
         model.pipeline.check_policy(policy)
-        report = evaluate(model, examples, policy, config.max_new_tokens, progress=not config.as_json)
+        report = evaluate(
+            model, examples, policy, config.max_new_tokens, progress=not config.as_json, compare_with=other
+        )
     if config.as_json:
         print(json.dumps(asdict(report)))
         return 0
     histogram = ", ".join(f"{k}: {v}" for k, v in report.exit_histogram.items())
-    print(
+    text = (
         f"policy {report.policy}: accuracy {100 * report.accuracy:.1f}% on {report.n} questions; "
         f"mean exit layer {report.mean_exit_layer:.2f} (histogram {histogram}); "
         f"prefill multiply-adds saved {100 * report.prefill_macs_saved:.1f}%"
     )
+    if report.exit_agreement is not None:
+        text += (
+            f"; against {config.compare_bundle}: same exit layer {100 * report.exit_agreement:.1f}%, "
+            f"same answer {100 * report.answer_agreement:.1f}%"
+        )
+    print(text)
     return 0

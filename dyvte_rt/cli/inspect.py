@@ -55,6 +55,17 @@ def run(config: InspectConfig) -> int:
     return 0
 
 
+def precision(m: Manifest) -> str:
+    if m.quantization is None:
+        return f"{m.dtype} weights and activations"
+    q = m.quantization
+    worst = min(g.min_cosine for g in q.graphs.values())
+    return (
+        f"int{q.bits} weights in {', '.join(sorted(q.graphs))} ({q.format}, block {q.block_size}, "
+        f"outputs' cosine to float >= {worst:.4f}); {m.dtype} activations and other weights"
+    )
+
+
 def summary(bundle: Path, m: Manifest, verified: bool) -> str:
     ex = m.exit
     total = sum(f.bytes for f in m.files.values())
@@ -67,7 +78,8 @@ def summary(bundle: Path, m: Manifest, verified: bool) -> str:
         f"bundle      {bundle}",
         f"model       {m.source.model}{source}",
         f"family      {m.source.family} ({m.source.architecture}), schema v{m.schema_version}",
-        f"dtype       {m.dtype}",
+        f"precision   {precision(m)}",
+        f"KV cache    {m.kv_flavour}",
         f"decoder     {m.dims.num_layers} layers, hidden {m.dims.hidden}, heads {m.dims.num_heads}/"
         f"{m.dims.num_kv_heads} kv, vocab {m.dims.vocab_size}, context {m.dims.max_positions}",
         f"image       {m.vision.image_height}x{m.vision.image_width}, {m.vision.visual_tokens} visual tokens",

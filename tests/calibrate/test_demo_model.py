@@ -1,19 +1,9 @@
 """The shipped demo model: loads as `--model demo`, and scores on questions it never saw."""
 
-import pytest
-
-from calibrate.shapes import write_dataset
 from dyvte_rt.cli import main as cli_main
 from export.loading import DEMO_CHECKPOINT, load_checkpoint
+from tests.conftest import FRESH_N
 from tests.helpers import eval_json
-
-FRESH_SEED = 424_242  # neither the training seed nor the model card's evaluation seed
-FRESH_N = 200  # the bundle answers ~150 questions a second on two cores
-
-
-@pytest.fixture(scope="session")
-def fresh_questions(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("fresh"), FRESH_N, FRESH_SEED)
 
 
 def test_demo_weights_are_small_and_visual_tokens_dominate(demo_bundle):

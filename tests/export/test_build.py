@@ -10,9 +10,10 @@ import pytest
 
 from dyvte_rt.errors import InputError
 from dyvte_rt.manifest import MANIFEST_FILE, BundleError, Manifest, load_manifest
-from export.build import BuildConfig, build_bundle, format_summary, parse_exit_layers
+from export.build import BuildConfig, build_bundle, parse_exit_layers
 from export.graph_plans import plan_segments
 from export.onnx_export import VerificationError
+from export.summary import GraphRow, format_summary
 
 
 def test_bundle_holds_every_graph_and_file_with_hashes(bundles, concat_bundles):
@@ -238,8 +239,6 @@ def test_plan_segments_end_at_candidates_and_the_last_layer():
 
 
 def test_summary_table_lists_every_graph():
-    from export.build import GraphRow
-
     text = format_summary([GraphRow("vision", 1000, 4096, 1.5, 1e-7), GraphRow("head", 10, 100, 0.2, 0.0)])
     lines = text.splitlines()
     assert lines[2].split() == ["vision", "1,000", "4.0", "KB", "1.5", "1.00e-07"]

@@ -1,4 +1,13 @@
-"""The in-place KV flavour: decoder attention exported as ONNX Runtime's `GroupQueryAttention`.
+"""Attention as the exported graphs compute it, swapped into Hugging Face's layers by name.
+
+Two attention functions are registered with transformers' attention registry and used while
+exporting (the reference keeps transformers' own):
+
+- `dyvte_gqa`, the in-place KV flavour: ONNX Runtime's `GroupQueryAttention` (below);
+- `dyvte_fp32`, for fp16 graphs: scores, mask and softmax in fp32, so that an fp16 bundle holds no
+  fp16 softmax and no mask constant that overflows in fp16.
+
+The in-place KV flavour: decoder attention exported as ONNX Runtime's `GroupQueryAttention`.
 
 `com.microsoft::GroupQueryAttention` writes this step's keys and values into a preallocated cache
 buffer (past and present bound to the same memory) and attends causally over the first
@@ -20,7 +29,8 @@ import torch
 from onnx.defs import OpSchema
 from onnxscript.values import Opset
 
-ATTENTION_NAME = "dyvte_gqa"  # the name registered with transformers' AttentionInterface
+ATTENTION_NAME = "dyvte_gqa"  # the names registered with transformers' AttentionInterface
+FP32_ATTENTION_NAME = "dyvte_fp32"
 OP_DOMAIN = "com.microsoft"
 
 
@@ -156,10 +166,11 @@ def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropo
     batch, heads, steps, head_dim = query.shape
     kv_heads = key.shape[1]
     past_key, past_value = cache.buffers[module.layer_idx]
+    dtype = past_key.dtype  # queries and keys arrive in fp32 when the rotary embedding ran in fp32
     output, present_key, present_value = torch.ops.dyvte.group_query_attention(
-        query.transpose(1, 2).reshape(batch, steps, heads * head_dim),
-        key.transpose(1, 2).reshape(batch, steps, kv_heads * head_dim),
-        value.transpose(1, 2).reshape(batch, steps, kv_heads * head_dim),
+        query.transpose(1, 2).reshape(batch, steps, heads * head_dim).to(dtype),
+        key.transpose(1, 2).reshape(batch, steps, kv_heads * head_dim).to(dtype),
+        value.transpose(1, 2).reshape(batch, steps, kv_heads * head_dim).to(dtype),
         past_key,
         past_value,
         cache.seqlens_k,
@@ -172,21 +183,40 @@ def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropo
     return output.view(batch, steps, heads, head_dim), None  # the layout HF's attention functions return
 
 
+def fp32_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention computed in fp32 whatever the inputs' dtype: query [B, H, S, hd], key/value
+    [B, Hkv, T, hd], attention_mask additive [B, 1, S, T] (built in fp32) or None."""
+    out_dtype = value.dtype
+    groups = query.shape[1] // key.shape[1]
+    key = key.float().repeat_interleave(groups, dim=1)
+    value = value.float().repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = (query.float() @ key.transpose(-1, -2)) * scale  # [B, H, S, T] fp32
+    if attention_mask is not None:
+        scores = scores + attention_mask.float()[..., : key.shape[-2]]
+    output = scores.softmax(dim=-1) @ value  # [B, H, S, hd]
+    return output.transpose(1, 2).to(out_dtype), None
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, gqa_attention)
+    AttentionInterface.register(FP32_ATTENTION_NAME, fp32_attention)
 
 
 _register_attention()
 
 
 @contextlib.contextmanager
-def decoder_attention(text_config, name: str) -> Iterator[None]:
-    """Run the decoder layers with attention function `name` (the vision tower keeps its own)."""
-    previous = text_config._attn_implementation
-    text_config._attn_implementation = name
+def attention_function(config, name: str | None) -> Iterator[None]:
+    """Run the modules built from `config` with attention function `name` (None: leave it)."""
+    if name is None:
+        yield
+        return
+    previous = config._attn_implementation
+    config._attn_implementation = name
     try:
         yield
     finally:
-        text_config._attn_implementation = previous
+        config._attn_implementation = previous

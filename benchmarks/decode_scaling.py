@@ -60,7 +60,7 @@ def main() -> int:
                 if run:
                     times[past].append(time.perf_counter() - started)
             del cache
-    bandwidth = memory_bandwidth_gb_per_s()
+    bandwidth = memory_bandwidth_gb_per_s(threads=args.threads)
     cache = model.pipeline.new_cache(2)
     layers = model.manifest.dims.num_layers
     added = (pasts[-1] - pasts[0]) * cache.row_bytes() * layers

@@ -24,6 +24,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--routers", type=Path, default=None, help="routers file to export with")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantisation")
     args = parser.parse_args()
     weights = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
     started = time.perf_counter()
@@ -33,6 +34,7 @@ def main() -> int:
             out=args.out,
             dtype=args.dtype,
             routers=args.routers,
+            quantize=args.quantize,
             overwrite=True,
             quiet=True,
         )

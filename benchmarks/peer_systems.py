@@ -3,10 +3,10 @@
     python benchmarks/peer_systems.py '{"kind": "ort-genai", "path": "...", ...}'
 
 prints one JSON object: per request, the language-model prefill time, the time to the first token,
-the decode rate; and the process's peak resident memory. The first request warms up and is not
-reported. Every system decodes exactly `max_new_tokens` tokens greedily (end-of-sequence ignored)
-from a prompt of the same token count; peers without an image path get random token ids of that
-count. Systems are measured one process at a time so that their memory does not mix.
+the decode rate; and the process's peak resident memory. Only the last request is reported; the
+ones before it warm up. Every system decodes exactly `max_new_tokens` tokens greedily
+(end-of-sequence ignored) from a prompt of the same token count; peers without an image path get
+random token ids of that count. Systems are measured one process at a time so that their memory does not mix.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main() -> int:
     spec = json.loads(sys.argv[1])
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: export/, dyvte_rt/
     rows = MEASURE[spec["kind"]](spec)
-    print(json.dumps({"requests": rows[1:] if len(rows) > 1 else rows, "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"requests": rows[-1:], "peak_rss_mb": peak_rss_mb()}))
     return 0
 
 

@@ -18,10 +18,12 @@ class DecoderDims:
     num_layers: int  # L
 
 
-def layer_macs(n: int, dims: DecoderDims) -> int:
-    """C(n) = 2·n·d² (q,o) + 2·n·d·d_kv (k,v) + 2·n²·d (scores, values) + 3·n·d·m (SwiGLU)."""
+def layer_macs(n: int, dims: DecoderDims, keys: int | None = None) -> int:
+    """C(n) = 2·n·d² (q,o) + 2·n·d·d_kv (k,v) + 2·n·t·d (scores, values) + 3·n·d·m (SwiGLU), for n
+    new tokens attending to t keys (t = n for a fresh prompt)."""
     d = dims.hidden
-    return 2 * n * d * d + 2 * n * d * dims.kv_width + 2 * n * n * d + 3 * n * d * dims.mlp
+    t = n if keys is None else keys
+    return 2 * n * d * d + 2 * n * d * dims.kv_width + 2 * n * t * d + 3 * n * d * dims.mlp
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,15 @@ class PrefillMacs:
     @property
     def saved_fraction(self) -> float:
         return 0.0 if self.full == 0 else 1.0 - self.actual / self.full
+
+
+def continuation_macs(dims: DecoderDims, new_tokens: int, held: list[int]) -> PrefillMacs:
+    """New tokens appended to a cache holding `held[l]` rows in layer l (a later conversation turn):
+    `actual` with those rows, `full` as if every layer held the longest (no exit had happened)."""
+    longest = max(held)
+    full = dims.num_layers * layer_macs(new_tokens, dims, longest + new_tokens)
+    actual = sum(layer_macs(new_tokens, dims, rows + new_tokens) for rows in held)
+    return PrefillMacs(full=full, actual=actual)
 
 
 def prefill_macs(dims: DecoderDims, n_tokens: int, n_visual: int, exit_layer: int | None) -> PrefillMacs:

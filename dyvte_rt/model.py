@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers.decoders import DecodeStream
@@ -21,12 +22,15 @@ from dyvte_rt.bundle import Bundle
 from dyvte_rt.errors import InputError
 from dyvte_rt.images import ImageInput, load_image
 from dyvte_rt.manifest import TOKENIZER_FILE
-from dyvte_rt.pipeline import Pipeline
+from dyvte_rt.pipeline import Pipeline, PrefillResult
 from dyvte_rt.policy import ExitPolicy, parse_policy
 from dyvte_rt.preprocess import preprocess
 from dyvte_rt.prompt import PromptBuilder
 from dyvte_rt.sampling import Sampler, SamplingConfig
-from engines import SessionOptions
+from engines import SessionOptions, Transfers
+
+if TYPE_CHECKING:
+    from dyvte_rt.conversation import Conversation
 
 FINISH_STOP = "stop"  # the model produced an end-of-sequence token
 FINISH_LENGTH = "length"  # max_new_tokens was reached first
@@ -198,6 +202,24 @@ class DyvteModel:
             )
         )
 
+    def chat(
+        self,
+        image: ImageInput | None = None,
+        *,
+        exit: str | ExitPolicy | None = None,
+        threshold: float | None = None,
+        context: int | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Conversation:
+        """A multi-turn conversation about `image` (or none) that keeps its KV cache between turns.
+
+        The exit is decided once, in the first turn; `context` bounds the whole conversation's
+        tokens (default: the model's context, at most 2048). See `dyvte_rt.conversation`.
+        """
+        from dyvte_rt.conversation import Conversation
+
+        return Conversation(self, image, self.policy(exit, threshold), context, sampling or SamplingConfig())
+
     def _run(
         self,
         generation: Generation,
@@ -209,19 +231,35 @@ class DyvteModel:
         stop_at_eos: bool,
         preprocess_ms: float,
     ) -> Iterator[str]:
-        requested = time.perf_counter()
-        transfers = self.bundle.backend.transfers
-        before = transfers.snapshot()
+        clock = TurnClock(self.bundle.backend.transfers, preprocess_ms)
         prefill = self.pipeline.prefill(
             input_ids, pixels, policy, capacity=input_ids.shape[1] + max_new_tokens
         )
-        after_prefill = transfers.snapshot()
+        yield from self.stream_answer(
+            generation, prefill, prefill.n_tokens, policy.spec(), max_new_tokens, sampler, stop_at_eos, clock
+        )
+        self.pipeline.release(prefill.cache)  # its buffers serve the next request
+
+    def stream_answer(
+        self,
+        generation: Generation,
+        start: PrefillResult,
+        position: int,
+        policy: str,
+        max_new_tokens: int,
+        sampler: Sampler,
+        stop_at_eos: bool,
+        clock: TurnClock,
+    ) -> Iterator[str]:
+        """Decode from `start`'s logits (the next token goes to `position`), streaming text pieces;
+        sets `generation.answer` at the end. Shared by single questions and conversation turns."""
+        after_prefill = clock.transfers.snapshot()
         eos = set(self.manifest.tokens.eos) if stop_at_eos else set()
         detokenizer = DecodeStream(skip_special_tokens=True)
-        tokens = [sampler(prefill.logits)]
+        tokens = [sampler(start.logits)]
         pieces: list[str] = []
         started = time.perf_counter()
-        ttft_ms = preprocess_ms + 1e3 * (started - requested)
+        ttft_ms = clock.preprocess_ms + 1e3 * (started - clock.started)
         while True:
             piece = detokenizer.step(self.prompts.tokenizer, tokens[-1])
             if piece:
@@ -232,33 +270,43 @@ class DyvteModel:
                     yield piece
             if tokens[-1] in eos or len(tokens) >= max_new_tokens:
                 break
-            logits = self.pipeline.decode_one_token(
-                tokens[-1], prefill.n_tokens + len(tokens) - 1, prefill.cache
-            )
+            logits = self.pipeline.decode_one_token(tokens[-1], position + len(tokens) - 1, start.cache)
             tokens.append(sampler(logits))
         decode_ms = 1e3 * (time.perf_counter() - started)
-        decode_bytes = transfers.since(after_prefill).total
+        decode_bytes = clock.transfers.since(after_prefill).total
         generation.answer = Answer(
             answer="".join(pieces).strip(),
             token_ids=tokens,
             finish_reason=FINISH_STOP if tokens[-1] in eos else FINISH_LENGTH,
-            exit_layer=prefill.exit_layer,
-            exit_probs=prefill.exit_probs,
-            policy=policy.spec(),
-            prompt_tokens=prefill.n_tokens,
-            visual_tokens=prefill.n_visual,
+            exit_layer=start.exit_layer,
+            exit_probs=start.exit_probs,
+            policy=policy,
+            prompt_tokens=start.n_tokens,
+            visual_tokens=start.n_visual,
             timings_ms={
-                "preprocess": preprocess_ms,
-                **prefill.timings_ms,
+                "preprocess": clock.preprocess_ms,
+                **start.timings_ms,
                 "ttft": ttft_ms,
                 "decode": decode_ms,
             },
-            prefill_macs={"full": prefill.macs.full, "actual": prefill.macs.actual},
-            kv_cache_bytes=prefill.cache.nbytes(),
+            prefill_macs={"full": start.macs.full, "actual": start.macs.actual},
+            kv_cache_bytes=start.cache.nbytes(),
             host_bytes={
-                "prefill": after_prefill.since(before).total,
+                "prefill": after_prefill.since(clock.before).total,
                 "decode": decode_bytes,
                 "per_decode_token": decode_bytes / (len(tokens) - 1) if len(tokens) > 1 else 0.0,
             },
         )
-        self.pipeline.release(prefill.cache)  # its buffers serve the next request
+
+
+@dataclass
+class TurnClock:
+    """When a request started (after image preprocessing) and what had crossed to the host by then."""
+
+    transfers: Transfers
+    preprocess_ms: float
+    started: float = field(default_factory=time.perf_counter)
+    before: Transfers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.before = self.transfers.snapshot()

@@ -69,9 +69,32 @@ class PromptBuilder:
             self._special["eos_token"] = self.tokenizer.id_to_token(manifest.tokens.eos[0])
 
     def render(self, question: str, with_image: bool = True) -> str:
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
-        return self.template.render(messages=messages, add_generation_prompt=True, **self._special)
+        return self.render_turns([(question, None)], with_image)
+
+    def render_turns(
+        self, turns: list[tuple[str, str | None]], with_image: bool, add_generation_prompt: bool = True
+    ) -> str:
+        """A conversation of (question, answer) turns (the image in the first question); the last
+        answer may be None (the model's turn comes next)."""
+        messages = []
+        for index, (question, answer) in enumerate(turns):
+            image = [{"type": "image"}] if with_image and index == 0 else []
+            messages.append({"role": "user", "content": [*image, {"type": "text", "text": question}]})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **self._special
+        )
+
+    def encode_next_turn(self, history: list[tuple[str, str]], question: str, with_image: bool) -> np.ndarray:
+        """Token ids [1, M] a conversation adds for a new question after `history` (text the template
+        puts after the last answer, then the question and the generation prompt)."""
+        before = self.render_turns(history, with_image, add_generation_prompt=False)
+        after = self.render_turns([*history, (question, None)], with_image, add_generation_prompt=True)
+        if not after.startswith(before):
+            raise InputError("this model's chat template does not render a conversation turn by turn")
+        ids = self.tokenizer.encode(after[len(before) :], add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int64)[None]
 
     def encode(self, question: str, with_image: bool = True) -> np.ndarray:
         text = self.render(question, with_image)

@@ -1,0 +1,113 @@
+"""Multi-turn chat: later turns reuse the KV cache, exactly as one prefill of the whole conversation."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dyvte_rt.model import DyvteModel
+from dyvte_rt.policy import FixedLayerExit, NeverExit
+from export.reference import DyVTEReference
+
+TURNS = ("what color is the circle on the left?", "and the square?", "how many shapes?")
+
+
+@pytest.mark.parametrize("exit", ["never", "layer:1", "layer:2"])
+def test_later_turns_equal_the_reference_on_the_whole_conversation(
+    flavour_bundles, loaded_models, sample_image, exit
+):
+    loaded = loaded_models["llama-gqa"]
+    reference = DyVTEReference(loaded.adapter)
+    pixels = torch.from_numpy(np.asarray(_pixels(flavour_bundles["llama-gqa"], sample_image)))
+    with DyvteModel.load(flavour_bundles["llama-gqa"]) as model:
+        chat = model.chat(sample_image, exit=exit)
+        fed: list[int] = []
+        for index, question in enumerate(TURNS):
+            if index == 0:
+                ids = model.prompts.encode(question)[0].tolist()
+            else:
+                ids = model.prompts.encode_next_turn(chat.history, question, with_image=True)[0].tolist()
+            answer = chat.ask(question, max_new_tokens=5)
+            fed += ids
+            policy = NeverExit() if exit == "never" else FixedLayerExit(int(exit[6:]))
+            expected = reference.generate(torch.tensor([fed]), pixels, policy, max_new_tokens=5)
+            assert answer.token_ids == expected.tokens, (exit, index)
+            assert answer.exit_layer == expected.exit_layer
+            fed += answer.token_ids if answer.finish_reason == "length" else answer.token_ids[:-1]
+        held = chat._cache.layer_lengths()
+        assert chat.tokens == held[0] + 1 or chat.tokens == held[0]  # the last token may still be pending
+        if exit != "never":
+            k, visual = int(exit[6:]), model.manifest.vision.visual_tokens
+            assert held[k + 1 :] == [held[0] - visual] * (len(held) - k - 1)  # no visual rows above the exit
+
+
+def _pixels(bundle, image):
+    from dyvte_rt.images import load_image
+    from dyvte_rt.manifest import load_manifest
+    from dyvte_rt.preprocess import preprocess
+
+    return preprocess(load_image(image), load_manifest(bundle, verify_hashes=False).vision.preprocess)
+
+
+def test_reset_starts_over_and_later_turns_report_their_own_compute(bundles, sample_image):
+    with DyvteModel.load(bundles["qwen2"]) as model:
+        chat = model.chat(sample_image, exit="layer:1")
+        first = chat.ask(TURNS[0], max_new_tokens=3)
+        second = chat.ask(TURNS[1], max_new_tokens=3)
+        assert first.visual_tokens == 16 and second.visual_tokens == 0 and second.exit_layer == 1
+        assert (
+            0 < second.prefill_macs["actual"] < second.prefill_macs["full"]
+        )  # shorter contexts above the exit
+        assert len(chat.history) == 2
+        chat.reset()
+        assert chat.history == [] and chat.tokens == 0
+        again = chat.ask(TURNS[0], max_new_tokens=3)
+        assert again.token_ids == first.token_ids and again.visual_tokens == 16
+
+
+def test_a_conversation_past_its_context_is_refused_with_a_hint(bundles, sample_image):
+    from dyvte_rt.errors import InputError
+
+    with DyvteModel.load(bundles["qwen2"]) as model:
+        chat = model.chat(sample_image, context=40)
+        answer = chat.ask(TURNS[0], max_new_tokens=64)
+        assert (
+            answer.finish_reason == "length" and chat.tokens <= 40
+        )  # the answer stopped at the context's end
+        with pytest.raises(InputError, match="context of 40") as refused:
+            chat.ask("what " * 30)
+        assert "/reset" in refused.value.one_line()
+
+
+def test_chat_command_streams_answers_resets_and_leaves(bundles, sample_image):
+    stdin = f"{TURNS[0]}\n\n{TURNS[1]}\n/reset\n{TURNS[0]}\n/exit\nnever read\n"
+    command = [
+        sys.executable,
+        "-m",
+        "dyvte_rt.cli",
+        "chat",
+        str(sample_image),
+        "--bundle",
+        str(bundles["qwen2"]),
+    ]
+    done = subprocess.run(
+        [*command, "--max-new-tokens", "3"], input=stdin, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    answers = done.stdout.splitlines()
+    assert (
+        len(answers) == 3 and answers[0] == answers[2]
+    )  # after /reset the first question gets its first answer
+    assert "(conversation reset)" in done.stderr
+    as_json = subprocess.run(
+        [*command, "--max-new-tokens", "3", "--json"],
+        input=f"{TURNS[0]}\n{TURNS[1]}\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    turns = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [t["turn"] for t in turns] == [1, 2] and turns[0]["answer"] == answers[0]

@@ -7,7 +7,10 @@ every graph has been exported and verified: a failed or interrupted export leave
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
+import os
 import re
 import shutil
 import sys
@@ -61,6 +64,8 @@ class BuildConfig:
     opset: int = DEFAULT_OPSET
     overwrite: bool = False
     trust_remote_code: bool = False
+    stream: bool = True  # read each graph's weights when it is exported (False: load the whole model first)
+    max_memory_gb: float | None = None  # None: the memory the machine has available
     quiet: bool = False
 
     def quantize_settings(self, graph: str):
@@ -110,7 +115,7 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
     from tqdm import tqdm
 
     from export.graph_plans import build_plans
-    from export.loading import inspect_checkpoint, load_checkpoint
+    from export.loading import inspect_checkpoint, load_checkpoint, load_checkpoint_lazily
     from export.manifest_builder import graph_info, write_tokenizer
     from export.onnx_export import export_plan
     from export.reference.routers import RouterBank
@@ -141,7 +146,10 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
         )
     check_policy_fits(default_policy, num_layers, candidates)
 
-    loaded = load_checkpoint(checkpoint, config.dtype, "cpu", config.trust_remote_code)
+    if config.stream:  # parameters stay on disk until the graph that uses them is exported
+        loaded, loader = load_checkpoint_lazily(checkpoint, config.dtype, config.trust_remote_code)
+    else:
+        loaded, loader = load_checkpoint(checkpoint, config.dtype, "cpu", config.trust_remote_code), None
     if routers is not None:
         if routers.hidden != loaded.adapter.dims.hidden:
             raise InputError(
@@ -151,14 +159,17 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
         routers = routers.to(next(loaded.model.parameters()).dtype)
 
     plans = build_plans(loaded.adapter, candidates, routers, config.kv)
+    if loader is not None:
+        check_memory(plans, loader, config.max_memory_gb)
     rows: list[GraphRow] = []
     with staged_directory(out, config.overwrite) as staging:
         graphs, files, qualities = {}, [], {}
         bar = tqdm(plans, desc="export", unit="graph", disable=config.quiet, file=sys.stderr)
         for plan in bar:
-            bar.set_postfix_str(plan.name)
+            bar.set_postfix_str(f"{plan.name}, resident {resident_gib():.1f} GiB")
             started = time.perf_counter()
-            exported = export_plan(plan, staging, config.opset)
+            with plan_weights(loader, plan):
+                exported = export_plan(plan, staging, config.opset)
             plan_files, quality = list(exported.files), None
             settings = config.quantize_settings(plan.name)
             if settings is not None:
@@ -221,6 +232,60 @@ def _manifest(
 
 def _file_info(path: Path) -> FileInfo:
     return FileInfo(sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+# Peak resident memory of exporting one graph, measured on the LLaVA-1.5-7B-shaped slice
+# (docs/benchmarks.md, Export): the graph's weights, the exporter's copies while it writes them, and
+# Python, torch and the exporter themselves.
+EXPORT_MEMORY_FACTOR = 1.5
+EXPORT_BASELINE_GIB = 1.0
+
+
+def check_memory(plans, loader, max_memory_gb: float | None) -> None:
+    """Refuse to start when the largest graph cannot be exported within the memory budget."""
+    sizes = {plan.name: loader.parameter_bytes(plan.module.weight_modules()) for plan in plans}
+    largest = max(sizes, key=sizes.get)
+    needed = EXPORT_MEMORY_FACTOR * sizes[largest] / 2**30 + EXPORT_BASELINE_GIB
+    budget = max_memory_gb if max_memory_gb is not None else available_gib()
+    if needed > budget:
+        where = "--max-memory-gb" if max_memory_gb is not None else "available memory"
+        raise InputError(
+            f"exporting {largest} ({sizes[largest] / 2**30:.1f} GiB of weights) needs about "
+            f"{needed:.1f} GiB, more than the {budget:.1f} GiB of {where}",
+            hint="free memory, raise --max-memory-gb, or pass --exit-layers that split the decoder finer",
+        )
+
+
+@contextlib.contextmanager
+def plan_weights(loader, plan):
+    """The graph's parameters in memory while it is exported (with a loader), dropped after."""
+    if loader is None:
+        yield
+        return
+    modules = plan.module.weight_modules()
+    loader.materialize(modules)
+    try:
+        yield
+    finally:
+        loader.release(modules)
+        gc.collect()
+
+
+def resident_gib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def available_gib() -> float:
+    """MemAvailable from /proc/meminfo (Linux); infinite where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
 
 
 def quantize_exported(plan, staging: Path, settings, force: bool):
@@ -339,6 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="write a quantised bundle even if a graph falls below the quality bar",
+    )
+    parser.add_argument(
+        "--max-memory-gb",
+        type=float,
+        metavar="GB",
+        help="refuse to start if the largest graph cannot be exported within this memory (default: the "
+        "memory available now); each graph's weights are read from the checkpoint when it is exported",
+    )
+    parser.add_argument(
+        "--load-all",
+        dest="stream",
+        action="store_false",
+        help="load the whole checkpoint before exporting (the earlier behaviour; needs memory for all of it)",
     )
     parser.add_argument("--opset", type=int, help="ONNX opset")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")

@@ -190,3 +190,45 @@ def load_checkpoint(
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_checkpoint_lazily(
+    spec: str | CheckpointInfo, dtype: str = "fp32", trust_remote_code: bool = False
+) -> tuple[LoadedModel, object]:
+    """The model with its parameters left on disk, and the `WeightLoader` that brings them in graph
+    by graph (export.lazy_weights). Checks every parameter against the checkpoint first."""
+    info = spec if isinstance(spec, CheckpointInfo) else inspect_checkpoint(spec)
+    import transformers
+
+    from export.lazy_weights import CheckpointWeights, WeightLoader, skeleton, tied_parameters
+
+    model_cls = getattr(transformers, info.architecture)
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            info.path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        processor = transformers.AutoProcessor.from_pretrained(
+            info.path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UnsupportedModelError(
+            f"cannot load the checkpoint at {info.path}: {_first_line(err)}"
+        ) from None
+    model = skeleton(lambda c: model_cls._from_config(c, dtype=torch_dtype(dtype)), config)
+    if (info.path / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(
+            info.path, local_files_only=True
+        )
+    adapter = info.adapter_class(model)
+    loader = WeightLoader(
+        model, CheckpointWeights(info.path), adapter.checkpoint_keys, tied_parameters(model)
+    )
+    loaded = LoadedModel(
+        source=info.source,
+        repo_id=info.repo_id,
+        path=info.path,
+        model=model,
+        processor=processor,
+        adapter=adapter,
+    )
+    return loaded, loader

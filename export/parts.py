@@ -26,6 +26,9 @@ class VisionPart(nn.Module):
         self.adapter = adapter
         self.model = adapter.model
 
+    def weight_modules(self) -> list[nn.Module]:
+        return self.adapter.vision_modules
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with attention_function(self.model.config.vision_config, _fp32_attention_for(pixel_values)):
             return self.adapter.image_features(pixel_values)
@@ -39,6 +42,9 @@ class EmbedPart(nn.Module):
         self.adapter = adapter
         self.model = adapter.model
         self.image_token_id = adapter.image_token_id
+
+    def weight_modules(self) -> list[nn.Module]:
+        return [self.adapter.embed_module]
 
     def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         safe_ids = torch.where(input_ids == self.image_token_id, torch.zeros_like(input_ids), input_ids)
@@ -69,6 +75,9 @@ class SegmentPart(nn.Module):
     @property
     def layers(self) -> range:
         return range(self.first, self.last + 1)
+
+    def weight_modules(self) -> list[nn.Module]:
+        return [self.adapter.decoder_layers[layer] for layer in self.layers]
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, *inputs: torch.Tensor) -> tuple:
         # cos/sin in fp32: the rotary embedding then runs in fp32 in fp16 graphs too
@@ -140,6 +149,9 @@ class RouterPart(nn.Module):
         self.router = router
         self.gather = ExitGatherPart()
 
+    def weight_modules(self) -> list[nn.Module]:
+        return []  # the router's own weights are in memory already
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -162,12 +174,18 @@ class HeadPart(nn.Module):
         self.adapter = adapter
         self.model = adapter.model
 
+    def weight_modules(self) -> list[nn.Module]:
+        return self.adapter.head_modules
+
     def forward(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         return self.adapter.head(last_position(hidden, last_index)[:, None])[:, 0]
 
 
 class ExitGatherPart(nn.Module):
     """The exit switch on the backend: (hidden [B, S, D], keep_index [B, K]) -> hidden [B, K, D]."""
+
+    def weight_modules(self) -> list[nn.Module]:
+        return []
 
     def forward(self, hidden: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
         index = keep_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [B, K, D]

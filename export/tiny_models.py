@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,20 +145,110 @@ def build_tiny_llava(backbone: str, out: Path, seed: int = 0) -> Path:
 
 
 def build_random_llava(
-    text_config: Callable[[TinySpec, int], PretrainedConfig], spec: TinySpec, out: Path, seed: int = 0
+    text_config: Callable[[TinySpec, int], PretrainedConfig],
+    spec: TinySpec,
+    out: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a random-weight LLaVA checkpoint of the given sizes (llava-hf layout) to `out`."""
     model, processor = new_llava(text_config, spec, TINY_WORDS, seed)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
+
+
+SHARD_BYTES = 2 << 30
+
+
+def write_random_llava_streamed(
+    text_config: Callable[[TinySpec, int], PretrainedConfig],
+    spec: TinySpec,
+    out: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a random-weight LLaVA checkpoint without ever holding it in memory: tensors are drawn
+    one at a time and written to ~2 GB safetensors shards (a full-depth 7B model on a small machine).
+
+    Weights are N(0, init_std) (the LM head N(0, head_std)), biases 0, norm scales 1; the model is
+    as random as `build_random_llava`'s, not the same draw.
+    """
+    from safetensors.torch import save_file
+
+    from export.families.llava import LlavaAdapter
+    from export.lazy_weights import parameters_on_meta
+
+    config, processor = llava_config_and_processor(text_config, spec, TINY_WORDS)
+    with parameters_on_meta():
+        skeleton = LlavaForConditionalGeneration(config)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    shards: list[dict[str, torch.Tensor]] = []
+    total = 0
+
+    def flush() -> None:
+        if shard:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+            shards.append({})
+            shard.clear()
+
+    for name, param in skeleton.named_parameters():
+        key = LlavaAdapter.checkpoint_keys(name)[-1]  # the layout transformers saves
+        shard[key] = _random_like(name, param, spec, generator).to(dtype)
+        total += shard[key].numel() * shard[key].element_size()
+        if sum(t.numel() * t.element_size() for t in shard.values()) >= SHARD_BYTES:
+            flush()
+    flush()
+    count = len(shards)
+    final = {
+        f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)
+    }
+    for old, new in final.items():
+        (out / old).rename(out / new)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.dtype = dtype
+    config.architectures = [LlavaForConditionalGeneration.__name__]
+    config.save_pretrained(out)
+    skeleton.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    skeleton.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    skeleton.generation_config.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _random_like(name: str, param: torch.Tensor, spec: TinySpec, generator: torch.Generator) -> torch.Tensor:
+    if name.endswith("bias"):
+        return torch.zeros(param.shape)
+    if param.dim() == 1 and ("norm" in name or "layernorm" in name):
+        return torch.ones(param.shape)
+    std = spec.head_std if name == "lm_head.weight" else spec.init_std
+    return torch.randn(param.shape, generator=generator) * std
 
 
 def new_llava(
     text_config: Callable[[TinySpec, int], PretrainedConfig], spec: TinySpec, words: list[str], seed: int = 0
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random-weight LLaVA model and its processor (word-level tokenizer over `words`), in memory."""
+    config, processor = llava_config_and_processor(text_config, spec, words)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, spec.head_std)
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def llava_config_and_processor(
+    text_config: Callable[[TinySpec, int], PretrainedConfig], spec: TinySpec, words: list[str]
+) -> tuple[LlavaConfig, LlavaProcessor]:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=build_word_tokenizer(words),
         bos_token=BOS,
@@ -184,12 +275,6 @@ def new_llava(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, spec.head_std)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": spec.image_size},
@@ -201,7 +286,7 @@ def new_llava(
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    return model, processor
+    return config, processor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, metavar="DIR", help="checkpoint directory to write"
     )
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    parser.add_argument(
+        "--dtype", choices=("fp32", "fp16"), default="fp32", help="precision of the weights on disk"
+    )
+    parser.add_argument(
+        "--streamed",
+        action="store_true",
+        help="draw and write the weights tensor by tensor into 2 GB shards, never holding the model in "
+        "memory (a full-depth 7B: --backbone llava-7b-slice --layers 32 --dtype fp16 --streamed)",
+    )
     return parser
 
 
@@ -233,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             spec, text_config = TINY_BACKBONES[args.backbone].spec, TINY_BACKBONES[args.backbone].text_config
         if args.layers is not None:
             spec = dataclasses.replace(spec, layers=args.layers)
-        path = build_random_llava(text_config, spec, args.out, args.seed)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+        write = write_random_llava_streamed if args.streamed else build_random_llava
+        path = write(text_config, spec, args.out, args.seed, dtype)
         print(f"wrote random {args.backbone} LLaVA checkpoint ({spec.layers} decoder layers) to {path}")
 
     return run_command(body)

@@ -43,6 +43,26 @@ class FamilyAdapter(Protocol):
         """Layers called as `layer(h, attention_mask=, position_embeddings=, cache=)`."""
         ...
 
+    @property
+    def vision_modules(self) -> list[nn.Module]:
+        """The modules whose parameters the vision graph uses."""
+        ...
+
+    @property
+    def embed_module(self) -> nn.Module:
+        """The token embedding (the embed graph's only weights)."""
+        ...
+
+    @property
+    def head_modules(self) -> list[nn.Module]:
+        """The final norm and the LM head."""
+        ...
+
+    @staticmethod
+    def checkpoint_keys(name: str) -> tuple[str, ...]:
+        """Checkpoint tensor names parameter `name` may be stored under, preferred first."""
+        ...
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] pixels -> [B, V, D] projected visual tokens."""
         ...

@@ -71,6 +71,28 @@ class LlavaAdapter:
     def decoder_layers(self) -> Sequence[nn.Module]:
         return self._language_model.layers
 
+    @property
+    def vision_modules(self) -> list[nn.Module]:
+        return [self._model.model.vision_tower, self._model.model.multi_modal_projector]
+
+    @property
+    def embed_module(self) -> nn.Module:
+        return self._language_model.embed_tokens
+
+    @property
+    def head_modules(self) -> list[nn.Module]:
+        return [self._language_model.norm, self._model.lm_head]
+
+    @staticmethod
+    def checkpoint_keys(name: str) -> tuple[str, ...]:
+        """Where a llava-hf checkpoint stores parameter `name`: as transformers 5 names it, or in the
+        layout transformers 4 saved (and the Hub's llava-hf repositories use)."""
+        keys = [name]
+        for current, legacy in _LEGACY_PREFIXES:
+            if name.startswith(current):
+                keys.append(legacy + name.removeprefix(current))
+        return tuple(keys)
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # HF's get_image_features splits the batch into a Python list, which pins the batch size
         # in an exported graph; the same selection with tensor ops only:
@@ -89,6 +111,14 @@ class LlavaAdapter:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._model.lm_head(self._language_model.norm(hidden))
+
+
+_LEGACY_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
 
 
 def _check_full_attention(text_config) -> None:

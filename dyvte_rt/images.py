@@ -9,6 +9,7 @@ Animated images use their first frame.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dyvte_rt.errors import InputError
 
-ImageInput = str | Path | Image.Image
+ImageInput = str | Path | Image.Image | bytes
 MAX_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000; larger images are refused before decoding
 SUPPORTED = "PNG, JPEG, GIF, BMP, TIFF or WebP"
 IMAGE_SUFFIXES = (
@@ -33,8 +34,13 @@ IMAGE_SUFFIXES = (
 
 
 def load_image(image: ImageInput) -> Image.Image:
+    """A path, the bytes of an image file, or a PIL image -> an upright image (checked, decoded)."""
     if isinstance(image, Image.Image):
         return normalize_image(image)
+    if isinstance(image, bytes):
+        if not image:
+            raise InputError("the image is empty (0 bytes)")
+        return _decode(io.BytesIO(image), "the image")
     path = Path(image)
     if not path.exists():
         raise InputError(f"image {path} does not exist")
@@ -42,11 +48,16 @@ def load_image(image: ImageInput) -> Image.Image:
         raise InputError(f"image {path} is not a file")
     if path.stat().st_size == 0:
         raise InputError(f"image {path} is empty (0 bytes)")
+    return _decode(path, f"image {path}")
+
+
+def _decode(source, name: str) -> Image.Image:
+    """`name`: how messages call the image ("image photo.jpg", "the image")."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as handle:
-                check_size(handle.size, path)
+            with Image.open(source) as handle:
+                check_size(handle.size, name)
                 handle.seek(0)  # animated: the first frame
                 handle.load()
                 return normalize_image(handle)
@@ -54,21 +65,20 @@ def load_image(image: ImageInput) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(
-            f"image {path} decodes to more than {MAX_PIXELS:,} pixels", hint="downscale it first"
+            f"{name} decodes to more than {MAX_PIXELS:,} pixels", hint="downscale it first"
         ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"cannot read image {path}: {reason}", hint=f"use a {SUPPORTED} file") from None
+        raise InputError(f"cannot read {name}: {reason}", hint=f"use a {SUPPORTED} file") from None
 
 
-def check_size(size: tuple[int, int], path: Path | str) -> None:
+def check_size(size: tuple[int, int], name: str) -> None:
     width, height = size
     if width < 1 or height < 1:
-        raise InputError(f"image {path} has no pixels ({width}x{height})")
+        raise InputError(f"{name} has no pixels ({width}x{height})")
     if width * height > MAX_PIXELS:
         raise InputError(
-            f"image {path} is {width}x{height} = {width * height:,} pixels, "
-            f"above the limit of {MAX_PIXELS:,}",
+            f"{name} is {width}x{height} = {width * height:,} pixels, above the limit of {MAX_PIXELS:,}",
             hint="downscale it first",
         )
 

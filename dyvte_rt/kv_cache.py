@@ -49,30 +49,50 @@ class KVCache(ABC):
         return int(self.lengths.sum()) * self.row_bytes()
 
     @abstractmethod
-    def feeds(self, layers: range, new_tokens: int) -> dict[str, Value | np.ndarray]:
-        """A segment's cache inputs for a step that adds `new_tokens` rows to each of `layers`."""
+    def feeds(self, layers: range, new_tokens: int | np.ndarray) -> dict[str, Value | np.ndarray]:
+        """A segment's cache inputs for a step that adds `new_tokens` rows (per sample: [B]) to each
+        of `layers`."""
 
     @abstractmethod
     def outputs(self, layers: range) -> dict[str, Value]:
         """Values the segment writes its present keys/values into (none: the backend allocates)."""
 
     @abstractmethod
-    def update(self, layers: range, new_tokens: int, outputs: dict[str, Value]) -> None:
+    def update(self, layers: range, new_tokens: int | np.ndarray, outputs: dict[str, Value]) -> None:
         """Record the step: `outputs` are the segment's outputs."""
 
 
 class InplaceKVCache(KVCache):
     """One preallocated buffer per layer and kind; rows are written in place by the graph."""
 
-    def __init__(self, backend: Backend, dims: Dims, batch: int, dtype: np.dtype, capacity: int) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        dims: Dims,
+        batch: int,
+        dtype: np.dtype,
+        capacity: int,
+        buffers: dict | None = None,
+        lengths: np.ndarray | None = None,
+    ) -> None:
         super().__init__(backend, dims, batch, dtype)
+        if lengths is not None:
+            self.lengths = lengths  # a view of a batch cache's lengths (`row`)
         self.capacity = capacity
         shape = (batch, dims.num_kv_heads, capacity, dims.head_dim)
-        self.buffers = {
+        self.owns_buffers = buffers is None
+        self.buffers = buffers or {
             (layer, kind): backend.empty(shape, self.dtype)
             for layer in range(dims.num_layers)
             for kind in ("key", "value")
         }
+
+    def row(self, index: int) -> InplaceKVCache:
+        """A batch-1 cache over row `index`'s buffers (a view, where the backend has views): a
+        request prefilled into it joins the batch without a copy."""
+        views = {key: self.backend.view_rows(value, index, index + 1) for key, value in self.buffers.items()}
+        lengths = self.lengths[index : index + 1]  # shared: what the row writes, the batch sees
+        return InplaceKVCache(self.backend, self.dims, 1, self.dtype, self.capacity, views, lengths)
 
     def allocated_bytes(self) -> int:
         return (
@@ -84,7 +104,7 @@ class InplaceKVCache(KVCache):
             * self.dtype.itemsize
         )
 
-    def feeds(self, layers: range, new_tokens: int) -> dict[str, Value | np.ndarray]:
+    def feeds(self, layers: range, new_tokens: int | np.ndarray) -> dict[str, Value | np.ndarray]:
         total = self.lengths[:, layers.start] + new_tokens  # [B]; a segment's layers hold equal lengths
         if int(total.max()) > self.capacity:
             raise InputError(
@@ -104,8 +124,8 @@ class InplaceKVCache(KVCache):
             for kind in ("key", "value")
         }
 
-    def update(self, layers: range, new_tokens: int, outputs: dict[str, Value]) -> None:
-        self.lengths[:, layers.start : layers.stop] += new_tokens
+    def update(self, layers: range, new_tokens: int | np.ndarray, outputs: dict[str, Value]) -> None:
+        self.lengths[:, layers.start : layers.stop] += np.reshape(new_tokens, (-1, 1))
 
 
 class ConcatKVCache(KVCache):
@@ -119,7 +139,7 @@ class ConcatKVCache(KVCache):
             (layer, kind): none for layer in range(dims.num_layers) for kind in ("key", "value")
         }
 
-    def feeds(self, layers: range, new_tokens: int) -> dict[str, Value | np.ndarray]:
+    def feeds(self, layers: range, new_tokens: int | np.ndarray) -> dict[str, Value | np.ndarray]:
         return {
             names.past_name(layer, kind): self.values[layer, kind]
             for layer in layers
@@ -129,8 +149,8 @@ class ConcatKVCache(KVCache):
     def outputs(self, layers: range) -> dict[str, Value]:
         return {}
 
-    def update(self, layers: range, new_tokens: int, outputs: dict[str, Value]) -> None:
+    def update(self, layers: range, new_tokens: int | np.ndarray, outputs: dict[str, Value]) -> None:
         for layer in layers:
             for kind in ("key", "value"):
                 self.values[layer, kind] = outputs[names.present_name(layer, kind)]
-        self.lengths[:, layers.start : layers.stop] += new_tokens
+        self.lengths[:, layers.start : layers.stop] += np.reshape(new_tokens, (-1, 1))

@@ -180,20 +180,8 @@ class DyvteModel:
         """
         policy = self.policy(exit, threshold)
         self.pipeline.check_policy(policy)
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if not question.strip():
-            raise InputError("the question is empty", hint="ask something about the image")
-        input_ids = self.prompts.encode(question, with_image=image is not None)
-        limit = self.manifest.dims.max_positions
-        if input_ids.shape[1] + max_new_tokens > limit:
-            raise InputError(
-                f"the prompt has {input_ids.shape[1]} tokens; with {max_new_tokens} new tokens that exceeds "
-                f"the model's context of {limit} positions",
-                hint="shorten the question or lower --max-new-tokens",
-            )
         started = time.perf_counter()
-        pixels = None if image is None else preprocess(load_image(image), self.manifest.vision.preprocess)
+        input_ids, pixels = self._prepare(image, question, max_new_tokens)
         preprocess_ms = 1e3 * (time.perf_counter() - started)
         sampler = Sampler(sampling or SamplingConfig())
         return Generation(
@@ -201,6 +189,84 @@ class DyvteModel:
                 generation, input_ids, pixels, policy, max_new_tokens, sampler, stop_at_eos, preprocess_ms
             )
         )
+
+    def ask_batch(
+        self,
+        questions: list[tuple[ImageInput | None, str]],
+        *,
+        exit: str | ExitPolicy | list[str | ExitPolicy] | None = None,
+        threshold: float | None = None,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig | None = None,
+        stop_at_eos: bool = True,
+    ) -> list[Answer]:
+        """Answer several (image, question) pairs together: one batched prefill, in which every
+        sample exits at its own layer (`exit` may give each its own policy), then batched decoding.
+
+        Every answer equals the one `ask` gives for the same pair. Each answer's `prefill_macs`
+        also holds `batch_computed`: what the whole batch computed, padding included.
+        """
+        from dyvte_rt.pipeline import PrefillRequest
+
+        if not questions:
+            return []
+        policies = exit if isinstance(exit, list) else [exit] * len(questions)
+        if len(policies) != len(questions):
+            raise InputError(f"{len(policies)} exit policies for {len(questions)} questions")
+        requests, started = [], time.perf_counter()
+        for (image, question), spec in zip(questions, policies, strict=True):
+            policy = self.policy(spec, threshold)
+            ids, pixels = self._prepare(image, question, max_new_tokens)
+            requests.append(PrefillRequest(ids[0], pixels, policy))
+        preprocess_ms = 1e3 * (time.perf_counter() - started)
+        capacity = max(len(r.input_ids) for r in requests) + max_new_tokens
+        cache = self.pipeline.new_cache(capacity, batch=len(requests))
+        clock = TurnClock(self.bundle.backend.transfers, preprocess_ms)
+        batch = self.pipeline.prefill_batch(requests, cache)
+        samplers = [Sampler(sampling or SamplingConfig()) for _ in requests]
+        eos = set(self.manifest.tokens.eos) if stop_at_eos else set()
+        tokens = [[samplers[b](result.logits)] for b, result in enumerate(batch.results)]
+        first = time.perf_counter()
+        done = [t[-1] in eos or max_new_tokens == 1 for t in tokens]
+        step = 0
+        while not all(done):
+            positions = np.array([[r.n_tokens + step] for r in batch.results])  # each sample's next position
+            logits = self.pipeline.forward_tokens(np.array([[t[-1]] for t in tokens]), positions, cache)
+            step += 1
+            for b in range(len(tokens)):
+                if not done[b]:
+                    tokens[b].append(samplers[b](logits[b : b + 1]))
+                    done[b] = tokens[b][-1] in eos or len(tokens[b]) >= max_new_tokens
+        decode_ms = 1e3 * (time.perf_counter() - first)
+        answers = []
+        for result, sample_tokens in zip(batch.results, tokens, strict=True):
+            text = self.prompts.tokenizer.decode(sample_tokens, skip_special_tokens=True).strip()
+            answers.append(
+                Answer(
+                    answer=text,
+                    token_ids=sample_tokens,
+                    finish_reason=FINISH_STOP if sample_tokens[-1] in eos else FINISH_LENGTH,
+                    exit_layer=result.exit_layer,
+                    exit_probs=result.exit_probs,
+                    policy=requests[result.row].policy.spec(),
+                    prompt_tokens=result.n_tokens,
+                    visual_tokens=result.n_visual,
+                    timings_ms={
+                        "preprocess": preprocess_ms,
+                        **result.timings_ms,
+                        "ttft": clock.preprocess_ms + 1e3 * (first - clock.started),
+                        "decode": decode_ms,
+                    },
+                    prefill_macs={
+                        "full": result.macs.full,
+                        "actual": result.macs.actual,
+                        "batch_computed": batch.padded_macs,
+                    },
+                    kv_cache_bytes=int(cache.lengths[result.row].sum()) * cache.row_bytes(),
+                    host_bytes={"batch": clock.transfers.since(clock.before).total},
+                )
+            )
+        return answers
 
     def chat(
         self,
@@ -219,6 +285,25 @@ class DyvteModel:
         from dyvte_rt.conversation import Conversation
 
         return Conversation(self, image, self.policy(exit, threshold), context, sampling or SamplingConfig())
+
+    def _prepare(
+        self, image: ImageInput | None, question: str, max_new_tokens: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Check a question and turn it into prompt ids [1, N] and pixel values (None: no image)."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not question.strip():
+            raise InputError("the question is empty", hint="ask something about the image")
+        input_ids = self.prompts.encode(question, with_image=image is not None)
+        limit = self.manifest.dims.max_positions
+        if input_ids.shape[1] + max_new_tokens > limit:
+            raise InputError(
+                f"the prompt has {input_ids.shape[1]} tokens; with {max_new_tokens} new tokens that exceeds "
+                f"the model's context of {limit} positions",
+                hint="shorten the question or lower --max-new-tokens",
+            )
+        pixels = None if image is None else preprocess(load_image(image), self.manifest.vision.preprocess)
+        return input_ids, pixels
 
     def _run(
         self,

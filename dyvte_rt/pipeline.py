@@ -6,25 +6,26 @@ decoding through the same segments, with every tensor staying on the backend.
         h = seg(h, pos, kv)                               # kv: written by the graph (in place) or replaced
         if candidate and not exited and policy says so:   # the router's 2 logits come to the host
             h = exit_gather(h, keep); pos = pos[keep]     # the switch runs on the backend
-    logits = head(h, last)                                # the only large host transfer: [1, vocab]
+    logits = head(h, last)                                # the only large host transfer: [B, vocab]
     decode: the same segments, one token at a time, no routers
 
-Shapes: B batch (1 here), N prompt tokens, V visual tokens, D hidden. Host transfers are the token
-ids, position ids, per-segment KV lengths, the router logits (prefill, 2 floats each) and the
-logits of the last position.
+One loop serves a single request and a batch: B samples padded on the right to a common length,
+each with its own number of valid tokens, its own KV lengths and its own exit layer (a batch is
+never forced to one sample's decision). Shapes: B batch, S padded tokens, V visual tokens, D hidden.
+Host transfers are the token ids, position ids, per-segment KV lengths, the router logits (prefill,
+2 floats per sample each) and the logits of the last positions.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from dyvte_rt import io_names as names
 from dyvte_rt.bundle import Bundle, as_runtime_error
-from dyvte_rt.compute import DecoderDims, PrefillMacs, prefill_macs
+from dyvte_rt.compute import DecoderDims, PrefillMacs, layer_macs, prefill_macs
 from dyvte_rt.errors import InputError, PolicyError
 from dyvte_rt.features import router_pool
 from dyvte_rt.kv_cache import ConcatKVCache, InplaceKVCache, KVCache
@@ -32,20 +33,31 @@ from dyvte_rt.manifest import SegmentInfo
 from dyvte_rt.policy import ExitPolicy, check_policy_fits, exit_probability
 from engines import BackendError, Value
 
-# (segment just run, its output hidden state, host positions [B, S]) -> (hidden, positions) to go on with
-Switch = Callable[[SegmentInfo, Value, np.ndarray], tuple[Value, np.ndarray]]
+
+@dataclass
+class PrefillRequest:
+    input_ids: np.ndarray  # [N] prompt token ids
+    pixel_values: np.ndarray | None  # [1, 3, H, W]; None for a text-only prompt
+    policy: ExitPolicy
 
 
 @dataclass
 class PrefillResult:
     logits: np.ndarray  # [1, vocab] at the last prompt position
-    cache: KVCache
+    cache: KVCache  # holds this request in row `row`
     exit_layer: int | None
     exit_probs: dict[int, float]
     n_tokens: int
     n_visual: int
     macs: PrefillMacs
     timings_ms: dict[str, float] = field(default_factory=dict)  # vision, prefill, switch (within prefill)
+    row: int = 0
+
+
+@dataclass
+class BatchPrefill:
+    results: list[PrefillResult]
+    padded_macs: int  # what the batch computed, padding included (Σ over layers of B · C(padded length))
 
 
 class Pipeline:
@@ -54,6 +66,7 @@ class Pipeline:
         manifest = bundle.manifest
         self.dims = manifest.dims
         self.image_token_id = manifest.tokens.image
+        self.pad_token_id = manifest.tokens.pad if manifest.tokens.pad is not None else 0
         self.candidates = manifest.exit.candidate_layers
         self.segments = manifest.segments
         self.has_routers = any(s.has_router for s in self.segments)
@@ -66,8 +79,8 @@ class Pipeline:
         self.backend = bundle.backend
         self.sessions = bundle.sessions
         self._dtype = bundle.float_dtype
-        self._inplace = manifest.kv_flavour == "inplace"
-        self._no_image = self.backend.upload(np.zeros((1, 0, self.dims.hidden), dtype=self._dtype))
+        self.inplace = manifest.kv_flavour == "inplace"
+        self._no_image = {}  # batch -> empty image features [B, 0, D] on the backend
         self._spare: InplaceKVCache | None = None  # buffers of a finished request, reused by the next
 
     def check_policy(self, policy: ExitPolicy) -> None:
@@ -79,11 +92,16 @@ class Pipeline:
             )
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        """A KV cache for requests of up to `capacity` positions (prompt and generated tokens);
-        in-place buffers released by an earlier request are reused when they are large enough."""
+        """A KV cache for `batch` requests of up to `capacity` positions each (prompt and generated
+        tokens); in-place buffers released by an earlier request are reused when large enough."""
         if capacity > self.dims.max_positions:
             raise InputError(f"{capacity} positions exceed the model's context of {self.dims.max_positions}")
-        if not self._inplace:
+        if not self.inplace:
+            if batch > 1:
+                raise InputError(
+                    "batches need a bundle with the in-place KV flavour",
+                    hint="re-export with --kv inplace (the default)",
+                )
             return ConcatKVCache(self.backend, self.dims, batch, self._dtype)
         spare, self._spare = self._spare, None
         if spare is not None and spare.capacity >= capacity and spare.batch == batch:
@@ -93,10 +111,11 @@ class Pipeline:
 
     def release(self, cache: KVCache) -> None:
         """`cache` is no longer used: keep its buffers for the next request (the largest one seen)."""
-        if isinstance(cache, InplaceKVCache) and (
-            self._spare is None or cache.capacity > self._spare.capacity
-        ):
+        reusable = isinstance(cache, InplaceKVCache) and cache.batch == 1 and cache.owns_buffers
+        if reusable and (self._spare is None or cache.capacity > self._spare.capacity):
             self._spare = cache
+
+    # -- prefill ----------------------------------------------------------------------------------
 
     def prefill(
         self,
@@ -105,55 +124,86 @@ class Pipeline:
         policy: ExitPolicy,
         capacity: int | None = None,
     ) -> PrefillResult:
-        """The prompt through every graph, exiting where `policy` decides; `capacity`: KV positions
+        """One prompt through every graph, exiting where `policy` decides; `capacity`: KV positions
         to reserve (default: the prompt and 64 more)."""
-        self.check_policy(policy)
-        input_ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)  # [1, N]
-        is_visual = input_ids[0] == self.image_token_id  # [N]
-        n_tokens, n_visual = input_ids.shape[1], int(is_visual.sum())
-        if n_visual and pixel_values is None:
-            raise InputError(f"the prompt has {n_visual} image tokens but no image was given")
-        cache = self.new_cache(capacity or min(n_tokens + 64, self.dims.max_positions))
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        cache = self.new_cache(capacity or min(ids.shape[0] + 64, self.dims.max_positions))
+        return self.prefill_batch([PrefillRequest(ids, pixel_values, policy)], cache).results[0]
+
+    def prefill_batch(self, requests: list[PrefillRequest], cache: KVCache) -> BatchPrefill:
+        """Several prompts at once, padded on the right, each exiting at its own layer; row b of
+        `cache` receives request b."""
+        for request in requests:
+            self.check_policy(request.policy)
+        batch = len(requests)
+        if cache.batch != batch:
+            raise ValueError(f"a cache for {cache.batch} rows cannot hold {batch} requests")
+        ids = [np.asarray(r.input_ids, dtype=np.int64).reshape(-1) for r in requests]
+        valid = np.array([len(i) for i in ids], dtype=np.int64)  # [B]
+        padded = np.full((batch, int(valid.max())), self.pad_token_id, dtype=np.int64)  # [B, S]
+        for row, sample in enumerate(ids):
+            padded[row, : len(sample)] = sample
+        n_visual = [int((sample == self.image_token_id).sum()) for sample in ids]
+        for request, visual in zip(requests, n_visual, strict=True):
+            if visual and request.pixel_values is None:
+                raise InputError(f"the prompt has {visual} image tokens but no image was given")
         try:
             started = time.perf_counter()
-            features = self._vision(pixel_values) if n_visual else self._no_image
+            features = self._vision_batch(requests, n_visual)
             vision_ms = 1e3 * (time.perf_counter() - started)
             started = time.perf_counter()
-            hidden = self._run("embed", {names.INPUT_IDS: input_ids, names.IMAGE_FEATURES: features})[
-                names.INPUT_EMBEDS
-            ]
-            switch = ExitSwitch(self, policy, input_ids[0], is_visual)
-            hidden, positions = self._segments(
-                hidden, np.arange(n_tokens)[None], cache, switch if n_visual else None
-            )
-            logits = self._head(hidden, positions.shape[1])
+            feeds = {names.INPUT_IDS: padded, names.IMAGE_FEATURES: features}
+            hidden = self._run("embed", feeds)[names.INPUT_EMBEDS]
+            positions = np.tile(np.arange(padded.shape[1]), (batch, 1))  # [B, S]
+            switch = ExitSwitch(self, requests, ids, valid) if any(n_visual) else None
+            hidden, positions, valid, padded_macs = self._segments(hidden, positions, valid, cache, switch)
+            logits = self._head(hidden, valid)  # [B, vocab]
         except BackendError as err:
             raise as_runtime_error(err) from None
-        return PrefillResult(
-            logits=logits,
-            cache=cache,
-            exit_layer=switch.exit_layer,
-            exit_probs=switch.exit_probs,
-            n_tokens=n_tokens,
-            n_visual=n_visual,
-            macs=prefill_macs(self.decoder_dims, n_tokens, n_visual, switch.exit_layer),
-            timings_ms={
-                "vision": vision_ms,
-                "prefill": 1e3 * (time.perf_counter() - started),
-                "switch": switch.ms,
-            },
-        )
+        prefill_ms = 1e3 * (time.perf_counter() - started)
+        results = []
+        for row in range(batch):
+            exit_layer = switch.exit_layers[row] if switch is not None else None
+            results.append(
+                PrefillResult(
+                    logits=logits[row : row + 1],
+                    cache=cache,
+                    exit_layer=exit_layer,
+                    exit_probs=switch.exit_probs[row] if switch is not None else {},
+                    n_tokens=len(ids[row]),
+                    n_visual=n_visual[row],
+                    macs=prefill_macs(self.decoder_dims, len(ids[row]), n_visual[row], exit_layer),
+                    timings_ms={
+                        "vision": vision_ms,
+                        "prefill": prefill_ms,
+                        "switch": switch.ms if switch else 0.0,
+                    },
+                    row=row,
+                )
+            )
+        return BatchPrefill(results, padded_macs)
 
-    def forward_tokens(self, token_ids: np.ndarray, first_position: int, cache: KVCache) -> np.ndarray:
-        """Tokens [1, S] at original positions first_position.. through every segment, attending to
-        all that `cache` holds (no routers) -> logits [1, vocab] of the last one. A decode step is S = 1."""
-        token_ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
-        steps = token_ids.shape[1]
+    # -- decoding ---------------------------------------------------------------------------------
+
+    def forward_tokens(
+        self, token_ids: np.ndarray, positions: np.ndarray | int, cache: KVCache
+    ) -> np.ndarray:
+        """Tokens [B, S] at original positions [B, S] (or starting at one position) through every
+        segment, attending to all that `cache` holds (no routers) -> logits [B, vocab] of the last
+        ones. A decode step is S = 1."""
+        token_ids = np.asarray(token_ids, dtype=np.int64)
+        token_ids = token_ids.reshape(1, -1) if token_ids.ndim == 1 else token_ids
+        batch, steps = token_ids.shape
+        if np.isscalar(positions):
+            positions = np.tile(np.arange(positions, positions + steps), (batch, 1))
         try:
-            hidden = self._run("embed", {names.INPUT_IDS: token_ids, names.IMAGE_FEATURES: self._no_image})
-            positions = np.arange(first_position, first_position + steps)[None]
-            hidden, _ = self._segments(hidden[names.INPUT_EMBEDS], positions, cache, None)
-            return self._head(hidden, steps)
+            feeds = {names.INPUT_IDS: token_ids, names.IMAGE_FEATURES: self._empty_features(batch)}
+            hidden = self._run("embed", feeds)[names.INPUT_EMBEDS]
+            valid = np.full(batch, steps, dtype=np.int64)
+            hidden, _, valid, _ = self._segments(
+                hidden, np.asarray(positions, dtype=np.int64), valid, cache, None
+            )
+            return self._head(hidden, valid)
         except BackendError as err:
             raise as_runtime_error(err) from None
 
@@ -161,90 +211,141 @@ class Pipeline:
         """One token at original position `position` -> logits [1, vocab]."""
         return self.forward_tokens(np.array([[token]]), position, cache)
 
-    # -- the loop -------------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------------
 
     def _segments(
-        self, hidden: Value, positions: np.ndarray, cache: KVCache, switch: Switch | None
-    ) -> tuple[Value, np.ndarray]:
-        """The one segment loop, for prefill and decode alike; `switch` may drop tokens after a segment."""
+        self,
+        hidden: Value,
+        positions: np.ndarray,
+        valid: np.ndarray,
+        cache: KVCache,
+        switch: ExitSwitch | None,
+    ) -> tuple[Value, np.ndarray, np.ndarray, int]:
+        """The one segment loop, for prefill and decode alike; `switch` may drop tokens after a
+        segment. `valid` [B]: each row's real tokens (the rest is padding). Returns the hidden state,
+        positions and valid counts after the last segment, and the multiply-adds computed."""
         position_value = self.backend.upload(positions)
+        computed = 0
         for segment in self.segments:
             layers = range(segment.first_layer, segment.last_layer + 1)
-            steps = positions.shape[1]
+            held = cache.lengths[:, layers.start].copy()  # [B] rows each sample held before this step
             feeds = {
                 names.HIDDEN_IN: hidden,
                 names.POSITION_IDS: position_value,
-                **cache.feeds(layers, steps),
+                **cache.feeds(layers, valid),
             }
             out = self.sessions[segment.graph].run(feeds, into=cache.outputs(layers))
-            cache.update(layers, steps, out)
+            cache.update(layers, valid, out)
+            computed += (
+                len(layers)
+                * positions.shape[0]
+                * layer_macs(positions.shape[1], self.decoder_dims, int(held.max()) + positions.shape[1])
+            )
             hidden = out[names.HIDDEN_OUT]
             if switch is not None:
-                kept = positions.shape[1]
-                hidden, positions = switch(segment, hidden, positions)
-                if positions.shape[1] != kept:
+                shape = positions.shape
+                hidden, positions, valid = switch(segment, hidden, positions, valid)
+                if positions.shape != shape:
                     position_value = self.backend.upload(positions)
-        return hidden, positions
+        return hidden, positions, valid, computed
 
-    def _vision(self, pixel_values: np.ndarray) -> Value:
-        """[1, 3, H, W] pixels -> image features [1, V, D] on the backend."""
-        return self._run("vision", {names.PIXEL_VALUES: pixel_values.astype(self._dtype)})[
-            names.IMAGE_FEATURES
-        ]
+    def _vision_batch(self, requests: list[PrefillRequest], n_visual: list[int]) -> Value:
+        """Image features [B, V, D] on the backend (zeros pixels for rows without an image: their
+        prompts hold no image token, so the embed graph never reads them)."""
+        if not any(n_visual):
+            return self._empty_features(len(requests))
+        shapes = {r.pixel_values.shape for r in requests if r.pixel_values is not None}
+        if len(shapes) != 1 or len({v for v in n_visual if v}) != 1:
+            raise InputError("a batch's images must have the same size and number of visual tokens")
+        shape = shapes.pop()
+        pixels = np.concatenate(
+            [r.pixel_values if r.pixel_values is not None else np.zeros(shape) for r in requests]
+        ).astype(self._dtype)
+        return self._run("vision", {names.PIXEL_VALUES: pixels})[names.IMAGE_FEATURES]
 
-    def _head(self, hidden: Value, steps: int) -> np.ndarray:
-        out = self._run(
-            "head", {names.HIDDEN_OUT: hidden, names.LAST_INDEX: np.array([steps - 1], dtype=np.int64)}
-        )
-        return self.backend.download(out[names.LOGITS])
+    def _empty_features(self, batch: int) -> Value:
+        if batch not in self._no_image:
+            empty = np.zeros((batch, 0, self.dims.hidden), dtype=self._dtype)
+            self._no_image[batch] = self.backend.upload(empty)
+        return self._no_image[batch]
+
+    def _head(self, hidden: Value, valid: np.ndarray) -> np.ndarray:
+        feeds = {names.HIDDEN_OUT: hidden, names.LAST_INDEX: np.asarray(valid, dtype=np.int64) - 1}
+        return self.backend.download(self._run("head", feeds)[names.LOGITS])
 
     def _run(self, graph: str, feeds: dict) -> dict[str, Value]:
         return self.sessions[graph].run(feeds)
 
 
 class ExitSwitch:
-    """Asks the policy at each candidate layer, once, and drops the visual tokens on the backend."""
+    """Asks each sample's policy at each candidate layer, once, and drops the visual tokens of the
+    samples that exit, on the backend. Rows stay right-padded to the longest sample."""
 
     def __init__(
-        self, pipeline: Pipeline, policy: ExitPolicy, input_ids: np.ndarray, is_visual: np.ndarray
+        self, pipeline: Pipeline, requests: list[PrefillRequest], ids: list[np.ndarray], valid: np.ndarray
     ) -> None:
         self.pipeline = pipeline
-        self.policy = policy
-        self.exit_layer: int | None = None
-        self.exit_probs: dict[int, float] = {}
+        self.policies = [r.policy for r in requests]
+        batch = len(requests)
+        self.exit_layers: list[int | None] = [None] * batch
+        self.exit_probs: list[dict[int, float]] = [{} for _ in range(batch)]
         self.ms = 0.0  # reading router outputs, deciding and dropping the visual tokens
-        n = input_ids.shape[0]
-        self._keep = np.flatnonzero(~is_visual)[None]  # [1, N-V] the text positions
-        self._last = np.array([n - 1], dtype=np.int64)
-        self._pool = (
-            router_pool(input_ids, pipeline.image_token_id, pipeline.bundle.float_dtype)
-            if policy.needs_routers
-            else None
-        )
+        self._visual = [bool((sample == pipeline.image_token_id).any()) for sample in ids]
+        self._text = [np.flatnonzero(sample != pipeline.image_token_id) for sample in ids]  # kept at an exit
+        self._pool = None
+        if any(p.needs_routers for p in self.policies):
+            dtype = pipeline.bundle.float_dtype
+            self._pool = np.zeros((batch, int(valid.max())), dtype=dtype)  # [B, S]
+            for row, sample in enumerate(ids):
+                self._pool[row, : len(sample)] = router_pool(sample, pipeline.image_token_id, dtype)[0]
 
     def __call__(
-        self, segment: SegmentInfo, hidden: Value, positions: np.ndarray
-    ) -> tuple[Value, np.ndarray]:
-        if self.exit_layer is not None or segment.last_layer not in self.pipeline.candidates:
-            return hidden, positions
+        self, segment: SegmentInfo, hidden: Value, positions: np.ndarray, valid: np.ndarray
+    ) -> tuple[Value, np.ndarray, np.ndarray]:
+        layer = segment.last_layer
+        undecided = [b for b in range(len(self.policies)) if self._visual[b] and self.exit_layers[b] is None]
+        if layer not in self.pipeline.candidates or not undecided:
+            return hidden, positions, valid
         started = time.perf_counter()
-        prob, gathered = None, None
-        if self.policy.needs_routers and segment.router is not None:
+        keep_if_exit = self._keep(undecided, valid)  # the rows each sample keeps if every undecided one exits
+        probs, gathered = {}, None
+        if segment.router is not None and any(self.policies[b].needs_routers for b in undecided):
             feeds = {
                 names.HIDDEN_OUT: hidden,
                 names.ROUTER_POOL: self._pool,
-                names.LAST_INDEX: self._last,
-                names.KEEP_INDEX: self._keep,
+                names.LAST_INDEX: valid - 1,
+                names.KEEP_INDEX: keep_if_exit,
             }
             out = self.pipeline.sessions[segment.router].run(feeds)
-            prob = exit_probability(self.pipeline.backend.download(out[names.ROUTER_LOGITS]))
-            self.exit_probs[segment.last_layer] = prob
-            gathered = out[names.HIDDEN_IN]  # the router graph also gathers the text rows
-        if self.policy.decide(segment.last_layer, prob):
-            self.exit_layer = segment.last_layer
-            if gathered is None:
-                feeds = {names.HIDDEN_OUT: hidden, names.KEEP_INDEX: self._keep}
+            logits = self.pipeline.backend.download(out[names.ROUTER_LOGITS])  # [B, 2]
+            for b in undecided:
+                if self.policies[b].needs_routers:  # the others did not ask (a batch ran the router anyway)
+                    probs[b] = exit_probability(logits[b])
+                    self.exit_probs[b][layer] = probs[b]
+            gathered = out[names.HIDDEN_IN]  # the router graph also gathers, as if all exit
+        exiting = [b for b in undecided if self.policies[b].decide(layer, probs.get(b))]
+        if exiting:
+            for b in exiting:
+                self.exit_layers[b] = layer
+            keep = keep_if_exit if exiting == undecided else self._keep(exiting, valid)
+            if gathered is None or exiting != undecided:
+                feeds = {names.HIDDEN_OUT: hidden, names.KEEP_INDEX: keep}
                 gathered = self.pipeline.sessions["exit_gather"].run(feeds)[names.HIDDEN_IN]
-            hidden, positions = gathered, positions[:, self._keep[0]]
+            hidden = gathered
+            valid = valid.copy()
+            for b in exiting:
+                valid[b] = len(self._text[b])
+            positions = np.take_along_axis(positions, keep, axis=1)
+            if self._pool is not None:  # samples still undecided keep their rows, and so their pool
+                self._pool = np.take_along_axis(self._pool, keep, axis=1)
         self.ms += 1e3 * (time.perf_counter() - started)
-        return hidden, positions
+        return hidden, positions, valid
+
+    def _keep(self, exiting: list[int], valid: np.ndarray) -> np.ndarray:
+        """[B, K] row indices to keep: the text rows of `exiting` samples, every valid row of the
+        others, right-padded with row 0 to the longest (padding rows are never attended)."""
+        rows = [self._text[b] if b in exiting else np.arange(valid[b]) for b in range(len(valid))]
+        keep = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
+        for b, r in enumerate(rows):
+            keep[b, : len(r)] = r
+        return keep

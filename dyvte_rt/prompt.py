@@ -97,7 +97,11 @@ class PromptBuilder:
         return np.asarray(ids, dtype=np.int64)[None]
 
     def encode(self, question: str, with_image: bool = True) -> np.ndarray:
-        text = self.render(question, with_image)
+        return self.encode_turns([(question, None)], with_image)
+
+    def encode_turns(self, turns: list[tuple[str, str | None]], with_image: bool) -> np.ndarray:
+        """A whole conversation (the image in its first question), ready to prefill -> [1, N]."""
+        text = self.render_turns(turns, with_image)
         placeholder = self.tokens.image_placeholder
         text = text.replace(placeholder, placeholder * self.visual_tokens)
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)[None]

@@ -144,5 +144,10 @@ class OrtBackend(Backend):
     def _download_impl(self, value: Value) -> np.ndarray:
         return np.array(value.numpy(), copy=True)  # on the CPU numpy() is a view of ORT's memory
 
+    def _view_rows_impl(self, value: Value, start: int, stop: int) -> Value:
+        if self.device_type != "cpu":  # no Python handle on device memory offsets in ONNX Runtime
+            return super()._view_rows_impl(value, start, stop)
+        return self._ort.OrtValue.ortvalue_from_numpy(value.numpy()[start:stop])  # the same memory
+
     def _empty_impl(self, shape: tuple[int, ...], dtype: np.dtype) -> Value:
         return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype.type, self.device_type, 0)

@@ -159,6 +159,17 @@ class Backend(ABC):
         """Uninitialised backend memory (a KV buffer); nothing crosses from the host."""
         return self._empty_impl(tuple(int(d) for d in shape), np.dtype(dtype))
 
+    def view_rows(self, value: Value, start: int, stop: int) -> Value:
+        """Rows start..stop of `value`'s first axis, sharing its memory (a batch slot)."""
+        return self._view_rows_impl(value, start, stop)
+
+    def _view_rows_impl(self, value: Value, start: int, stop: int) -> Value:
+        raise BackendError(
+            f"the {type(self).__name__} backend cannot view part of a buffer",
+            hint="serve batches on the CPU backend",
+            unavailable=True,
+        )
+
     @abstractmethod
     def _session_class(self) -> type[Session]: ...
 

@@ -1,0 +1,195 @@
+"""Load on `dyvte-rt serve` from concurrent clients: throughput, latency percentiles, memory.
+
+    python benchmarks/serve_load.py --bundle runs/demo-bundle --clients 8 --seconds 60
+    python benchmarks/serve_load.py --bundle runs/slice4-bundle-int4 --clients 1,4 --requests 4 \
+        --max-tokens 32
+
+Starts the server (its own process, 127.0.0.1), warms it up, then runs each client count in turn:
+every client streams requests back to back (`ignore_eos`, exactly --max-tokens tokens each) for
+--seconds or --requests. Reports per client count: requests, errors, aggregate generated tokens/s,
+TTFT (to the first content chunk) and request latency p50/p99, and the server's resident memory
+after warm-up and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--clients", default="8", help="comma-separated concurrent client counts")
+    parser.add_argument("--seconds", type=float, default=None, help="run each client count this long")
+    parser.add_argument("--requests", type=int, default=None, help="or this many requests per client")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--exit", default=None, help="exit policy for every request (default: the bundle's)")
+    parser.add_argument("--image", type=Path, default=ROOT / "examples/three_shapes.png")
+    parser.add_argument("--question", default="what shape is in the top left?")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+    if (args.seconds is None) == (args.requests is None):
+        parser.error("give --seconds or --requests")
+
+    command = [
+        sys.executable,
+        "-m",
+        "dyvte_rt.cli",
+        "serve",
+        "--bundle",
+        str(args.bundle),
+        "--port",
+        str(args.port),
+    ]
+    command += ["--max-batch", str(args.max_batch), "--threads", str(args.threads)]
+    with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a chatty server never blocks
+        server = subprocess.Popen(command, stderr=log, text=True)
+        try:
+            report = _drive(f"http://127.0.0.1:{args.port}", server, log, args)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
+    _wait(url, server, log)
+    image = "data:image/png;base64," + base64.b64encode(args.image.read_bytes()).decode()
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image}},
+                    {"type": "text", "text": args.question},
+                ],
+            }
+        ],
+        "max_tokens": args.max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        **({"exit": args.exit} if args.exit else {}),
+    }
+    for _ in range(3):
+        _request(url, body)  # warm-up
+    report = {"warm_rss_mb": _rss_mb(server.pid), "runs": {}}
+    for clients in (int(c) for c in args.clients.split(",")):
+        report["runs"][clients] = _load(url, body, clients, args)
+        run = report["runs"][clients]
+        print(
+            f"{clients} clients: {run['requests']} requests, {run['errors']} errors, "
+            f"{run['tokens_per_s']:.1f} tok/s together; TTFT p50 {run['ttft_ms_p50']:.0f} ms "
+            f"p99 {run['ttft_ms_p99']:.0f} ms; latency p50 {run['latency_ms_p50']:.0f} ms p99 "
+            f"{run['latency_ms_p99']:.0f} ms",
+            flush=True,
+        )
+    report["end_rss_mb"] = _rss_mb(server.pid)
+    report["rss_growth"] = report["end_rss_mb"] / report["warm_rss_mb"] - 1
+    print(
+        f"server resident memory {report['warm_rss_mb']:.0f} MB after warm-up, "
+        f"{report['end_rss_mb']:.0f} MB at the end"
+    )
+    return report
+
+
+def _load(url: str, body: dict, clients: int, args) -> dict:
+    deadline = time.perf_counter() + args.seconds if args.seconds else None
+
+    def client(_: int) -> list[dict]:
+        rows = []
+        while (deadline is None and len(rows) < args.requests) or (
+            deadline is not None and time.perf_counter() < deadline
+        ):
+            rows.append(_request(url, body))
+        return rows
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        rows = [row for batch in pool.map(client, range(clients)) for row in batch]
+    elapsed = time.perf_counter() - started
+    ok = [r for r in rows if r["ok"]]
+    ttft = [r["ttft_ms"] for r in ok]
+    latency = [r["latency_ms"] for r in ok]
+    return {
+        "clients": clients,
+        "requests": len(rows),
+        "errors": len(rows) - len(ok),
+        "tokens_per_s": sum(r["tokens"] for r in ok) / elapsed,
+        "ttft_ms_p50": float(np.percentile(ttft, 50)) if ttft else float("nan"),
+        "ttft_ms_p99": float(np.percentile(ttft, 99)) if ttft else float("nan"),
+        "latency_ms_p50": float(np.percentile(latency, 50)) if latency else float("nan"),
+        "latency_ms_p99": float(np.percentile(latency, 99)) if latency else float("nan"),
+        "exit_layers": sorted({r["exit_layer"] for r in ok}, key=str),
+    }
+
+
+def _request(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    started = time.perf_counter()
+    first, last = None, None
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    if first is None and chunk["choices"][0]["delta"].get("content"):
+                        first = time.perf_counter()
+                    if "usage" in chunk:
+                        last = chunk
+    except OSError:
+        return {"ok": False}
+    done = time.perf_counter()
+    return {
+        "ok": last is not None,
+        "tokens": last["usage"]["completion_tokens"] if last else 0,
+        "ttft_ms": 1e3 * ((first or done) - started),
+        "latency_ms": 1e3 * (done - started),
+        "exit_layer": last["dyvte"]["exit_layer"] if last else None,
+    }
+
+
+def _wait(url: str, server: subprocess.Popen, log) -> None:
+    for _ in range(1200):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1):
+                return
+        except OSError:
+            if server.poll() is not None:
+                log.seek(0)
+                raise SystemExit(log.read()) from None
+            time.sleep(0.1)
+    raise SystemExit("the server did not start")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The server's Prometheus metrics (prometheus-client), one registry per server."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from dyvte_rt.serving.engine import Completion, ServeRequest
+
+
+class ServerMetrics:
+    def __init__(self, num_layers: int) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "dyvte_requests", "Chat completion requests, by outcome", ["outcome"], registry=self.registry
+        )
+        self.tokens = Counter("dyvte_generated_tokens", "Tokens generated", registry=self.registry)
+        self.prompt_tokens = Counter("dyvte_prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
+        # the last layer that saw the visual tokens; L-1 (the last layer) when they never left
+        self.exit_layer = Histogram(
+            "dyvte_exit_layer",
+            "Exit layer per request (num_layers - 1: no exit)",
+            buckets=[*range(num_layers - 1), num_layers - 1],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "dyvte_time_to_first_token_seconds",
+            "Time to first token, queueing included",
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "dyvte_request_seconds", "Request latency, queueing included", registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "dyvte_queue_depth", "Requests waiting for a batch slot", registry=self.registry
+        )
+        self.active = Gauge("dyvte_active_requests", "Requests being decoded", registry=self.registry)
+        self._last_layer = num_layers - 1
+
+    def finished(self, request: ServeRequest, done: Completion) -> None:
+        self.requests.labels(outcome="ok").inc()
+        self.tokens.inc(len(done.token_ids))
+        self.prompt_tokens.inc(done.prompt_tokens)
+        self.exit_layer.observe(self._last_layer if done.exit_layer is None else done.exit_layer)
+        self.ttft.observe(done.ttft_s)
+        self.latency.observe(done.latency_s)
+
+    def cancelled(self, request: ServeRequest) -> None:
+        self.requests.labels(outcome="cancelled").inc()
+
+    def rejected(self, status: int) -> None:
+        self.requests.labels(outcome=str(status)).inc()
+
+    def render(self, queued: int, active: int) -> tuple[bytes, str]:
+        self.queue_depth.set(queued)
+        self.active.set(active)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,260 @@
+"""`dyvte-rt serve` against a live server on 127.0.0.1 with the demo bundle."""
+
+import base64
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = ROOT / "examples/three_shapes.png"
+QUESTIONS = [
+    "what color is the shape in the top left?",
+    "what shape is in the top right?",
+    "how many shapes are there?",
+    "where is the blue shape?",
+]
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(bundle: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "dyvte_rt.cli",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--port",
+        str(port),
+        *options,
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if json.load(response)["status"] == "ok":
+                    return server, url
+        except OSError:
+            time.sleep(0.1)
+        if server.poll() is not None:
+            raise AssertionError(server.stderr.read())
+    raise AssertionError("the server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(demo_bundle):
+    process, url = _start(demo_bundle, "--max-batch", "4", "--api-key", KEY, "--max-body-mb", "1")
+    yield url
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def _data_uri(path: Path = IMAGE) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _messages(question: str, url: str | None = None) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url or _data_uri()}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+
+
+def _post(
+    url: str, body: bytes | dict, key: str | None = KEY, path: str = "/v1/chat/completions"
+) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url + path, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _infer(bundle: Path, question: str) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "dyvte_rt.cli",
+        "infer",
+        str(IMAGE),
+        question,
+        "--bundle",
+        str(bundle),
+        "--json",
+    ]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout)
+
+
+def test_the_openai_client_gets_what_infer_gives(server, demo_bundle):
+    openai = pytest.importorskip("openai")  # in the dev extra; installed wherever the tests run
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    model = client.models.list().data[0].id
+    for question in QUESTIONS[:2]:
+        expected = _infer(demo_bundle, question)
+        reply = client.chat.completions.create(model=model, messages=_messages(question), max_tokens=16)
+        assert reply.choices[0].message.content == expected["answer"]
+        assert reply.choices[0].finish_reason == expected["finish_reason"]
+        assert reply.model_extra["dyvte"]["exit_layer"] == expected["exit_layer"]
+        assert reply.usage.prompt_tokens == expected["prompt_tokens"]
+        stream = client.chat.completions.create(
+            model=model, messages=_messages(question), max_tokens=16, stream=True
+        )
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert "".join(pieces) == expected["answer"]
+
+
+def test_32_requests_from_8_clients_each_equal_their_single_answer(server, demo_bundle):
+    expected = {q: _infer(demo_bundle, q) for q in QUESTIONS}
+
+    def ask(index: int) -> tuple[str, dict]:
+        question = QUESTIONS[index % len(QUESTIONS)]
+        return question, _post(server, {"messages": _messages(question), "max_tokens": 16})[1]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, range(32)))
+    assert len(results) == 32
+    for question, body in results:
+        assert body["choices"][0]["message"]["content"] == expected[question]["answer"], question
+        assert body["dyvte"]["exit_layer"] == expected[question]["exit_layer"]
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[bytes | dict, str | None, int]]:
+    text_file = tmp / "notes.png"
+    text_file.write_text("not an image")
+    return {
+        "invalid JSON": (b"{not json", KEY, 400),
+        "bad base64": ({"messages": _messages("what?", "data:image/png;base64,@@@@")}, KEY, 400),
+        "text as image": ({"messages": _messages("what?", _data_uri(text_file))}, KEY, 400),
+        "unknown model": ({"model": "gpt-7", "messages": _messages("what?")}, KEY, 404),
+        "file path as image": ({"messages": _messages("what?", str(IMAGE))}, KEY, 400),
+        "missing key": ({"messages": _messages("what?")}, None, 401),
+        "no messages": ({"messages": []}, KEY, 400),
+        "bad policy": ({"messages": _messages("what?"), "exit": "sometimes"}, KEY, 400),
+    }
+
+
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, tmp_path):
+    for name, (body, key, status) in _bad_inputs(tmp_path).items():
+        try:
+            code, reply = _post(server, body, key=key)
+        except OSError as err:
+            raise AssertionError(f"{name}: {err}") from err
+        assert code == status, (name, code, reply)
+        assert reply["error"]["message"], name
+    assert _oversized(server) == 413  # refused from its Content-Length, before the body is read
+    code, reply = _post(server, {"messages": _messages(QUESTIONS[0]), "max_tokens": 4})
+    assert code == 200 and reply["choices"][0]["message"]["content"]
+
+
+def _oversized(url: str) -> int:
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}")):
+        connection.putheader(name, value)
+    connection.putheader("Content-Length", str(2 << 20))  # over the server's --max-body-mb 1
+    connection.endheaders(b'{"messages": ')
+    response = connection.getresponse()
+    assert json.loads(response.read())["error"]["code"] == "body_too_large"
+    return response.status
+
+
+def test_metrics_and_models(server):
+    with urllib.request.urlopen(f"{server}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert (
+        "dyvte_requests_total" in text and "dyvte_exit_layer_bucket" in text and "dyvte_queue_depth" in text
+    )
+    request = urllib.request.Request(f"{server}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.load(response)["data"][0]["object"] == "model"
+
+
+def _stream_request(url: str, max_tokens: int, key: str | None = None):
+    body = json.dumps(
+        {"messages": _messages(QUESTIONS[0]), "max_tokens": max_tokens, "stream": True}
+    ).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers, method="POST")
+    return urllib.request.urlopen(request, timeout=120)
+
+
+def _health(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+        return json.load(response)
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(demo_bundle):
+    process, url = _start(demo_bundle, "--max-batch", "2", "--context", "256")
+    try:
+        # the demo answers in a few tokens; ignore_eos keeps it talking until max_tokens
+        body = {"messages": _messages(QUESTIONS[0]), "max_tokens": 170, "stream": True, "ignore_eos": True}
+        request = urllib.request.Request(
+            url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        response = urllib.request.urlopen(request, timeout=60)
+        response.readline()  # the first chunk: the request holds a slot
+        response.close()
+        deadline = time.time() + 30
+        while _health(url)["active"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert _health(url)["active"] == 0
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as metrics:
+            assert 'dyvte_requests_total{outcome="cancelled"} 1.0' in metrics.read().decode()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def test_sigterm_finishes_requests_in_flight(demo_bundle):
+    process, url = _start(demo_bundle, "--max-batch", "2", "--context", "256")
+    body = {"messages": _messages(QUESTIONS[0]), "max_tokens": 170, "stream": True, "ignore_eos": True}
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    response = urllib.request.urlopen(request, timeout=60)
+    first = response.readline()
+    process.send_signal(signal.SIGTERM)
+    chunks = [
+        json.loads(line[6:]) for line in response.read().decode().splitlines() if line.startswith("data: {")
+    ]
+    assert (
+        first.startswith(b"data: ") and chunks[-1]["usage"]["completion_tokens"] == 170
+    )  # it ran to the end
+    # uvicorn shuts down gracefully, then ends the way the signal asked (exit status -SIGTERM)
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    if os.name == "posix":
+        with pytest.raises(OSError):
+            _health(url)  # no longer accepting

@@ -23,16 +23,16 @@ from limits import memory_bandwidth_gb_per_s
 from dyvte_rt.model import DyvteModel
 
 
-def filled_cache(model: DyvteModel, past: int, capacity: int):
-    """A cache whose every layer holds `past` rows of zeros (batch 1)."""
+def filled_cache(model: DyvteModel, past: int, capacity: int, batch: int = 1):
+    """A cache whose every layer holds `past` rows of zeros for each of `batch` samples."""
     pipeline = model.pipeline
-    cache = pipeline.new_cache(capacity)
+    cache = pipeline.new_cache(capacity, batch=batch)
     dims = model.manifest.dims
     if hasattr(cache, "buffers"):
         for buffer in cache.buffers.values():
             buffer.numpy()[...] = 0  # a CPU OrtValue's memory, in place
     else:
-        zeros = np.zeros((1, dims.num_kv_heads, past, dims.head_dim), dtype=cache.dtype)
+        zeros = np.zeros((batch, dims.num_kv_heads, past, dims.head_dim), dtype=cache.dtype)
         for key in cache.values:
             cache.values[key] = model.bundle.backend.upload(zeros)
     cache.lengths[:] = past

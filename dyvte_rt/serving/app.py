@@ -365,5 +365,10 @@ class _Api:
                 "completion_tokens": tokens,
                 "total_tokens": done.prompt_tokens + tokens,
             },
-            "dyvte": {"exit_layer": done.exit_layer, "prefill_macs": done.prefill_macs},
+            "dyvte": {
+                "exit_layer": done.exit_layer,
+                "prefill_macs": done.prefill_macs,
+                "ttft_ms": round(1e3 * done.ttft_s, 3),  # from joining the queue to the first token
+                "latency_ms": round(1e3 * done.latency_s, 3),
+            },
         }

@@ -103,3 +103,34 @@ def _constants(graph, numpy_helper):
             for attribute in node.attribute:
                 if attribute.name == "value":
                     yield node.output[0], numpy_helper.to_array(attribute.t)
+
+
+# What ONNX Runtime runs and TensorRT's ONNX parser does not (or builds badly).
+_TENSORRT_DTYPES = {"float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool"}
+_CONTROL_FLOW = {"If", "Loop", "Scan"}
+
+
+def tensorrt_hazards(path: Path, input_dtypes: dict[str, str], fp16: bool) -> list[str]:
+    """What in graph `path` keeps TensorRT from building it well, one line each (empty: ready)."""
+    model = load_graph(path)
+    graph = model.graph
+    found = []
+    custom = sorted({f"{n.domain}.{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        found.append(f"{path.name}: ONNX Runtime-only operators {', '.join(custom)}")
+    control = sorted({n.op_type for n in graph.node if n.op_type in _CONTROL_FLOW})
+    if control:
+        found.append(
+            f"{path.name}: control flow ({', '.join(control)}), which engines build poorly or not at all"
+        )
+    for name, dtype in input_dtypes.items():
+        if dtype not in _TENSORRT_DTYPES:
+            found.append(f"{path.name}: input {name} is {dtype}, which TensorRT does not take")
+    for tensor in graph.initializer:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if location is not None and not (path.parent / location).is_file():
+            found.append(f"{path.name}: external data {location} is missing")
+            break
+    if fp16:
+        found += fp16_hazards(path)
+    return found

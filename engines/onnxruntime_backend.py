@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -72,6 +73,29 @@ def providers_for(device: str) -> list[str]:
     return _PROVIDERS[device]
 
 
+def tensorrt_provider_options(profiles: list[dict], cache_dir: Path) -> dict[str, str]:
+    """ONNX Runtime TensorRT EP options: the planned profiles as explicit shapes (one entry per
+    profile, repeated input names, as the EP takes several profiles) and an engine cache, so
+    engines are built once per machine instead of at every start."""
+
+    def shapes(bound: str) -> str:
+        return ",".join(
+            f"{name}:{'x'.join(str(d) for d in shape[bound])}"
+            for profile in profiles
+            for name, shape in profile["shapes"].items()
+        )
+
+    return {
+        "trt_profile_min_shapes": shapes("min"),
+        "trt_profile_opt_shapes": shapes("opt"),
+        "trt_profile_max_shapes": shapes("max"),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache_dir),
+    }
+
+
 class OrtSession(Session):
     """A graph in an `InferenceSession`, run through I/O binding so values stay on the device."""
 
@@ -94,10 +118,17 @@ class OrtSession(Session):
         session_options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if options.spin else "0"
         )
-        try:
-            self._session = ort.InferenceSession(
-                str(self.path), session_options, providers=self.backend.providers
+        providers: list = list(self.backend.providers)
+        if options.device == "ort-tensorrt":
+            from engines.tensorrt.record import ENGINE_DIR, read_graph_profiles
+
+            bundle = self.path.parent
+            trt_options = tensorrt_provider_options(
+                read_graph_profiles(bundle, self.path.stem), bundle / ENGINE_DIR / "ort-cache"
             )
+            providers[0] = (providers[0], trt_options)
+        try:
+            self._session = ort.InferenceSession(str(self.path), session_options, providers=providers)
         except Exception as err:  # ORT raises its own exception types for unreadable models
             raise BackendError(
                 f"cannot load {self.path.name}: {str(err).splitlines()[0][:200]}",

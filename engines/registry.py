@@ -14,10 +14,17 @@ def _onnxruntime(options: SessionOptions) -> Backend:
     return OrtBackend(options)
 
 
+def _tensorrt(options: SessionOptions) -> Backend:
+    from engines.tensorrt.backend import TensorRTBackend
+
+    return TensorRTBackend(options)
+
+
 # device -> backend factory
 BACKENDS: dict[str, Callable[[SessionOptions], Backend]] = {
     "cpu": _onnxruntime,
     "cuda": _onnxruntime,
+    "tensorrt": _tensorrt,  # engines built by `dyvte-rt build-engines`, on device buffers
     "ort-tensorrt": _onnxruntime,  # ONNX Runtime's TensorRT execution provider
 }
 DEVICES = tuple(BACKENDS)

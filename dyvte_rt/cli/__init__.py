@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from dyvte_rt import __version__
-from dyvte_rt.cli import bench, chat, evaluate, infer, inspect, macs, serve
+from dyvte_rt.cli import bench, build_engines, chat, evaluate, infer, inspect, macs, serve
 from dyvte_rt.commandline import HelpFormatter, run_command
 
-SUBCOMMANDS = (infer, chat, serve, evaluate, bench, inspect, macs)
+SUBCOMMANDS = (infer, chat, serve, evaluate, bench, inspect, macs, build_engines)
 
 
 def build_parser() -> argparse.ArgumentParser:

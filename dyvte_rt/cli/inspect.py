@@ -19,6 +19,7 @@ from dyvte_rt.manifest import Manifest
 class InspectConfig:
     bundle: Path | None = None
     verify: bool = True
+    tensorrt_ready: bool = False
     as_json: bool = False
 
 
@@ -32,6 +33,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("path", nargs="?", type=Path, metavar="BUNDLE", help="shorthand for --bundle BUNDLE")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the sha256 check")
+    parser.add_argument(
+        "--tensorrt-ready",
+        action="store_true",
+        help="check instead that every graph can become a TensorRT engine (no ONNX Runtime-only "
+        "operators, no control flow, input types TensorRT takes, external data present, fp16 guards); "
+        "exit status 1 if not",
+    )
     use_config_defaults(parser, InspectConfig)
     parser.set_defaults(make_config=make_config, run=run)
 
@@ -39,7 +47,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def make_config(args: argparse.Namespace) -> InspectConfig:
     if args.path is not None and args.bundle is not None and args.path != args.bundle:
         raise InputError("give the bundle once: either BUNDLE or --bundle DIR")
-    return InspectConfig(bundle=args.path or args.bundle, verify=args.verify, as_json=args.as_json)
+    return InspectConfig(
+        bundle=args.path or args.bundle,
+        verify=args.verify,
+        tensorrt_ready=args.tensorrt_ready,
+        as_json=args.as_json,
+    )
 
 
 def run(config: InspectConfig) -> int:
@@ -47,11 +60,26 @@ def run(config: InspectConfig) -> int:
 
     bundle = resolve_bundle(config.bundle)
     manifest = load_manifest(bundle, verify_hashes=config.verify)
+    if config.tensorrt_ready:
+        return report_tensorrt_readiness(bundle, manifest, config.as_json)
     if config.as_json:
         data = {"bundle": str(bundle), "sha256_verified": config.verify, **dataclasses.asdict(manifest)}
         print(json.dumps(data))
     else:
         print(summary(bundle, manifest, config.verify))
+    return 0
+
+
+def report_tensorrt_readiness(bundle: Path, manifest: Manifest, as_json: bool) -> int:
+    from dyvte_rt.engine_plan import tensorrt_readiness
+
+    hazards = tensorrt_readiness(bundle, manifest)
+    if as_json:
+        print(json.dumps({"bundle": str(bundle), "tensorrt_ready": not hazards, "hazards": hazards}))
+    else:
+        print("\n".join(hazards) if hazards else f"{bundle}: every graph is TensorRT-ready")
+    if hazards:
+        raise InputError(f"{len(hazards)} graph hazards keep this bundle from TensorRT (listed above)")
     return 0
 
 

@@ -114,12 +114,18 @@ class DyvteModel:
         optimization: str = "all",
         verify_hashes: bool = True,
         dtype: str | None = None,
+        memory_arena: bool = False,
     ) -> DyvteModel:
         """`dtype` (fp32 | fp16): refuse a bundle of another precision; None accepts the bundle's
         own, except fp16 on the CPU. `spin`: let idle worker threads spin-wait (lower latency only
-        where cores are to spare)."""
+        where cores are to spare). `memory_arena`: keep ONNX Runtime's CPU arena (holds a prefill's
+        activations between requests)."""
         options = SessionOptions(
-            device=device, intra_op_threads=threads, optimization=optimization, spin=spin
+            device=device,
+            intra_op_threads=threads,
+            optimization=optimization,
+            spin=spin,
+            memory_arena=memory_arena,
         )
         return cls(Bundle.open(bundle, options, verify_hashes=verify_hashes, dtype=dtype))
 

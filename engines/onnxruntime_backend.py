@@ -115,6 +115,7 @@ class OrtSession(Session):
         session_options.graph_optimization_level = levels[options.optimization]
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.log_severity_level = 3
+        session_options.enable_cpu_mem_arena = options.memory_arena
         session_options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if options.spin else "0"
         )

@@ -40,12 +40,7 @@ class EngineRecord:
     format: str = RECORD_FORMAT
 
     def write(self, bundle: Path) -> Path:
-        path = bundle / ENGINE_DIR / RECORD_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)  # never a half-written record
-        return path
+        return _write_json(bundle / ENGINE_DIR / RECORD_FILE, asdict(self))
 
     @classmethod
     def read(cls, bundle: Path) -> EngineRecord:
@@ -100,10 +95,14 @@ def sha256(path: Path) -> str:
 
 
 def write_plan(bundle: Path, plan: dict) -> Path:
-    path = bundle / ENGINE_DIR / PLAN_FILE
+    return _write_json(bundle / ENGINE_DIR / PLAN_FILE, plan)
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    """Whole or not at all: written beside `path`, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plan, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
     return path
 

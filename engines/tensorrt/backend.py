@@ -3,7 +3,9 @@
 One engine per bundle graph (`tensorrt/<graph>.engine`, built by `dyvte-rt build-engines`); one
 execution context per optimisation profile, all sharing one scratch allocation (only one runs at a
 time, on the backend's one CUDA stream); a run picks the first profile whose ranges hold the
-inputs' shapes. Values are `DeviceTensor`s: a device buffer with a shape and a dtype.
+inputs' shapes. Values are `DeviceTensor`s: a device buffer with a shape and a dtype. A
+segment's present keys and values go to the two buffers per layer it alternates between
+(`buffers.AlternatingBuffers`), sized once for the largest context its profiles allow.
 
 Written against TensorRT 10.x/11.x's Python API and never run: no machine this project is built on
 has TensorRT (DESIGN §8). What surrounds it — profiles, buffers, the engine record, the exit copy
@@ -21,22 +23,29 @@ import numpy as np
 from engines.cuda_memory import DeviceBuffer, Stream
 from engines.errors import BackendError
 from engines.session import Backend, Session, SessionOptions, Value
+from engines.tensorrt.buffers import AlternatingBuffers
 from engines.tensorrt.builder import device_identity
 from engines.tensorrt.library import tensorrt
 from engines.tensorrt.record import ENGINE_DIR, EngineRecord, check_compatible, check_files
 
 
 class DeviceTensor:
-    def __init__(self, buffer: DeviceBuffer, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.buffer, self.shape, self.dtype = buffer, tuple(shape), np.dtype(dtype)
+    """`shape` of `dtype` at the start of `buffer`; frees the buffer when it owns it (a KV buffer
+    of the alternating pair belongs to its session)."""
+
+    def __init__(
+        self, buffer: DeviceBuffer, shape: tuple[int, ...], dtype: np.dtype, owns: bool = True
+    ) -> None:
+        self.buffer, self.shape, self.dtype, self.owns = buffer, tuple(shape), np.dtype(dtype), owns
 
     @property
     def ptr(self) -> int:
         return self.buffer.ptr
 
     def __del__(self) -> None:
-        with contextlib.suppress(BackendError):  # at exit the CUDA context may be gone already
-            self.buffer.close()
+        if self.owns:
+            with contextlib.suppress(BackendError):  # at exit the CUDA context may be gone already
+                self.buffer.close()
 
 
 class TensorRTSession(Session):
@@ -71,6 +80,11 @@ class TensorRTSession(Session):
         is_input = {n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self._io = ([n for n in names if is_input[n]], [n for n in names if not is_input[n]])
         self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
+        self._kv = AlternatingBuffers(DeviceBuffer)
+        self._kv_bytes = {  # present = past + new rows, at the largest the profiles allow
+            present: int(np.prod(_present_max(past, self._profiles))) * self._dtypes[present].itemsize
+            for past, present in _kv_pairs(self._io[0])
+        }
 
     def _io_names_impl(self) -> tuple[list[str], list[str]]:
         return self._io
@@ -85,7 +99,13 @@ class TensorRTSession(Session):
         outputs = []
         for name in self.outputs:
             shape = tuple(context.get_tensor_shape(name))
-            value = into.get(name) or self.backend.empty(shape, self._dtypes[name])
+            if name in into:
+                value = into[name]
+            elif name in self._kv_bytes:  # the other buffer of the pair than this step's past
+                buffer = self._kv.next(name, self._kv_bytes[name])
+                value = DeviceTensor(buffer, shape, self._dtypes[name], owns=False)
+            else:
+                value = self.backend.empty(shape, self._dtypes[name])
             context.set_tensor_address(name, value.ptr)
             outputs.append(value)
         if not context.execute_async_v3(int(self.backend.stream.handle)):
@@ -108,6 +128,17 @@ class TensorRTSession(Session):
     def _close_impl(self) -> None:
         self._contexts.clear()
         del self._engine
+
+
+def _kv_pairs(inputs: list[str]) -> list[tuple[str, str]]:
+    return [(name, "present." + name[len("past.") :]) for name in inputs if name.startswith("past.")]
+
+
+def _present_max(past: str, profiles: list[dict]) -> tuple[int, ...]:
+    """The largest present [B, H, P + S, hd] any profile allows: past rows and new rows at their maxima."""
+    past_max = [max(p[past][1][i] for p in profiles) for i in range(4)]
+    seq_max = max(p["hidden_states"][1][1] for p in profiles)
+    return (past_max[0], past_max[1], past_max[2] + seq_max, past_max[3])
 
 
 class TensorRTBackend(Backend):

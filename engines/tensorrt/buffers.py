@@ -9,7 +9,9 @@ buffers as well (one segment's output is the next one's input).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,3 +53,22 @@ def plan_buffers(
         logits_bytes=settings.max_batch * vocab_size * 4,  # the head's logits stay fp32
         kv_bytes_per_token=per_token,
     )
+
+
+class AlternatingBuffers:
+    """Two buffers per output name, handed out in turn: a step writes its present into one while
+    its past — the previous step's present — is read from the other. Each is allocated once, at the
+    capacity asked for first, so decoding allocates nothing per token."""
+
+    def __init__(self, allocate: Callable[[int], Any]) -> None:
+        self._allocate = allocate
+        self._pairs: dict[str, list[Any]] = {}
+        self._turn: dict[str, int] = {}
+
+    def next(self, name: str, nbytes: int) -> Any:
+        pair = self._pairs.setdefault(name, [None, None])
+        turn = self._turn.get(name, 0)
+        self._turn[name] = 1 - turn
+        if pair[turn] is None or pair[turn].nbytes < nbytes:
+            pair[turn] = self._allocate(nbytes)  # the smaller one it replaces is freed with it
+        return pair[turn]

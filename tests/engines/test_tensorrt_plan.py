@@ -105,3 +105,22 @@ def test_onnx_runtime_tensorrt_ep_gets_every_profile_explicitly(tmp_path):
     assert options["trt_profile_max_shapes"].count("hidden_states:") == 3  # one entry per profile
     assert "hidden_states:2x1088x4096" in options["trt_profile_max_shapes"]
     assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"] == str(tmp_path)
+
+
+def test_kv_buffers_alternate_and_are_allocated_once():
+    from engines.tensorrt.buffers import AlternatingBuffers
+
+    made = []
+
+    class Buffer:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+            made.append(self)
+
+    pool = AlternatingBuffers(Buffer)
+    steps = [pool.next("present.0.key", 1024) for _ in range(6)]
+    assert steps[0] is not steps[1] and steps[0::2] == [steps[0]] * 3 and steps[1::2] == [steps[1]] * 3
+    assert len(made) == 2  # decoding allocates nothing per token
+    assert pool.next("present.1.key", 1024) not in steps  # each layer has its own pair
+    bigger = pool.next("present.0.key", 4096)
+    assert bigger.nbytes == 4096 and len(made) == 4

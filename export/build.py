@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import os
@@ -168,13 +169,14 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
         for plan in bar:
             bar.set_postfix_str(f"{plan.name}, resident {resident_gib():.1f} GiB")
             started = time.perf_counter()
-            with plan_weights(loader, plan):
-                exported = export_plan(plan, staging, config.opset)
+            with plan_weights(loader, plan) as release_weights:
+                exported = export_plan(plan, staging, config.opset, release_weights)
             plan_files, quality = list(exported.files), None
             settings = config.quantize_settings(plan.name)
             if settings is not None:
                 plan_files, quality = quantize_exported(plan, staging, settings, config.force)
                 qualities[plan.name] = quality
+                release_freed_memory()
             graphs[plan.name] = graph_info(staging / plan.file)
             files.extend(plan_files)
             size = sum((staging / f).stat().st_size for f in plan_files)
@@ -258,17 +260,35 @@ def check_memory(plans, loader, max_memory_gb: float | None) -> None:
 
 @contextlib.contextmanager
 def plan_weights(loader, plan):
-    """The graph's parameters in memory while it is exported (with a loader), dropped after."""
+    """The graph's parameters in memory while it is exported (with a loader), dropped after; yields
+    a function that drops them sooner (None without a loader: the model stays whole)."""
     if loader is None:
-        yield
+        yield None
         return
     modules = plan.module.weight_modules()
     loader.materialize(modules)
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            loader.release(modules)
+            release_freed_memory()
+            released = True
+
     try:
-        yield
+        yield release
     finally:
-        loader.release(modules)
-        gc.collect()
+        release()
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the freed heap back to the system: glibc keeps freed blocks for
+    reuse, and after a graph's exporter and checks that held gigabytes of a 7B export's memory."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def resident_gib() -> float:
@@ -298,8 +318,10 @@ def quantize_exported(plan, staging: Path, settings, force: bool):
         path.rename(floats / path.name)
     try:
         files = quantize_graph(floats / plan.file, staging / plan.file, settings)
-        cases = [{n: t.numpy() for n, t in zip(plan.input_names, case, strict=True)} for case in plan.cases]
-        rows = [plan.valid_rows(case) if plan.valid_rows is not None else None for case in plan.cases]
+        release_freed_memory()  # the quantiser's copies of the float graph
+        plan_cases = plan.cases()
+        cases = [{n: t.numpy() for n, t in zip(plan.input_names, case, strict=True)} for case in plan_cases]
+        rows = [plan.valid_rows(case) if plan.valid_rows is not None else None for case in plan_cases]
         quality = compare_graphs(floats / plan.file, staging / plan.file, cases, rows)
         check_quality(plan.name, quality, settings.bits, force)
     finally:

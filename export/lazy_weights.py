@@ -52,33 +52,40 @@ def skeleton(build, config) -> nn.Module:
 
 
 class CheckpointWeights:
-    """Tensors of a safetensors checkpoint by name: shapes from the headers, data on demand."""
+    """Tensors of a safetensors checkpoint by name: shapes from the headers, data on demand.
+
+    A shard is memory-mapped only while a tensor is read from it: a mapping held open keeps every
+    page read through it resident in this process, which grew a full-depth 7B export's resident
+    memory by each layer's weights (docs/benchmarks.md, *Export*).
+    """
 
     def __init__(self, directory: Path) -> None:
         from safetensors import safe_open
 
         self.directory = Path(directory)
-        self._handles = {}
         self._shard_of: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        shards = sorted(self.directory.glob("*.safetensors"))
-        if not shards:
+        self._shards = sorted(self.directory.glob("*.safetensors"))
+        if not self._shards:
             raise UnsupportedModelError(f"{self.directory} holds no safetensors weights")
-        for shard in shards:
-            handle = safe_open(str(shard), framework="pt")
-            self._handles[shard] = handle
-            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                self._shard_of[key] = shard
-                self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+        for shard in self._shards:
+            with safe_open(str(shard), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    self._shard_of[key] = shard
+                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
 
     def __contains__(self, key: str) -> bool:
         return key in self._shard_of
 
     def load(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        return self._handles[self._shard_of[key]].get_tensor(key).to(dtype)
+        from safetensors import safe_open
+
+        with safe_open(str(self._shard_of[key]), framework="pt") as handle:
+            tensor = handle.get_tensor(key)
+        return tensor.to(dtype) if tensor.dtype != dtype else tensor.clone()  # memory of its own
 
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self._handles)
+        return sum(p.stat().st_size for p in self._shards)
 
 
 class WeightLoader:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,11 @@ def parameter_bytes(module: torch.nn.Module, sample: tuple) -> tuple[int, int]:
     return sum(p.numel() for p in used.values()), sum(p.numel() * p.element_size() for p in used.values())
 
 
-def export_plan(plan: GraphPlan, out_dir: Path, opset: int) -> ExportedGraph:
+def export_plan(
+    plan: GraphPlan, out_dir: Path, opset: int, release_weights: Callable[[], None] | None = None
+) -> ExportedGraph:
+    """Export and verify; `release_weights` (streamed export) drops the module's weights once its
+    expected outputs are computed, before ONNX Runtime loads the graph's own copy."""
     count, nbytes = parameter_bytes(plan.module, plan.sample)
     external = nbytes > EXTERNAL_DATA_BYTES
     path = out_dir / plan.file
@@ -70,11 +76,16 @@ def export_plan(plan: GraphPlan, out_dir: Path, opset: int) -> ExportedGraph:
     files = tuple(
         sorted(p.name for p in out_dir.iterdir() if p.name == plan.file or p.name.startswith(plan.file + "."))
     )
-    error = verify_plan(plan, path)
+    error = verify_plan(plan, path, release_weights=release_weights)
     return ExportedGraph(plan.name, files, count, error)
 
 
-def verify_plan(plan: GraphPlan, path: Path, tolerance: float | None = None) -> float:
+def verify_plan(
+    plan: GraphPlan,
+    path: Path,
+    tolerance: float | None = None,
+    release_weights: Callable[[], None] | None = None,
+) -> float:
     """Run every verification case through ONNX Runtime and the torch module; fail above tolerance.
 
     Errors are absolute for outputs of magnitude <= 1 and relative to the output's largest value
@@ -82,21 +93,25 @@ def verify_plan(plan: GraphPlan, path: Path, tolerance: float | None = None) -> 
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    cases = plan.cases()
+    expected_outputs = []
+    with torch.no_grad():
+        for case in cases:
+            expected = plan.module(*case)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            expected_outputs.append([tensor.float().numpy() for tensor in expected])
+    if release_weights is not None:
+        release_weights()
+    gc.collect()  # the exporter's program and model, before ONNX Runtime loads the graph again
+    session = ort.InferenceSession(str(path), lean_session_options(ort), providers=["CPUExecutionProvider"])
     if tolerance is None:
         tolerance = plan.tolerance if plan.dtype == torch.float32 else max(plan.tolerance, 2e-2)
     worst = 0.0
-    for case in plan.cases:
-        with torch.no_grad():
-            expected = plan.module(*case)
-        expected = expected if isinstance(expected, tuple) else (expected,)
+    for case, expected in zip(cases, expected_outputs, strict=True):
         feeds = {name: tensor.numpy() for name, tensor in zip(plan.input_names, case, strict=True)}
         got = session.run(plan.output_names, feeds)
         rows = plan.valid_rows(case) if plan.valid_rows is not None else None
         for name, want, have in zip(plan.output_names, expected, got, strict=True):
-            want = want.float().numpy()
             if rows is not None and name.startswith("present."):  # rows past the valid ones are unspecified
                 want, have = want[:, :, :rows], have[:, :, :rows]
             if want.shape != have.shape:
@@ -113,6 +128,18 @@ def verify_plan(plan: GraphPlan, path: Path, tolerance: float | None = None) -> 
                     hint="this is a bug in the exporter or an unsupported model variant; please report it",
                 )
     return worst
+
+
+def lean_session_options(ort, prepack: bool = False):
+    """ONNX Runtime options for a session that checks a graph a few times and is dropped: no
+    pre-packed second copy of the weights (unless asked: int4 kernels need it to be fast) and no
+    memory arena holding the largest activations — export memory follows the graph, not twice it."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
 
 
 @contextlib.contextmanager

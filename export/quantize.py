@@ -13,6 +13,7 @@ user forces it.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,15 +96,20 @@ def compare_graphs(
     buffers, whose rows past the valid ones hold whatever was there)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sessions = [
-        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-        for p in (float_path, quantized_path)
-    ]
+    from export.onnx_export import lean_session_options
+
+    def outputs(path: Path, prepack: bool) -> list[list[np.ndarray]]:
+        """Every case through one graph; one session at a time, so the float graph's weights are
+        gone before the quantised graph loads."""
+        options = lean_session_options(ort, prepack=prepack)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return [session.run(None, feeds) for feeds in cases]
+
+    float_outputs = outputs(float_path, prepack=False)
+    gc.collect()
+    quantized_outputs = outputs(quantized_path, prepack=True)
     worst_cosine, worst_error = 1.0, 0.0
-    for index, feeds in enumerate(cases):
-        expected, got = (session.run(None, feeds) for session in sessions)
+    for index, (expected, got) in enumerate(zip(float_outputs, quantized_outputs, strict=True)):
         valid = rows[index] if rows is not None else None
         for want, have in zip(expected, got, strict=True):
             if valid is not None and want.ndim == 4:

@@ -138,11 +138,11 @@ def test_a_failed_export_leaves_no_output(tiny_checkpoints, tmp_path, monkeypatc
     real = onnx_export.verify_plan
     calls = []
 
-    def failing(plan, path, tolerance=None):
+    def failing(plan, path, tolerance=None, release_weights=None):
         calls.append(plan.name)
         if plan.name == "segment_00":
             raise VerificationError("segment_00: simulated mismatch")
-        return real(plan, path, tolerance)
+        return real(plan, path, tolerance, release_weights)
 
     monkeypatch.setattr(onnx_export, "verify_plan", failing)
     out = tmp_path / "bundle"
@@ -158,7 +158,7 @@ def test_an_interrupted_overwrite_keeps_the_old_bundle(bundles, tiny_checkpoints
     out = shutil.copytree(bundles["llama-mha"], tmp_path / "bundle")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def interrupt(plan, path, tolerance=None):
+    def interrupt(plan, path, tolerance=None, release_weights=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(onnx_export, "verify_plan", interrupt)
@@ -175,7 +175,7 @@ def test_a_full_disk_is_reported_as_such_and_leaves_nothing(tiny_checkpoints, tm
 
     import export.onnx_export as onnx_export
 
-    def disk_full(plan, path, tolerance=None):
+    def disk_full(plan, path, tolerance=None, release_weights=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(onnx_export, "verify_plan", disk_full)

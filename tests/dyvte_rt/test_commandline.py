@@ -66,9 +66,15 @@ def test_ctrl_c_during_eval_exits_130_with_one_line(bundles, sample_image, tmp_p
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # a shell's background job (nohup cmd &) starts with SIGINT ignored, and Python keeps it so
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    time.sleep(4)  # well into the questions
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "q/s" not in seen and time.monotonic() < deadline:  # until questions are being answered
+        seen += child.stderr.read(1)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=60)
-    assert child.returncode == 130, err
+    err = seen + err
+    assert child.returncode == 130, err[-2000:]
     assert err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err

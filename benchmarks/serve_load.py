@@ -9,7 +9,7 @@ every client streams requests back to back (`ignore_eos`, exactly --max-tokens t
 --seconds or --requests. Reports per client count: requests, errors, aggregate generated tokens/s,
 TTFT (as the server reports it: from joining its queue to the first token, which a random model's
 byte tokens may keep out of the text until the end) and request latency p50/p99, and the server's
-resident memory after warm-up and at the end.
+resident memory after warm-up (two requests per client at the largest client count) and at the end.
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
         "stream": True,
         **({"exit": args.exit} if args.exit else {}),
     }
-    for _ in range(3):
-        _request(url, body)  # warm-up
+    # warm-up at the largest client count, so the batch's buffers exist before memory is read
+    most = max(int(c) for c in args.clients.split(","))
+    _load(url, body, most, argparse.Namespace(seconds=None, requests=2))
     report = {"warm_rss_mb": _rss_mb(server.pid), "runs": {}}
     for clients in (int(c) for c in args.clients.split(",")):
         report["runs"][clients] = _load(url, body, clients, args)

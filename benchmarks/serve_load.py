@@ -92,10 +92,10 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
     }
     # warm-up at the largest client count, so the batch's buffers exist before memory is read
     most = max(int(c) for c in args.clients.split(","))
-    _load(url, body, most, argparse.Namespace(seconds=None, requests=2))
+    _load(url, body, most, seconds=None, requests=2)
     report = {"warm_rss_mb": _rss_mb(server.pid), "runs": {}}
     for clients in (int(c) for c in args.clients.split(",")):
-        report["runs"][clients] = _load(url, body, clients, args)
+        report["runs"][clients] = _load(url, body, clients, args.seconds, args.requests)
         run = report["runs"][clients]
         print(
             f"{clients} clients: {run['requests']} requests, {run['errors']} errors, "
@@ -113,12 +113,13 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
     return report
 
 
-def _load(url: str, body: dict, clients: int, args) -> dict:
-    deadline = time.perf_counter() + args.seconds if args.seconds else None
+def _load(url: str, body: dict, clients: int, seconds: float | None, requests: int | None) -> dict:
+    """Each client sends requests back to back for `seconds`, or `requests` of them."""
+    deadline = time.perf_counter() + seconds if seconds else None
 
     def client(_: int) -> list[dict]:
         rows = []
-        while (deadline is None and len(rows) < args.requests) or (
+        while (deadline is None and len(rows) < requests) or (
             deadline is not None and time.perf_counter() < deadline
         ):
             rows.append(_request(url, body))

@@ -8,9 +8,11 @@ remote code runs only when the user passes `trust_remote_code`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +163,7 @@ def load_checkpoint(
     import transformers
 
     model_cls = getattr(transformers, info.architecture)
-    try:
+    with _user_errors(info):
         model = model_cls.from_pretrained(
             info.path,
             dtype=torch_dtype(dtype),
@@ -169,21 +171,38 @@ def load_checkpoint(
             local_files_only=True,
             trust_remote_code=trust_remote_code,
         )
-        processor = transformers.AutoProcessor.from_pretrained(
-            info.path, local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        processor = _processor(info, trust_remote_code)
+    model = model.to(device).eval()
+    return _loaded(info, model, processor, info.adapter_class(model))
+
+
+@contextlib.contextmanager
+def _user_errors(info: CheckpointInfo) -> Iterator[None]:
+    """transformers' errors for an unreadable checkpoint as one line."""
+    try:
+        yield
     except (OSError, ValueError) as err:
         raise UnsupportedModelError(
             f"cannot load the checkpoint at {info.path}: {_first_line(err)}"
         ) from None
-    model = model.to(device).eval()
+
+
+def _processor(info: CheckpointInfo, trust_remote_code: bool):
+    import transformers
+
+    return transformers.AutoProcessor.from_pretrained(
+        info.path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+
+
+def _loaded(info: CheckpointInfo, model, processor, adapter) -> LoadedModel:
     return LoadedModel(
         source=info.source,
         repo_id=info.repo_id,
         path=info.path,
         model=model,
         processor=processor,
-        adapter=info.adapter_class(model),
+        adapter=adapter,
     )
 
 
@@ -203,17 +222,11 @@ def load_checkpoint_lazily(
     from export.lazy_weights import CheckpointWeights, WeightLoader, skeleton, tied_parameters
 
     model_cls = getattr(transformers, info.architecture)
-    try:
+    with _user_errors(info):
         config = transformers.AutoConfig.from_pretrained(
             info.path, local_files_only=True, trust_remote_code=trust_remote_code
         )
-        processor = transformers.AutoProcessor.from_pretrained(
-            info.path, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise UnsupportedModelError(
-            f"cannot load the checkpoint at {info.path}: {_first_line(err)}"
-        ) from None
+        processor = _processor(info, trust_remote_code)
     model = skeleton(lambda c: model_cls._from_config(c, dtype=torch_dtype(dtype)), config)
     if (info.path / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(
@@ -223,12 +236,4 @@ def load_checkpoint_lazily(
     loader = WeightLoader(
         model, CheckpointWeights(info.path), adapter.checkpoint_keys, tied_parameters(model)
     )
-    loaded = LoadedModel(
-        source=info.source,
-        repo_id=info.repo_id,
-        path=info.path,
-        model=model,
-        processor=processor,
-        adapter=adapter,
-    )
-    return loaded, loader
+    return _loaded(info, model, processor, adapter), loader

@@ -191,11 +191,7 @@ def build(bundle: Path, manifest, plan: dict, config: BuildEnginesConfig):
     options = BuildOptions(workspace_gb=config.workspace_gb, timing_cache=config.timing_cache)
     engines = {}
     for name in tqdm(list(manifest.graphs), desc="engines", unit="graph"):
-        profiles = [
-            Profile(p["phase"], tuple(p["serves"]), {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"]))
-                    for k, v in p["shapes"].items()})
-            for p in plan["graphs"][name]
-        ]  # fmt: skip
+        profiles = [Profile.from_json(p) for p in plan["graphs"][name]]
         try:
             data = build_engine(bundle / manifest.graphs[name].file, profiles, options)
         except BackendError as err:

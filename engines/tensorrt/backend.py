@@ -26,6 +26,7 @@ from engines.session import Backend, Session, SessionOptions, Value
 from engines.tensorrt.buffers import AlternatingBuffers
 from engines.tensorrt.builder import device_identity
 from engines.tensorrt.library import tensorrt
+from engines.tensorrt.profiles import Profile
 from engines.tensorrt.record import ENGINE_DIR, EngineRecord, check_compatible, check_files
 
 
@@ -65,8 +66,8 @@ class TensorRTSession(Session):
             raise BackendError(
                 f"TensorRT cannot load the engine for {self.path.stem}", hint="rebuild the engines"
             )
-        self._profiles = [
-            {name: (tuple(s["min"]), tuple(s["max"])) for name, s in p["shapes"].items()}
+        self._profiles = [  # input -> (min, max): what a run's shapes are checked against
+            {name: (lo, hi) for name, (lo, _, hi) in Profile.from_json(p).shapes.items()}
             for p in engine_file.profiles
         ]
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED

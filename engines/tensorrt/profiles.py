@@ -90,6 +90,13 @@ class Profile:
     serves: tuple[str, ...]
     shapes: dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
 
+    @classmethod
+    def from_json(cls, data: dict) -> Profile:
+        shapes = {
+            name: (tuple(s["min"]), tuple(s["opt"]), tuple(s["max"])) for name, s in data["shapes"].items()
+        }
+        return cls(data["phase"], tuple(data["serves"]), shapes)
+
     def to_json(self) -> dict:
         return {
             "phase": self.phase,

@@ -198,10 +198,9 @@ def test_metrics_and_models(server):
         assert json.load(response)["data"][0]["object"] == "model"
 
 
-def _stream_request(url: str, max_tokens: int, key: str | None = None):
-    body = json.dumps(
-        {"messages": _messages(QUESTIONS[0]), "max_tokens": max_tokens, "stream": True}
-    ).encode()
+def _stream_request(url: str, max_tokens: int, key: str | None = None, ignore_eos: bool = False):
+    body = {"messages": _messages(QUESTIONS[0]), "max_tokens": max_tokens, "stream": True}
+    body = json.dumps({**body, "ignore_eos": True} if ignore_eos else body).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers, method="POST")
     return urllib.request.urlopen(request, timeout=120)
@@ -216,13 +215,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(demo_bundle):
     process, url = _start(demo_bundle, "--max-batch", "2", "--context", "256")
     try:
         # the demo answers in a few tokens; ignore_eos keeps it talking until max_tokens
-        body = {"messages": _messages(QUESTIONS[0]), "max_tokens": 170, "stream": True, "ignore_eos": True}
-        request = urllib.request.Request(
-            url + "/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        response = urllib.request.urlopen(request, timeout=60)
+        response = _stream_request(url, 170, ignore_eos=True)
         response.readline()  # the first chunk: the request holds a slot
         response.close()
         deadline = time.time() + 30
@@ -238,13 +231,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(demo_bundle):
 
 def test_sigterm_finishes_requests_in_flight(demo_bundle):
     process, url = _start(demo_bundle, "--max-batch", "2", "--context", "256")
-    body = {"messages": _messages(QUESTIONS[0]), "max_tokens": 170, "stream": True, "ignore_eos": True}
-    request = urllib.request.Request(
-        url + "/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    response = urllib.request.urlopen(request, timeout=60)
+    response = _stream_request(url, 170, ignore_eos=True)
     first = response.readline()
     process.send_signal(signal.SIGTERM)
     chunks = [

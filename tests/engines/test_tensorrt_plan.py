@@ -124,3 +124,10 @@ def test_kv_buffers_alternate_and_are_allocated_once():
     assert pool.next("present.1.key", 1024) not in steps  # each layer has its own pair
     bigger = pool.next("present.0.key", 4096)
     assert bigger.nbytes == 4096 and len(made) == 4
+
+
+def test_profiles_read_back_from_json_as_they_were_written():
+    from engines.tensorrt.profiles import Profile
+
+    for profile in graph_profiles(SEGMENT, phase_ranges(576, SETTINGS)):
+        assert Profile.from_json(json.loads(json.dumps(profile.to_json()))) == profile

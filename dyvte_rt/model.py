@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tokenizers.decoders import DecodeStream
 
 from dyvte_rt.bundle import Bundle
 from dyvte_rt.errors import InputError
@@ -27,6 +26,7 @@ from dyvte_rt.policy import ExitPolicy, parse_policy
 from dyvte_rt.preprocess import preprocess
 from dyvte_rt.prompt import PromptBuilder
 from dyvte_rt.sampling import Sampler, SamplingConfig
+from dyvte_rt.streaming import AnswerPieces
 from engines import SessionOptions, Transfers
 
 if TYPE_CHECKING:
@@ -346,19 +346,16 @@ class DyvteModel:
         sets `generation.answer` at the end. Shared by single questions and conversation turns."""
         after_prefill = clock.transfers.snapshot()
         eos = set(self.manifest.tokens.eos) if stop_at_eos else set()
-        detokenizer = DecodeStream(skip_special_tokens=True)
+        detokenizer = AnswerPieces(self.prompts.tokenizer)
         tokens = [sampler(start.logits)]
         pieces: list[str] = []
         started = time.perf_counter()
         ttft_ms = clock.preprocess_ms + 1e3 * (started - clock.started)
         while True:
-            piece = detokenizer.step(self.prompts.tokenizer, tokens[-1])
+            piece = detokenizer.step(tokens[-1])
             if piece:
-                if not pieces:
-                    piece = piece.lstrip()  # the answer starts after the prompt's space
-                if piece:
-                    pieces.append(piece)
-                    yield piece
+                pieces.append(piece)
+                yield piece
             if tokens[-1] in eos or len(tokens) >= max_new_tokens:
                 break
             logits = self.pipeline.decode_one_token(tokens[-1], position + len(tokens) - 1, start.cache)

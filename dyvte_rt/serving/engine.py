@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from tokenizers.decoders import DecodeStream
 
 from dyvte_rt.errors import DyvteError, InputError
 from dyvte_rt.model import FINISH_LENGTH, FINISH_STOP, DyvteModel
 from dyvte_rt.pipeline import PrefillRequest, PrefillResult
 from dyvte_rt.policy import ExitPolicy
 from dyvte_rt.sampling import Sampler
+from dyvte_rt.streaming import AnswerPieces
 
 _ids = itertools.count(1)
 
@@ -68,7 +68,7 @@ class _Active:
     prefill: PrefillResult
     tokens: list[int]
     text: str
-    detokenizer: DecodeStream
+    detokenizer: AnswerPieces
     first_token_at: float
 
 
@@ -155,7 +155,9 @@ class BatchEngine:
         result = self.model.pipeline.prefill_batch(
             [PrefillRequest(request.prompt_ids, request.pixel_values, request.policy)], row
         ).results[0]
-        active = _Active(request, result, [], "", DecodeStream(skip_special_tokens=True), time.perf_counter())
+        active = _Active(
+            request, result, [], "", AnswerPieces(self.model.prompts.tokenizer), time.perf_counter()
+        )
         self.slots[slot] = active
         self._advance(slot, result.logits)
 
@@ -179,9 +181,7 @@ class BatchEngine:
         request = active.request
         token = request.sampler(logits)
         active.tokens.append(token)
-        piece = active.detokenizer.step(self.model.prompts.tokenizer, token) or ""
-        if not active.text:
-            piece = piece.lstrip()
+        piece = active.detokenizer.step(token)
         finish = None
         if token in self._eos and not request.ignore_eos:
             finish, piece = FINISH_STOP, ""

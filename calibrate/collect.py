@@ -55,7 +55,7 @@ def collect(loaded: LoadedModel, examples: list[Example], layers: tuple[int, ...
         result = sweep(
             reference,
             inputs["input_ids"].to(device),
-            inputs["pixel_values"].to(device, dtype),
+            loaded.adapter.image_input(inputs).to(device, dtype),
             answer_ids(loaded, example.answer),
             layers,
         )

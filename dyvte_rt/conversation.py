@@ -30,7 +30,7 @@ from dyvte_rt.kv_cache import KVCache
 from dyvte_rt.model import Answer, DyvteModel, Generation, TurnClock
 from dyvte_rt.pipeline import PrefillResult
 from dyvte_rt.policy import ExitPolicy
-from dyvte_rt.preprocess import preprocess
+from dyvte_rt.preprocess import prepare_image
 from dyvte_rt.sampling import Sampler, SamplingConfig
 
 DEFAULT_CONTEXT = 2048  # positions a conversation reserves, unless the model has fewer
@@ -51,9 +51,7 @@ class Conversation:
         self.context = min(context or DEFAULT_CONTEXT, model.manifest.dims.max_positions)
         self.sampler = Sampler(sampling)
         started = time.perf_counter()
-        self._pixels = (
-            None if image is None else preprocess(load_image(image), model.manifest.vision.preprocess)
-        )
+        self._image = None if image is None else prepare_image(load_image(image), model.manifest.vision)
         self._preprocess_ms = 1e3 * (time.perf_counter() - started)
         self.history: list[tuple[str, str]] = []  # (question, answer) per finished turn
         self._cache: KVCache | None = None
@@ -79,9 +77,10 @@ class Conversation:
             raise InputError("the question is empty", hint="ask something")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        with_image = self._pixels is not None
+        with_image = self._image is not None
         if self._cache is None:
-            ids = self.model.prompts.encode(question, with_image=with_image)
+            visual = self._image.visual_tokens if self._image is not None else None
+            ids = self.model.prompts.encode(question, with_image=with_image, visual_tokens=visual)
         else:
             turn = self.model.prompts.encode_next_turn(self.history, question, with_image)
             pending = [] if self._pending is None else [self._pending]
@@ -119,7 +118,7 @@ class Conversation:
         model = self.model
         clock = TurnClock(model.bundle.backend.transfers, self._preprocess_ms if self._cache is None else 0.0)
         if self._cache is None:
-            start = model.pipeline.prefill(ids, self._pixels, self.policy, capacity=self.context)
+            start = model.pipeline.prefill(ids, self._image, self.policy, capacity=self.context)
             self._first, self._cache = start, start.cache
         else:
             start = self._continue(ids)

@@ -27,10 +27,19 @@ def default_settings(manifest: Manifest, **overrides: int | None) -> EngineSetti
 def plan_engines(manifest: Manifest, settings: EngineSettings) -> dict:
     """{"settings", "graphs": {graph: [profile...]}, "buffers"} as JSON-ready data."""
     try:
-        ranges = phase_ranges(manifest.vision.visual_tokens, settings)
+        tiling = manifest.vision.anyres
+        if tiling is None:
+            ranges = phase_ranges(manifest.vision.visual_tokens, settings)
+        else:  # from the base view alone (nothing left after unpadding) to the largest canvas's count
+            views = max(
+                1 + (h // tiling.tile_size) * (w // tiling.tile_size) for h, w in tiling.grid_pinpoints
+            )
+            ranges = phase_ranges(manifest.vision.visual_tokens, settings, tiling.feature_side**2, views)
         graphs = {}
         for name, graph in manifest.graphs.items():
-            phases = PREFILL_ONLY if name.startswith("router_") or name == "exit_gather" else PHASES
+            prefill_only = name.startswith("router_") or name == "exit_gather"
+            prefill_only |= tiling is not None and name == "vision"  # any-res views: images only
+            phases = PREFILL_ONLY if prefill_only else PHASES
             inputs = {t.name: t.shape for t in graph.inputs}
             graphs[name] = [p.to_json() for p in graph_profiles(inputs, ranges, phases)]
     except PlanError as err:

@@ -10,8 +10,9 @@ LAST_INDEX = "last_index"  # [B] int64: index of each sample's last real positio
 KEEP_INDEX = "keep_index"  # [B, K] int64: positions that stay at an exit (the text tokens)
 HIDDEN_OUT = "hidden_states_out"  # [B, S, D]
 ROUTER_LOGITS = "router_logits"  # [B, 2]; class 1 = exit
-PIXEL_VALUES = "pixel_values"  # [B, 3, H, W]
-IMAGE_FEATURES = "image_features"  # [B, V, D]
+PIXEL_VALUES = "pixel_values"  # [B, 3, H, W]; any-res: [views, 3, H, W] of one image
+PACK_INDEX = "pack_index"  # any-res: [V] int64 rows of the flattened view features (+ newline row)
+IMAGE_FEATURES = "image_features"  # [B, V, D]; any-res: [1, V, D]
 INPUT_IDS = "input_ids"  # [B, N] int64
 INPUT_EMBEDS = "inputs_embeds"  # [B, N, D]
 LOGITS = "logits"  # [B, vocab], last position only

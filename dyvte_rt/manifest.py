@@ -63,11 +63,23 @@ class ImagePreprocess:
 
 
 @dataclass(frozen=True)
+class AnyResInfo:
+    """LLaVA-NeXT's any-resolution tiling (dyvte_rt/anyres.py): a base view of the whole image plus
+    tiles of it resized onto the best-fitting canvas."""
+
+    grid_pinpoints: tuple[tuple[int, int], ...]  # (height, width) canvases, multiples of tile_size
+    tile_size: int  # side of the base view and of every tile: the vision tower's input
+    feature_side: int  # visual tokens per tile side (tile_size // patch_size)
+    newline: bool  # an image_newline row closes each row of the unpadded tile map
+
+
+@dataclass(frozen=True)
 class VisionInfo:
     image_height: int
     image_width: int
-    visual_tokens: int  # per image
+    visual_tokens: int  # per image; with `anyres`, the most an image can take (it depends on its size)
     preprocess: ImagePreprocess
+    anyres: AnyResInfo | None = None  # None: one fixed-size view per image (LLaVA-1.5)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dyvte_rt.images import ImageInput, load_image
 from dyvte_rt.manifest import TOKENIZER_FILE
 from dyvte_rt.pipeline import Pipeline, PrefillResult
 from dyvte_rt.policy import ExitPolicy, parse_policy
-from dyvte_rt.preprocess import preprocess
+from dyvte_rt.preprocess import PreparedImage, prepare_image
 from dyvte_rt.prompt import PromptBuilder
 from dyvte_rt.sampling import Sampler, SamplingConfig
 from dyvte_rt.streaming import AnswerPieces
@@ -187,12 +187,12 @@ class DyvteModel:
         policy = self.policy(exit, threshold)
         self.pipeline.check_policy(policy)
         started = time.perf_counter()
-        input_ids, pixels = self._prepare(image, question, max_new_tokens)
+        input_ids, prepared = self._prepare(image, question, max_new_tokens)
         preprocess_ms = 1e3 * (time.perf_counter() - started)
         sampler = Sampler(sampling or SamplingConfig())
         return Generation(
             lambda generation: self._run(
-                generation, input_ids, pixels, policy, max_new_tokens, sampler, stop_at_eos, preprocess_ms
+                generation, input_ids, prepared, policy, max_new_tokens, sampler, stop_at_eos, preprocess_ms
             )
         )
 
@@ -222,8 +222,8 @@ class DyvteModel:
         requests, started = [], time.perf_counter()
         for (image, question), spec in zip(questions, policies, strict=True):
             policy = self.policy(spec, threshold)
-            ids, pixels = self._prepare(image, question, max_new_tokens)
-            requests.append(PrefillRequest(ids[0], pixels, policy))
+            ids, prepared = self._prepare(image, question, max_new_tokens)
+            requests.append(PrefillRequest(ids[0], prepared, policy))
         preprocess_ms = 1e3 * (time.perf_counter() - started)
         capacity = max(len(r.input_ids) for r in requests) + max_new_tokens
         cache = self.pipeline.new_cache(capacity, batch=len(requests))
@@ -294,13 +294,15 @@ class DyvteModel:
 
     def _prepare(
         self, image: ImageInput | None, question: str, max_new_tokens: int
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Check a question and turn it into prompt ids [1, N] and pixel values (None: no image)."""
+    ) -> tuple[np.ndarray, PreparedImage | None]:
+        """Check a question and turn it into prompt ids [1, N] and the prepared image (None: no image)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if not question.strip():
             raise InputError("the question is empty", hint="ask something about the image")
-        input_ids = self.prompts.encode(question, with_image=image is not None)
+        prepared = None if image is None else prepare_image(load_image(image), self.manifest.vision)
+        visual = None if prepared is None else prepared.visual_tokens
+        input_ids = self.prompts.encode(question, with_image=image is not None, visual_tokens=visual)
         limit = self.manifest.dims.max_positions
         if input_ids.shape[1] + max_new_tokens > limit:
             raise InputError(
@@ -308,14 +310,13 @@ class DyvteModel:
                 f"the model's context of {limit} positions",
                 hint="shorten the question or lower --max-new-tokens",
             )
-        pixels = None if image is None else preprocess(load_image(image), self.manifest.vision.preprocess)
-        return input_ids, pixels
+        return input_ids, prepared
 
     def _run(
         self,
         generation: Generation,
         input_ids: np.ndarray,
-        pixels: np.ndarray | None,
+        image: PreparedImage | None,
         policy: ExitPolicy,
         max_new_tokens: int,
         sampler: Sampler,
@@ -324,7 +325,7 @@ class DyvteModel:
     ) -> Iterator[str]:
         clock = TurnClock(self.bundle.backend.transfers, preprocess_ms)
         prefill = self.pipeline.prefill(
-            input_ids, pixels, policy, capacity=input_ids.shape[1] + max_new_tokens
+            input_ids, image, policy, capacity=input_ids.shape[1] + max_new_tokens
         )
         yield from self.stream_answer(
             generation, prefill, prefill.n_tokens, policy.spec(), max_new_tokens, sampler, stop_at_eos, clock

@@ -31,13 +31,14 @@ from dyvte_rt.features import router_pool
 from dyvte_rt.kv_cache import ConcatKVCache, InplaceKVCache, KVCache
 from dyvte_rt.manifest import SegmentInfo
 from dyvte_rt.policy import ExitPolicy, check_policy_fits, exit_probability
+from dyvte_rt.preprocess import PreparedImage
 from engines import BackendError, Value
 
 
 @dataclass
 class PrefillRequest:
     input_ids: np.ndarray  # [N] prompt token ids
-    pixel_values: np.ndarray | None  # [1, 3, H, W]; None for a text-only prompt
+    image: PreparedImage | None  # None for a text-only prompt
     policy: ExitPolicy
 
 
@@ -120,15 +121,18 @@ class Pipeline:
     def prefill(
         self,
         input_ids: np.ndarray,
-        pixel_values: np.ndarray | None,
+        image: PreparedImage | np.ndarray | None,
         policy: ExitPolicy,
         capacity: int | None = None,
     ) -> PrefillResult:
         """One prompt through every graph, exiting where `policy` decides; `capacity`: KV positions
-        to reserve (default: the prompt and 64 more)."""
+        to reserve (default: the prompt and 64 more). `image` may be the pixel values [1, 3, H, W]
+        of a single-view model."""
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        if isinstance(image, np.ndarray):
+            image = PreparedImage.single_view(image, int((ids == self.image_token_id).sum()))
         cache = self.new_cache(capacity or min(ids.shape[0] + 64, self.dims.max_positions))
-        return self.prefill_batch([PrefillRequest(ids, pixel_values, policy)], cache).results[0]
+        return self.prefill_batch([PrefillRequest(ids, image, policy)], cache).results[0]
 
     def prefill_batch(self, requests: list[PrefillRequest], cache: KVCache) -> BatchPrefill:
         """Several prompts at once, padded on the right, each exiting at its own layer; row b of
@@ -145,8 +149,12 @@ class Pipeline:
             padded[row, : len(sample)] = sample
         n_visual = [int((sample == self.image_token_id).sum()) for sample in ids]
         for request, visual in zip(requests, n_visual, strict=True):
-            if visual and request.pixel_values is None:
+            if visual and request.image is None:
                 raise InputError(f"the prompt has {visual} image tokens but no image was given")
+            if visual and visual != request.image.visual_tokens:
+                raise InputError(
+                    f"the prompt has {visual} image tokens but the image gives {request.image.visual_tokens}"
+                )
         try:
             started = time.perf_counter()
             features = self._vision_batch(requests, n_visual)
@@ -250,18 +258,47 @@ class Pipeline:
         return hidden, positions, valid, computed
 
     def _vision_batch(self, requests: list[PrefillRequest], n_visual: list[int]) -> Value:
-        """Image features [B, V, D] on the backend (zeros pixels for rows without an image: their
-        prompts hold no image token, so the embed graph never reads them)."""
+        """Image features [B, V, D] on the backend (zeros for rows without an image: their prompts
+        hold no image token, so the embed graph never reads them)."""
         if not any(n_visual):
             return self._empty_features(len(requests))
-        shapes = {r.pixel_values.shape for r in requests if r.pixel_values is not None}
+        images = [r.image if visual else None for r, visual in zip(requests, n_visual, strict=True)]
+        if any(image.pack_index is not None for image in images if image is not None):
+            return self._anyres_features(images)
+        shapes = {image.pixel_values.shape for image in images if image is not None}
         if len(shapes) != 1 or len({v for v in n_visual if v}) != 1:
             raise InputError("a batch's images must have the same size and number of visual tokens")
         shape = shapes.pop()
         pixels = np.concatenate(
-            [r.pixel_values if r.pixel_values is not None else np.zeros(shape) for r in requests]
+            [image.pixel_values if image is not None else np.zeros(shape) for image in images]
         ).astype(self._dtype)
         return self._run("vision", {names.PIXEL_VALUES: pixels})[names.IMAGE_FEATURES]
+
+    def _anyres_features(self, images: list[PreparedImage | None]) -> Value:
+        """Any-resolution images: the vision graph runs on each image's views (their number and the
+        visual-token count differ per image); a batch's rows are zero-padded to the longest."""
+        features = [
+            self._run(
+                "vision",
+                {
+                    names.PIXEL_VALUES: image.pixel_values.astype(self._dtype),
+                    names.PACK_INDEX: image.pack_index,
+                },
+            )[names.IMAGE_FEATURES]
+            if image is not None
+            else None
+            for image in images
+        ]
+        if len(images) == 1:
+            return features[0]
+        rows = [self.backend.download(f)[0] if f is not None else None for f in features]  # [V_b, D]
+        padded = np.zeros(
+            (len(rows), max(len(r) for r in rows if r is not None), self.dims.hidden), self._dtype
+        )
+        for b, row in enumerate(rows):
+            if row is not None:
+                padded[b, : len(row)] = row
+        return self.backend.upload(padded)
 
     def _empty_features(self, batch: int) -> Value:
         if batch not in self._no_image:

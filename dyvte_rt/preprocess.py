@@ -1,15 +1,43 @@
 """Image preprocessing with PIL + numpy, step for step as Hugging Face's CLIP image processor
 (PIL backend): white-composited alpha -> shortest-edge resize -> center crop -> rescale -> normalize.
+Any-resolution models (LLaVA-NeXT) run the same steps on each view `dyvte_rt.anyres` cuts.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from dyvte_rt.manifest import ImagePreprocess
+from dyvte_rt import anyres
+from dyvte_rt.manifest import ImagePreprocess, VisionInfo
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image as the vision graph takes it."""
+
+    pixel_values: np.ndarray  # [views, 3, H, W] float32: one view, or a base view and tiles (any-res)
+    visual_tokens: int  # image placeholders the prompt holds for it
+    pack_index: np.ndarray | None = None  # any-res: [visual_tokens] int64 rows of the tile features
+
+    @classmethod
+    def single_view(cls, pixel_values: np.ndarray, visual_tokens: int) -> PreparedImage:
+        return cls(np.asarray(pixel_values, dtype=np.float32), visual_tokens)
+
+
+def prepare_image(image: Image.Image, vision: VisionInfo) -> PreparedImage:
+    """A decoded image -> pixel values (and, any-res, the packing index) for the bundle's vision graph."""
+    spec = vision.preprocess
+    if vision.anyres is None:
+        return PreparedImage(preprocess(image, spec), vision.visual_tokens)
+    info = vision.anyres
+    rgb = to_rgb(image) if spec.convert_rgb else image
+    views = np.concatenate([preprocess(view, spec) for view in anyres.tile_views(rgb, info, spec)])
+    index = anyres.pack_index(rgb.height, rgb.width, info)
+    return PreparedImage(views, len(index), index)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

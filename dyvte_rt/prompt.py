@@ -2,7 +2,7 @@
 
 The chat template is the checkpoint's own jinja template, rendered in the same sandboxed jinja
 environment transformers uses; the image placeholder is expanded to one token per visual token,
-as the LLaVA processor does; `tokenizers` encodes the result.
+as the LLaVA processors do (a count per image for any-resolution models); `tokenizers` encodes the result.
 """
 
 from __future__ import annotations
@@ -96,16 +96,21 @@ class PromptBuilder:
         ids = self.tokenizer.encode(after[len(before) :], add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int64)[None]
 
-    def encode(self, question: str, with_image: bool = True) -> np.ndarray:
-        return self.encode_turns([(question, None)], with_image)
+    def encode(self, question: str, with_image: bool = True, visual_tokens: int | None = None) -> np.ndarray:
+        return self.encode_turns([(question, None)], with_image, visual_tokens)
 
-    def encode_turns(self, turns: list[tuple[str, str | None]], with_image: bool) -> np.ndarray:
-        """A whole conversation (the image in its first question), ready to prefill -> [1, N]."""
+    def encode_turns(
+        self, turns: list[tuple[str, str | None]], with_image: bool, visual_tokens: int | None = None
+    ) -> np.ndarray:
+        """A whole conversation (the image in its first question), ready to prefill -> [1, N].
+        `visual_tokens`: the image's count where it depends on the image (PreparedImage.visual_tokens);
+        None: the bundle's fixed count."""
+        count = self.visual_tokens if visual_tokens is None else visual_tokens
         text = self.render_turns(turns, with_image)
         placeholder = self.tokens.image_placeholder
-        text = text.replace(placeholder, placeholder * self.visual_tokens)
+        text = text.replace(placeholder, placeholder * count)
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)[None]
-        if with_image and int((ids == self.tokens.image).sum()) != self.visual_tokens:
+        if with_image and int((ids == self.tokens.image).sum()) != count:
             raise InputError("the rendered prompt does not hold the image placeholder the model expects")
         return ids
 

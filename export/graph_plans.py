@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from dyvte_rt import io_names
+from dyvte_rt import anyres, io_names
 from export.families import FamilyAdapter
 from export.parts import EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart, VisionPart
 from export.reference.routers import RouterBank
@@ -25,6 +25,7 @@ CAPACITY = Dim("capacity", min=2, max=1 << 16)  # rows of an in-place KV buffer
 PROMPT = Dim("prompt", min=1, max=1 << 16)
 VISUAL = Dim("visual", min=0, max=1 << 16)
 KEPT = Dim("kept", min=1, max=1 << 16)
+VIEWS = Dim("views", min=1, max=256)  # any-res: base view + tiles of one image
 
 
 @dataclass
@@ -46,6 +47,31 @@ class GraphPlan:
     @property
     def file(self) -> str:
         return f"{self.name}.onnx"
+
+
+def _anyres_vision_plan(adapter: FamilyAdapter, rand: _Sampler, dtype: torch.dtype, tol: float) -> GraphPlan:
+    """Any-res (LLaVA-NeXT): the views of one image and its packing index. Traced on a tall image's
+    views; checked on a square, a wide and a tall one (view and token counts differ)."""
+    info = adapter.anyres
+    side = info.tile_size
+
+    def image(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        views = anyres.tile_count(height, width, info)
+        index = torch.from_numpy(anyres.pack_index(height, width, info))
+        return rand.randn(views, 3, side, side), index
+
+    largest = max(info.grid_pinpoints, key=lambda p: p[0] * p[1])
+    return GraphPlan(
+        "vision",
+        VisionPart(adapter),
+        [io_names.PIXEL_VALUES, io_names.PACK_INDEX],
+        [io_names.IMAGE_FEATURES],
+        sample=image(3 * side, 2 * side),
+        dynamic_shapes=({0: VIEWS}, {0: VISUAL}),
+        dtype=dtype,
+        tolerance=tol,
+        cases=lambda: [image(*largest), image(side, 3 * side), image(2 * side + 5, side // 2 + 3)],
+    )
 
 
 def plan_segments(candidates: tuple[int, ...], num_layers: int) -> list[tuple[int, int]]:
@@ -89,7 +115,9 @@ def build_plans(
 
     pixels = (3, vision.image_size, vision.image_size)
     plans = [
-        GraphPlan(
+        _anyres_vision_plan(adapter, rand, dtype, tol)
+        if adapter.anyres is not None
+        else GraphPlan(
             "vision",
             VisionPart(adapter),
             [io_names.PIXEL_VALUES],

@@ -158,3 +158,14 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
     if not getattr(text, "tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)):
         return {}
     return dict(ties) if isinstance(ties, dict) else {}
+
+
+class OwnParameters:
+    """A module's own parameters, not its children's, as a loader root: LLaVA-NeXT's
+    `image_newline` sits on the model that also holds every layer."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+
+    def modules(self) -> Iterator[nn.Module]:
+        yield self.owner

@@ -21,6 +21,8 @@ from dyvte_rt.errors import DyvteError, ModelNotFoundError, UnsupportedModelErro
 ALIASES: dict[str, str] = {
     "llava-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-13b": "llava-hf/llava-1.5-13b-hf",
+    "llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-next-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
 }
 
 DTYPES = ("fp32", "fp16", "bf16")

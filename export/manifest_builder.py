@@ -6,6 +6,7 @@ from pathlib import Path
 
 import onnx
 
+from dyvte_rt.anyres import most_visual_tokens
 from dyvte_rt.errors import UnsupportedModelError
 from dyvte_rt.manifest import Dims, GraphInfo, ImagePreprocess, SourceInfo, TensorInfo, TokenInfo, VisionInfo
 from export.loading import LoadedModel
@@ -68,11 +69,20 @@ def image_preprocess(proc) -> ImagePreprocess:
 def vision_info(loaded: LoadedModel) -> VisionInfo:
     vision = loaded.model.config.vision_config
     preprocess = image_preprocess(loaded.processor.image_processor)
+    tiling = loaded.adapter.anyres
+    sizes = {preprocess.resize_shortest_edge, preprocess.crop_height}
+    if tiling is not None and sizes != {vision.image_size}:
+        raise UnsupportedModelError(
+            f"the image processor's size {preprocess.resize_shortest_edge} / crop {preprocess.crop_height} "
+            f"differ from the vision tower's {vision.image_size}: any-resolution tiles need them equal"
+        )
+    per_view = (vision.image_size // vision.patch_size) ** 2
     return VisionInfo(
         image_height=preprocess.crop_height or vision.image_size,
         image_width=preprocess.crop_width or vision.image_size,
-        visual_tokens=(vision.image_size // vision.patch_size) ** 2,
+        visual_tokens=most_visual_tokens(tiling) if tiling is not None else per_view,
         preprocess=preprocess,
+        anyres=tiling,
     )
 
 

@@ -19,7 +19,8 @@ from export.reference.routers import Router
 
 
 class VisionPart(nn.Module):
-    """pixel_values [B, 3, H, W] -> image_features [B, V, D]."""
+    """pixel_values [B, 3, H, W] -> image_features [B, V, D]; any-res (LLaVA-NeXT):
+    (pixel_values [views, 3, H, W], pack_index [V]) -> image_features [1, V, D]."""
 
     def __init__(self, adapter: FamilyAdapter) -> None:
         super().__init__()
@@ -29,8 +30,10 @@ class VisionPart(nn.Module):
     def weight_modules(self) -> list[nn.Module]:
         return self.adapter.vision_modules
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, pack_index: torch.Tensor | None = None) -> torch.Tensor:
         with attention_function(self.model.config.vision_config, _fp32_attention_for(pixel_values)):
+            if pack_index is not None:
+                return self.adapter.packed_features(pixel_values, pack_index)
             return self.adapter.image_features(pixel_values)
 
 

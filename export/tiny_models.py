@@ -1,10 +1,13 @@
-"""Tiny random-weight LLaVA checkpoints in the llava-hf layout, for tests and quick trials.
+"""Tiny random-weight LLaVA and LLaVA-NeXT checkpoints in the llava-hf layout, for tests and trials.
 
 Each is a real local checkpoint (config, safetensors, tokenizer, processor, chat template) that
 `--model DIR` loads exactly like a downloaded one. Backbones cover the decoder variants the
-LLaVA adapter must handle: Llama with MHA, Llama with GQA, Qwen2 (attention biases).
+LLaVA adapter must handle: Llama with MHA, Llama with GQA, Qwen2 (attention biases). LLaVA-NeXT
+checkpoints (`--family llava-next`) tile images on LLaVA-NeXT's five canvases scaled to the tiny
+tower's tile (1x2, 2x1, 2x2, 3x1, 1x3 tiles), so that tiling and unpadding happen.
 
     python -m export.tiny_models --backbone llama-gqa --out /tmp/tiny-llava
+    python -m export.tiny_models --family llava-next --out /tmp/tiny-llava-next
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -102,6 +110,10 @@ def _qwen2(spec: TinySpec, vocab: int) -> PretrainedConfig:
     )
 
 
+def _mistral(spec: TinySpec, vocab: int) -> PretrainedConfig:
+    return decoder_config(MistralConfig, spec, vocab, rms_norm_eps=1e-5, sliding_window=None)
+
+
 @dataclass(frozen=True)
 class TinyBackbone:
     text_config: Callable[[TinySpec, int], PretrainedConfig]
@@ -112,6 +124,7 @@ TINY_BACKBONES: dict[str, TinyBackbone] = {
     "llama-mha": TinyBackbone(_llama, TinySpec(kv_heads=4)),
     "llama-gqa": TinyBackbone(_llama, TinySpec(kv_heads=2)),
     "qwen2": TinyBackbone(_qwen2, TinySpec(kv_heads=2)),
+    "mistral": TinyBackbone(_mistral, TinySpec(kv_heads=2)),  # LLaVA-NeXT's Mistral-7B backbone
 }
 
 # LLaVA-1.5-7B's true decoder dimensions and CLIP ViT-L/14-336 tower, with few decoder layers and
@@ -135,13 +148,22 @@ LLAVA_7B_SLICE = TinySpec(
 )
 
 # Which tiny backbones exercise each registered family (a guard test checks every family has one).
-TINY_MODELS_BY_FAMILY: dict[str, tuple[str, ...]] = {"llava": tuple(TINY_BACKBONES)}
+TINY_MODELS_BY_FAMILY: dict[str, tuple[str, ...]] = {
+    "llava": ("llama-mha", "llama-gqa", "qwen2"),
+    "llava-next": ("llama-gqa", "mistral"),
+}
+FAMILY_CLASSES = {"llava": LlavaForConditionalGeneration, "llava-next": LlavaNextForConditionalGeneration}
 
 
-def build_tiny_llava(backbone: str, out: Path, seed: int = 0) -> Path:
-    """Write a tiny random LLaVA checkpoint to `out` and return it."""
+def grid_pinpoints(tile: int) -> list[list[int]]:
+    """LLaVA-NeXT's canvases (336x672, 672x336, 672x672, 1008x336, 336x1008) in units of `tile`."""
+    return [[tile * h, tile * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+
+
+def build_tiny_llava(backbone: str, out: Path, seed: int = 0, family: str = "llava") -> Path:
+    """Write a tiny random LLaVA (or LLaVA-NeXT) checkpoint to `out` and return it."""
     choice = TINY_BACKBONES[backbone]
-    return build_random_llava(choice.text_config, choice.spec, out, seed)
+    return build_random_llava(choice.text_config, choice.spec, out, seed, family=family)
 
 
 def build_random_llava(
@@ -150,9 +172,10 @@ def build_random_llava(
     out: Path,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    family: str = "llava",
 ) -> Path:
     """Write a random-weight LLaVA checkpoint of the given sizes (llava-hf layout) to `out`."""
-    model, processor = new_llava(text_config, spec, TINY_WORDS, seed)
+    model, processor = new_llava(text_config, spec, TINY_WORDS, seed, family)
     out.mkdir(parents=True, exist_ok=True)
     model.to(dtype).save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
@@ -168,6 +191,7 @@ def write_random_llava_streamed(
     out: Path,
     seed: int = 0,
     dtype: torch.dtype = torch.float16,
+    family: str = "llava",
 ) -> Path:
     """Write a random-weight LLaVA checkpoint without ever holding it in memory: tensors are drawn
     one at a time and written to ~2 GB safetensors shards (a full-depth 7B model on a small machine).
@@ -180,9 +204,10 @@ def write_random_llava_streamed(
     from export.families.llava import LlavaAdapter
     from export.lazy_weights import parameters_on_meta
 
-    config, processor = llava_config_and_processor(text_config, spec, TINY_WORDS)
+    config, processor = llava_config_and_processor(text_config, spec, TINY_WORDS, family)
+    model_class = FAMILY_CLASSES[family]
     with parameters_on_meta():
-        skeleton = LlavaForConditionalGeneration(config)
+        skeleton = model_class(config)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}
@@ -214,7 +239,7 @@ def write_random_llava_streamed(
     index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.dtype = dtype
-    config.architectures = [LlavaForConditionalGeneration.__name__]
+    config.architectures = [model_class.__name__]
     config.save_pretrained(out)
     skeleton.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     skeleton.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -233,12 +258,16 @@ def _random_like(name: str, param: torch.Tensor, spec: TinySpec, generator: torc
 
 
 def new_llava(
-    text_config: Callable[[TinySpec, int], PretrainedConfig], spec: TinySpec, words: list[str], seed: int = 0
+    text_config: Callable[[TinySpec, int], PretrainedConfig],
+    spec: TinySpec,
+    words: list[str],
+    seed: int = 0,
+    family: str = "llava",
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random-weight LLaVA model and its processor (word-level tokenizer over `words`), in memory."""
-    config, processor = llava_config_and_processor(text_config, spec, words)
+    config, processor = llava_config_and_processor(text_config, spec, words, family)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = FAMILY_CLASSES[family](config).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, spec.head_std)
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
@@ -247,7 +276,10 @@ def new_llava(
 
 
 def llava_config_and_processor(
-    text_config: Callable[[TinySpec, int], PretrainedConfig], spec: TinySpec, words: list[str]
+    text_config: Callable[[TinySpec, int], PretrainedConfig],
+    spec: TinySpec,
+    words: list[str],
+    family: str = "llava",
 ) -> tuple[LlavaConfig, LlavaProcessor]:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=build_word_tokenizer(words),
@@ -267,19 +299,28 @@ def llava_config_and_processor(
         projection_dim=spec.vision_hidden,
         initializer_range=spec.init_std,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text_config(spec, spec.vocab_size or len(tokenizer)),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": spec.image_size},
-            crop_size={"height": spec.image_size, "width": spec.image_size},
-        ),
+    common = {
+        "vision_config": vision,
+        "text_config": text_config(spec, spec.vocab_size or len(tokenizer)),
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE),
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+    }
+    sizes = {
+        "size": {"shortest_edge": spec.image_size},
+        "crop_size": {"height": spec.image_size, "width": spec.image_size},
+    }
+    if family == "llava-next":
+        pinpoints = grid_pinpoints(spec.image_size)
+        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+        image_processor = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints)
+        processor_class = LlavaNextProcessor
+    else:
+        config = LlavaConfig(**common)
+        image_processor, processor_class = CLIPImageProcessorPil(**sizes), LlavaProcessor
+    processor = processor_class(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
@@ -299,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[*sorted(TINY_BACKBONES), "llava-7b-slice"],
         default="llama-gqa",
         help="llava-7b-slice: true LLaVA-1.5-7B dimensions and CLIP ViT-L/14-336, random weights",
+    )
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILY_CLASSES),
+        default="llava",
+        help="llava: LLaVA-1.5 (one 336-style view per image); llava-next: any-resolution tiles",
     )
     parser.add_argument("--layers", type=int, help="decoder layers (default: the backbone's)")
     parser.add_argument(
@@ -329,8 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             spec = dataclasses.replace(spec, layers=args.layers)
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
         write = write_random_llava_streamed if args.streamed else build_random_llava
-        path = write(text_config, spec, args.out, args.seed, dtype)
-        print(f"wrote random {args.backbone} LLaVA checkpoint ({spec.layers} decoder layers) to {path}")
+        path = write(text_config, spec, args.out, args.seed, dtype, family=args.family)
+        print(
+            f"wrote random {args.backbone} {args.family} checkpoint ({spec.layers} decoder layers) to {path}"
+        )
 
     return run_command(body)
 

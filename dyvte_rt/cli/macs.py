@@ -7,13 +7,24 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyvte_rt.anyres import most_visual_tokens
+from dyvte_rt.anyres import visual_tokens as anyres_visual_tokens
 from dyvte_rt.cli.options import bundle_options, json_option
 from dyvte_rt.commandline import HelpFormatter, use_config_defaults
 from dyvte_rt.compute import DecoderDims, prefill_macs
 from dyvte_rt.errors import InputError
+from dyvte_rt.manifest import AnyResInfo
 
 # LLaVA-1.5-7B, the default when neither --bundle nor sizes are given
 LLAVA_7B = {"hidden": 4096, "kv_width": 4096, "mlp": 11008, "layers": 32, "visual": 576}
+# LLaVA-NeXT-7B (Vicuna): LLaVA-1.5-7B's decoder; images tiled on five canvases of 336-pixel tiles
+LLAVA_NEXT_TILING = AnyResInfo(
+    grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+    tile_size=336,
+    feature_side=24,
+    newline=True,
+)
+FAMILIES = {"llava": (LLAVA_7B, None), "llava-next": (LLAVA_7B, LLAVA_NEXT_TILING)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +35,8 @@ class MacsConfig:
     mlp: int | None = None
     layers: int | None = None
     visual: int | None = None
+    family: str = "llava"  # sizes of LLaVA-1.5-7B or LLaVA-NeXT-7B, where no --bundle is given
+    image: str | None = None  # WIDTHxHEIGHT: any-resolution models' visual tokens depend on it
     text: int = 60
     exit_layer: int | None = None
     as_json: bool = False
@@ -35,7 +48,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="theoretical prefill multiply-adds with and without an exit",
         description="Prefill multiply-adds of a decoder with and without a visual-token exit, counted as in "
         "docs/compute.md. Sizes come from --bundle when given, else from LLaVA-1.5-7B (hidden 4096, 32 "
-        "layers, SwiGLU 11008, 576 visual tokens); any size flag overrides either.",
+        "layers, SwiGLU 11008, 576 visual tokens) or, with --family llava-next, LLaVA-NeXT-7B (the same "
+        "decoder; 2,000-2,900 visual tokens, from --image); any size flag overrides either.",
         formatter_class=HelpFormatter,
         parents=[bundle_options(), json_option()],
     )
@@ -43,7 +57,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-width", type=int, help="num_kv_heads * head_dim (default: the hidden size)")
     parser.add_argument("--mlp", type=int, help="SwiGLU intermediate size m")
     parser.add_argument("--layers", type=int, help="decoder layers L")
-    parser.add_argument("--visual", type=int, help="visual tokens V")
+    parser.add_argument("--visual", type=int, help="visual tokens V (overrides --image)")
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        help="model sizes without --bundle: llava (LLaVA-1.5-7B, default) or llava-next (LLaVA-NeXT-7B)",
+    )
+    parser.add_argument(
+        "--image",
+        metavar="WxH",
+        help="image size for any-resolution models (LLaVA-NeXT), e.g. 672x672 (default: the largest "
+        "count any image can take)",
+    )
     parser.add_argument("--text", type=int, help="text tokens")
     parser.add_argument(
         "--exit-layer", type=int, metavar="K", help="exit after layer K (0-indexed; default: none)"
@@ -58,12 +83,18 @@ def make_config(args: argparse.Namespace) -> MacsConfig:
 
 
 def sizes(config: MacsConfig) -> dict[str, int]:
-    """Bundle (or LLaVA-1.5-7B) sizes, overridden by the flags given."""
-    base = dict(LLAVA_7B)
+    """Bundle (or LLaVA-1.5-7B / LLaVA-NeXT-7B) sizes, overridden by the flags given."""
+    if config.family not in FAMILIES:
+        raise InputError(f"unknown --family {config.family!r}", hint=f"choose one of {', '.join(FAMILIES)}")
+    defaults, tiling = FAMILIES[config.family]
+    base = dict(defaults)
+    if tiling is not None:
+        base["visual"] = most_visual_tokens(tiling)
     if config.bundle is not None:
         from dyvte_rt.manifest import load_manifest
 
         m = load_manifest(config.bundle, verify_hashes=False)
+        tiling = m.vision.anyres
         base = {
             "hidden": m.dims.hidden,
             "kv_width": m.dims.num_kv_heads * m.dims.head_dim,
@@ -71,12 +102,26 @@ def sizes(config: MacsConfig) -> dict[str, int]:
             "layers": m.dims.num_layers,
             "visual": m.vision.visual_tokens,
         }
+    if config.image is not None and tiling is not None:
+        width, height = image_size(config.image)
+        base["visual"] = anyres_visual_tokens(height, width, tiling)
     for key in base:
         if getattr(config, key) is not None:
             base[key] = getattr(config, key)
     if config.kv_width is None and config.hidden is not None and config.bundle is None:
         base["kv_width"] = base["hidden"]
     return base
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """'672x672' -> (width, height)."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--image must be WIDTHxHEIGHT, e.g. 672x672, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise InputError(f"--image must be positive, got {text!r}")
+    return width, height
 
 
 def run(config: MacsConfig) -> int:
@@ -96,6 +141,7 @@ def run(config: MacsConfig) -> int:
                 {
                     **size,
                     "text": config.text,
+                    "image": config.image,
                     "exit_layer": config.exit_layer,
                     "full": macs.full,
                     "actual": macs.actual,
@@ -105,6 +151,8 @@ def run(config: MacsConfig) -> int:
             )
         )
         return 0
+    image = f" for a {config.image} image" if config.image else ""
+    print(f"{size['visual']} visual tokens{image} and {config.text} text tokens, {size['layers']} layers")
     print(
         f"prefill multiply-adds: full {macs.full / 1e12:.3f} T, with exit {macs.actual / 1e12:.3f} T "
         f"({100 * macs.saved_fraction:.1f}% saved, {macs.full / macs.actual:.2f}x theoretical speed-up)"

@@ -30,7 +30,7 @@ from starlette.routing import Route
 from dyvte_rt.errors import DyvteError, InputError
 from dyvte_rt.images import load_image
 from dyvte_rt.model import DyvteModel
-from dyvte_rt.preprocess import preprocess
+from dyvte_rt.preprocess import prepare_image
 from dyvte_rt.sampling import Sampler, SamplingConfig
 from dyvte_rt.serving.engine import BatchEngine, Completion, QueueFullError, ServeRequest
 from dyvte_rt.serving.metrics import ServerMetrics
@@ -198,8 +198,9 @@ class _Api:
             raise ApiError(400, err.one_line()) from None
         prompts = self.model.prompts
         try:
-            ids = prompts.encode_turns(turns, with_image=image is not None)
-            pixels = None if image is None else preprocess(image, self.model.manifest.vision.preprocess)
+            prepared = None if image is None else prepare_image(image, self.model.manifest.vision)
+            visual = None if prepared is None else prepared.visual_tokens
+            ids = prompts.encode_turns(turns, with_image=image is not None, visual_tokens=visual)
         except DyvteError as err:
             raise ApiError(400, err.one_line()) from None
         loop = asyncio.get_running_loop()
@@ -208,7 +209,7 @@ class _Api:
         def emit(kind: str, payload: object) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
-        serve = ServeRequest(ids[0], pixels, policy, max_tokens, Sampler(sampling), tuple(stop), emit)
+        serve = ServeRequest(ids[0], prepared, policy, max_tokens, Sampler(sampling), tuple(stop), emit)
         serve.ignore_eos = bool(body.get("ignore_eos", False))  # an extension, as vLLM names it
         return serve, bool(body.get("stream", False)), events
 

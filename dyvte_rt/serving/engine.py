@@ -25,6 +25,7 @@ from dyvte_rt.errors import DyvteError, InputError
 from dyvte_rt.model import FINISH_LENGTH, FINISH_STOP, DyvteModel
 from dyvte_rt.pipeline import PrefillRequest, PrefillResult
 from dyvte_rt.policy import ExitPolicy
+from dyvte_rt.preprocess import PreparedImage
 from dyvte_rt.sampling import Sampler
 from dyvte_rt.streaming import AnswerPieces
 
@@ -50,7 +51,7 @@ class Completion:
 @dataclass
 class ServeRequest:
     prompt_ids: np.ndarray  # [N]
-    pixel_values: np.ndarray | None
+    image: PreparedImage | None
     policy: ExitPolicy
     max_tokens: int
     sampler: Sampler
@@ -153,7 +154,7 @@ class BatchEngine:
         row = self.rows[slot]
         row.lengths[:] = 0
         result = self.model.pipeline.prefill_batch(
-            [PrefillRequest(request.prompt_ids, request.pixel_values, request.policy)], row
+            [PrefillRequest(request.prompt_ids, request.image, request.policy)], row
         ).results[0]
         active = _Active(
             request, result, [], "", AnswerPieces(self.model.prompts.tokenizer), time.perf_counter()

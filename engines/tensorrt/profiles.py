@@ -47,9 +47,13 @@ class EngineSettings:
                 raise PlanError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
-def phase_ranges(visual_tokens: int, settings: EngineSettings) -> dict[str, dict[str, DimRange]]:
-    """Each phase's range for every named dynamic axis a bundle graph uses."""
+def phase_ranges(
+    visual_tokens: int, settings: EngineSettings, fewest_visual: int | None = None, most_views: int = 1
+) -> dict[str, dict[str, DimRange]]:
+    """Each phase's range for every named dynamic axis a bundle graph uses. Any-resolution images
+    (LLaVA-NeXT) take `fewest_visual`..`visual_tokens` visual tokens from 1..`most_views` views."""
     s, v = settings, visual_tokens
+    least = v if fewest_visual is None else fewest_visual
     if v + 1 > s.max_context:
         raise PlanError(f"max-context {s.max_context} leaves no room for a prompt of {v} visual tokens")
     text = min(s.max_text_tokens, s.max_context - v)  # text tokens that fit beside the image
@@ -61,7 +65,8 @@ def phase_ranges(visual_tokens: int, settings: EngineSettings) -> dict[str, dict
             "batch": batch,
             "seq": prompt,
             "prompt": prompt,
-            "visual": DimRange(v, v, v),
+            "visual": DimRange(least, v, v),
+            "views": DimRange(1, most_views, most_views),
             "kept": DimRange(1, typical, v + text),  # a batch keeps every row of a sample that stays
             "past": DimRange(0, 0, 0),
         },
@@ -70,6 +75,7 @@ def phase_ranges(visual_tokens: int, settings: EngineSettings) -> dict[str, dict
             "seq": DimRange(1, typical, text),
             "prompt": DimRange(1, typical, text),
             "visual": DimRange(0, 0, 0),
+            "views": DimRange(1, 1, 1),
             "kept": DimRange(1, typical, text),
             "past": DimRange(0, 0, s.max_context - 1),
         },
@@ -78,6 +84,7 @@ def phase_ranges(visual_tokens: int, settings: EngineSettings) -> dict[str, dict
             "seq": DimRange(1, 1, 1),
             "prompt": DimRange(1, 1, 1),
             "visual": DimRange(0, 0, 0),
+            "views": DimRange(1, 1, 1),
             "kept": DimRange(1, 1, 1),
             "past": DimRange(0, min(v + typical, s.max_context - 1), s.max_context - 1),
         },

@@ -9,9 +9,11 @@ from __future__ import annotations
 from dyvte_rt.errors import UnsupportedModelError
 from export.families.base import FamilyAdapter
 from export.families.llava import LlavaAdapter
+from export.families.llava_next import LlavaNextAdapter
 
 FAMILIES: dict[str, type[FamilyAdapter]] = {
     "LlavaForConditionalGeneration": LlavaAdapter,
+    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
 }
 
 

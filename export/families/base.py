@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dyvte_rt.compute import DecoderDims
+from dyvte_rt.manifest import AnyResInfo
 
 
 class FamilyAdapter(Protocol):
@@ -63,8 +64,17 @@ class FamilyAdapter(Protocol):
         """Checkpoint tensor names parameter `name` may be stored under, preferred first."""
         ...
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] pixels -> [B, V, D] projected visual tokens."""
+    @property
+    def anyres(self) -> AnyResInfo | None:
+        """Any-resolution tiling (LLaVA-NeXT); None: one fixed-size view per image."""
+        ...
+
+    def image_input(self, inputs) -> object:
+        """What `image_features` takes, picked from the processor's output for one image."""
+        ...
+
+    def image_features(self, image) -> torch.Tensor:
+        """An image (pixels [B, 3, H, W], or what `image_input` gives) -> [B, V, D] visual tokens."""
         ...
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

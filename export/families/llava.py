@@ -14,6 +14,7 @@ from torch import nn
 
 from dyvte_rt.compute import DecoderDims
 from dyvte_rt.errors import UnsupportedModelError
+from dyvte_rt.manifest import AnyResInfo
 
 
 class LlavaAdapter:
@@ -62,6 +63,15 @@ class LlavaAdapter:
         if eos is None:
             return ()
         return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+    @property
+    def anyres(self) -> AnyResInfo | None:
+        """Any-resolution tiling (LLaVA-NeXT); None: one fixed-size view per image."""
+        return None
+
+    def image_input(self, inputs):
+        """What `image_features` takes, from the processor's output for one image."""
+        return inputs["pixel_values"]
 
     @property
     def _language_model(self) -> nn.Module:

@@ -89,7 +89,10 @@ def run(config: ReferenceConfig) -> dict:
         reference.routers = routers.to(config.device)
     with torch.inference_mode():
         result = reference.generate(
-            inputs["input_ids"], inputs["pixel_values"].to(loaded.model.dtype), policy, config.max_new_tokens
+            inputs["input_ids"],
+            loaded.adapter.image_input(inputs).to(loaded.model.dtype),
+            policy,
+            config.max_new_tokens,
         )
     prefill = result.prefill
     return {

@@ -87,8 +87,9 @@ class DyVTEReference(nn.Module):
 
     # -- pieces -------------------------------------------------------------------------------
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """[1, N] ids (+ [1, 3, H, W] pixels) -> [1, N, D] input embeddings."""
+    def embed(self, input_ids: torch.Tensor, pixel_values) -> torch.Tensor:
+        """[1, N] ids (+ the image: [1, 3, H, W] pixels, or what the adapter's `image_input` gives)
+        -> [1, N, D] input embeddings."""
         image_id = self.adapter.image_token_id
         safe_ids = input_ids.masked_fill(input_ids == image_id, 0)  # placeholder rows are replaced
         embeds = self.adapter.embed_tokens(safe_ids)

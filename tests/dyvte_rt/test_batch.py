@@ -81,16 +81,16 @@ def test_engine_slots_answer_like_single_requests(demo_bundle, fresh_questions):
         try:
             for index, row in enumerate(rows):
                 from dyvte_rt.images import load_image
-                from dyvte_rt.preprocess import preprocess
+                from dyvte_rt.preprocess import prepare_image
 
                 ids = model.prompts.encode(row["question"])
-                pixels = preprocess(
-                    load_image(fresh_questions.parent / row["image"]), model.manifest.vision.preprocess
+                image = prepare_image(
+                    load_image(fresh_questions.parent / row["image"]), model.manifest.vision
                 )
                 results[index] = queue.Queue()
                 emit = lambda kind, payload, q=results[index]: q.put((kind, payload))  # noqa: E731
                 engine.submit(
-                    ServeRequest(ids[0], pixels, model.policy(None), 8, Sampler(SamplingConfig()), (), emit)
+                    ServeRequest(ids[0], image, model.policy(None), 8, Sampler(SamplingConfig()), (), emit)
                 )
             for index, single in enumerate(alone):
                 pieces, done = [], None

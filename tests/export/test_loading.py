@@ -50,6 +50,19 @@ def test_llava_7b_without_weights_is_one_line_and_nonzero_exit(tmp_path, sample_
 def test_aliases_name_the_llava_hf_repos():
     assert ALIASES["llava-7b"] == "llava-hf/llava-1.5-7b-hf"
     assert ALIASES["llava-13b"] == "llava-hf/llava-1.5-13b-hf"
+    assert ALIASES["llava-next-7b"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
+    assert ALIASES["llava-next-mistral-7b"] == "llava-hf/llava-v1.6-mistral-7b-hf"
+
+
+@pytest.mark.parametrize("alias", ["llava-next-7b", "llava-next-mistral-7b"])
+def test_llava_next_aliases_without_weights_are_one_line(alias, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_checkpoint(alias)
+    message = caught.value.one_line()
+    assert ALIASES[alias] in message and "hf download" in message and "\n" not in message
 
 
 def _fake_hub_cache(hf_home, repo_id: str, checkpoint) -> None:

@@ -53,7 +53,7 @@ def sweep(
     device = ids.device
     hidden = reference.embed(ids, pixel_values)  # [1, T, D]
     t = ids.shape[1]
-    positions = torch.arange(t, device=device)[None]
+    positions, _ = reference.adapter.prompt_positions(ids, pixel_values)  # [1, T] or [3, 1, T]
     mask = causal_mask(t, 0, hidden.dtype, device)
     kept: dict[int, torch.Tensor] = {}
     cache = KVCache(reference.num_layers)
@@ -73,7 +73,7 @@ def sweep(
     out = {name: [] for name in ("features", "agree", "ratio", "equal", "kl")}
     for k in layers:
         out["features"].append(router_features(kept[k][:, :n], mean_at)[0].float())
-        h, pos = kept[k][:, keep], positions[:, keep]  # [1, T-V, D]
+        h, pos = kept[k][:, keep], positions[..., keep]  # [1, T-V, D]
         text_mask = causal_mask(h.shape[1], 0, h.dtype, device)
         text_cache = KVCache(reference.num_layers)
         for index in range(k + 1, reference.num_layers):

@@ -27,18 +27,12 @@ def default_settings(manifest: Manifest, **overrides: int | None) -> EngineSetti
 def plan_engines(manifest: Manifest, settings: EngineSettings) -> dict:
     """{"settings", "graphs": {graph: [profile...]}, "buffers"} as JSON-ready data."""
     try:
-        tiling = manifest.vision.anyres
-        if tiling is None:
-            ranges = phase_ranges(manifest.vision.visual_tokens, settings)
-        else:  # from the base view alone (nothing left after unpadding) to the largest canvas's count
-            views = max(
-                1 + (h // tiling.tile_size) * (w // tiling.tile_size) for h, w in tiling.grid_pinpoints
-            )
-            ranges = phase_ranges(manifest.vision.visual_tokens, settings, tiling.feature_side**2, views)
+        ranges = _ranges(manifest, settings)
+        tiling, grid = manifest.vision.anyres, manifest.vision.patch_grid
         graphs = {}
         for name, graph in manifest.graphs.items():
             prefill_only = name.startswith("router_") or name == "exit_gather"
-            prefill_only |= tiling is not None and name == "vision"  # any-res views: images only
+            prefill_only |= (tiling or grid) is not None and name == "vision"  # one image's own shapes
             phases = PREFILL_ONLY if prefill_only else PHASES
             inputs = {t.name: t.shape for t in graph.inputs}
             graphs[name] = [p.to_json() for p in graph_profiles(inputs, ranges, phases)]
@@ -56,6 +50,23 @@ def plan_engines(manifest: Manifest, settings: EngineSettings) -> dict:
         settings=settings,
     )
     return {"settings": dataclasses.asdict(settings), "graphs": graphs, "buffers": buffers.to_json()}
+
+
+def _ranges(manifest: Manifest, settings: EngineSettings) -> dict:
+    """Every axis's range per phase; images whose shapes depend on their size span the counts any
+    image can give."""
+    tiling, grid = manifest.vision.anyres, manifest.vision.patch_grid
+    most = manifest.vision.visual_tokens
+    if tiling is not None:  # from the base view alone (nothing left after unpadding) to the largest canvas
+        views = max(1 + (h // tiling.tile_size) * (w // tiling.tile_size) for h, w in tiling.grid_pinpoints)
+        return phase_ranges(most, settings, tiling.feature_side**2, views)
+    if grid is not None:  # from the pixel budget's least to its most merged patches
+        ranges = phase_ranges(
+            most, settings, max(1, grid.min_pixels // (grid.patch_size * grid.merge_size) ** 2)
+        )
+        ranges["prefill_visual"]["merged"] = ranges["prefill_visual"]["visual"]
+        return ranges
+    return phase_ranges(most, settings)
 
 
 def tensorrt_readiness(bundle: Path, manifest: Manifest) -> list[str]:

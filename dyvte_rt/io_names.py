@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 HIDDEN_IN = "hidden_states"  # [B, S, D]
-POSITION_IDS = "position_ids"  # [B, S] int64, original positions (gaps after an exit)
+POSITION_IDS = "position_ids"  # [B, S] int64 ([3, B, S]: multimodal rotary), original positions
 TOTAL_LENGTHS = "total_lengths"  # [B] int32, in-place KV: cache rows valid after this step
 ROUTER_POOL = "router_pool"  # [B, S] float: mean weights over text_after_image[:-1]
 LAST_INDEX = "last_index"  # [B] int64: index of each sample's last real position
 KEEP_INDEX = "keep_index"  # [B, K] int64: positions that stay at an exit (the text tokens)
 HIDDEN_OUT = "hidden_states_out"  # [B, S, D]
 ROUTER_LOGITS = "router_logits"  # [B, 2]; class 1 = exit
-PIXEL_VALUES = "pixel_values"  # [B, 3, H, W]; any-res: [views, 3, H, W] of one image
+PIXEL_VALUES = "pixel_values"  # [B, 3, H, W]; any-res: [views, 3, H, W]; patch grid: [patches, C*T*p*p]
 PACK_INDEX = "pack_index"  # any-res: [V] int64 rows of the flattened view features (+ newline row)
+VISION_POSITIONS = "vision_positions"  # patch grid: [patches, 2] int64 (row, column) of each patch
+WINDOW_INDEX = "window_index"  # Qwen2.5-VL: [V] int64 merged patches in window order
+WINDOW_IDS = "window_ids"  # Qwen2.5-VL: [patches] int64 each (window-ordered) patch's window
 IMAGE_FEATURES = "image_features"  # [B, V, D]; any-res: [1, V, D]
 INPUT_IDS = "input_ids"  # [B, N] int64
 INPUT_EMBEDS = "inputs_embeds"  # [B, N, D]

@@ -31,6 +31,8 @@ class KVCache(ABC):
         self.dims = dims
         self.dtype = np.dtype(dtype)
         self.lengths = np.zeros((batch, dims.num_layers), dtype=np.int64)  # [B, L] rows held per layer
+        # [B] a token's position id minus its index (multimodal rotary positions; 0 otherwise)
+        self.position_offsets = np.zeros(batch, dtype=np.int64)
 
     @property
     def batch(self) -> int:
@@ -74,10 +76,13 @@ class InplaceKVCache(KVCache):
         capacity: int,
         buffers: dict | None = None,
         lengths: np.ndarray | None = None,
+        position_offsets: np.ndarray | None = None,
     ) -> None:
         super().__init__(backend, dims, batch, dtype)
         if lengths is not None:
             self.lengths = lengths  # a view of a batch cache's lengths (`row`)
+        if position_offsets is not None:
+            self.position_offsets = position_offsets
         self.capacity = capacity
         shape = (batch, dims.num_kv_heads, capacity, dims.head_dim)
         self.owns_buffers = buffers is None
@@ -92,7 +97,8 @@ class InplaceKVCache(KVCache):
         request prefilled into it joins the batch without a copy."""
         views = {key: self.backend.view_rows(value, index, index + 1) for key, value in self.buffers.items()}
         lengths = self.lengths[index : index + 1]  # shared: what the row writes, the batch sees
-        return InplaceKVCache(self.backend, self.dims, 1, self.dtype, self.capacity, views, lengths)
+        offsets = self.position_offsets[index : index + 1]
+        return InplaceKVCache(self.backend, self.dims, 1, self.dtype, self.capacity, views, lengths, offsets)
 
     def allocated_bytes(self) -> int:
         return (

@@ -46,6 +46,7 @@ class Dims:
     mlp: int  # SwiGLU intermediate width (compute accounting)
     vocab_size: int
     max_positions: int
+    position_sections: int = 1  # 3: multimodal rotary positions [3, B, S] (temporal, height, width)
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,27 @@ class AnyResInfo:
 
 
 @dataclass(frozen=True)
+class PatchGridInfo:
+    """Qwen2-VL / Qwen2.5-VL images (dyvte_rt/patch_grid.py): resized to a multiple of
+    patch_size * merge_size within a pixel budget, cut into patches that merge_size² at a time
+    become one visual token; positions are multimodal rotary (temporal, height, width)."""
+
+    patch_size: int
+    temporal_patch_size: int  # a still image is its frame repeated this many times
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    window_size: int | None  # Qwen2.5-VL's windowed vision attention, in pixels; None: full attention
+
+
+@dataclass(frozen=True)
 class VisionInfo:
     image_height: int
     image_width: int
     visual_tokens: int  # per image; with `anyres`, the most an image can take (it depends on its size)
     preprocess: ImagePreprocess
     anyres: AnyResInfo | None = None  # None: one fixed-size view per image (LLaVA-1.5)
+    patch_grid: PatchGridInfo | None = None  # Qwen2-VL family: patches of a resized image
 
 
 @dataclass(frozen=True)

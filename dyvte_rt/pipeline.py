@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dyvte_rt import io_names as names
+from dyvte_rt import patch_grid
 from dyvte_rt.bundle import Bundle, as_runtime_error
 from dyvte_rt.compute import DecoderDims, PrefillMacs, layer_macs, prefill_macs
 from dyvte_rt.errors import InputError, PolicyError
@@ -83,6 +84,7 @@ class Pipeline:
         self.inplace = manifest.kv_flavour == "inplace"
         self._no_image = {}  # batch -> empty image features [B, 0, D] on the backend
         self._spare: InplaceKVCache | None = None  # buffers of a finished request, reused by the next
+        self._patch_grid = manifest.vision.patch_grid
 
     def check_policy(self, policy: ExitPolicy) -> None:
         check_policy_fits(policy, self.dims.num_layers, self.candidates)
@@ -107,6 +109,7 @@ class Pipeline:
         spare, self._spare = self._spare, None
         if spare is not None and spare.capacity >= capacity and spare.batch == batch:
             spare.lengths[:] = 0
+            spare.position_offsets[:] = 0
             return spare
         return InplaceKVCache(self.backend, self.dims, batch, self._dtype, capacity)
 
@@ -162,7 +165,7 @@ class Pipeline:
             started = time.perf_counter()
             feeds = {names.INPUT_IDS: padded, names.IMAGE_FEATURES: features}
             hidden = self._run("embed", feeds)[names.INPUT_EMBEDS]
-            positions = np.tile(np.arange(padded.shape[1]), (batch, 1))  # [B, S]
+            positions = self._prompt_positions(requests, ids, padded.shape[1], cache)  # [B, S] or [3, B, S]
             switch = ExitSwitch(self, requests, ids, valid) if any(n_visual) else None
             hidden, positions, valid, padded_macs = self._segments(hidden, positions, valid, cache, switch)
             logits = self._head(hidden, valid)  # [B, vocab]
@@ -191,6 +194,22 @@ class Pipeline:
             )
         return BatchPrefill(results, padded_macs)
 
+    def _prompt_positions(
+        self, requests: list[PrefillRequest], ids: list[np.ndarray], length: int, cache: KVCache
+    ) -> np.ndarray:
+        """Original position ids of the padded prompts: 0..S-1, or multimodal rotary positions
+        [3, B, S] (patch-grid models), whose offset to the token index each cache row keeps."""
+        plain = np.tile(np.arange(length), (len(ids), 1))  # [B, S]
+        if self.dims.position_sections == 1:
+            return plain
+        positions = np.repeat(plain[None], 3, axis=0)  # padding rows keep counting up
+        for row, (request, sample) in enumerate(zip(requests, ids, strict=True)):
+            grids = [request.image.grid] if request.image is not None and request.image.grid else []
+            rope, offset = patch_grid.prompt_positions(sample, self.image_token_id, grids, self._patch_grid)
+            positions[:, row, : len(sample)] = rope
+            cache.position_offsets[row] = offset
+        return positions
+
     # -- decoding ---------------------------------------------------------------------------------
 
     def forward_tokens(
@@ -204,13 +223,14 @@ class Pipeline:
         batch, steps = token_ids.shape
         if np.isscalar(positions):
             positions = np.tile(np.arange(positions, positions + steps), (batch, 1))
+        positions = np.asarray(positions, dtype=np.int64) + cache.position_offsets[:, None]
+        if self.dims.position_sections > 1:  # after the prompt, all sections count up together
+            positions = np.repeat(positions[None], self.dims.position_sections, axis=0)
         try:
             feeds = {names.INPUT_IDS: token_ids, names.IMAGE_FEATURES: self._empty_features(batch)}
             hidden = self._run("embed", feeds)[names.INPUT_EMBEDS]
             valid = np.full(batch, steps, dtype=np.int64)
-            hidden, _, valid, _ = self._segments(
-                hidden, np.asarray(positions, dtype=np.int64), valid, cache, None
-            )
+            hidden, _, valid, _ = self._segments(hidden, positions, valid, cache, None)
             return self._head(hidden, valid)
         except BackendError as err:
             raise as_runtime_error(err) from None
@@ -244,11 +264,8 @@ class Pipeline:
             }
             out = self.sessions[segment.graph].run(feeds, into=cache.outputs(layers))
             cache.update(layers, valid, out)
-            computed += (
-                len(layers)
-                * positions.shape[0]
-                * layer_macs(positions.shape[1], self.decoder_dims, int(held.max()) + positions.shape[1])
-            )
+            rows, length = positions.shape[-2:]
+            computed += len(layers) * rows * layer_macs(length, self.decoder_dims, int(held.max()) + length)
             hidden = out[names.HIDDEN_OUT]
             if switch is not None:
                 shape = positions.shape
@@ -263,8 +280,8 @@ class Pipeline:
         if not any(n_visual):
             return self._empty_features(len(requests))
         images = [r.image if visual else None for r, visual in zip(requests, n_visual, strict=True)]
-        if any(image.pack_index is not None for image in images if image is not None):
-            return self._anyres_features(images)
+        if any(image.per_image for image in images if image is not None):
+            return self._per_image_features(images)
         shapes = {image.pixel_values.shape for image in images if image is not None}
         if len(shapes) != 1 or len({v for v in n_visual if v}) != 1:
             raise InputError("a batch's images must have the same size and number of visual tokens")
@@ -274,17 +291,13 @@ class Pipeline:
         ).astype(self._dtype)
         return self._run("vision", {names.PIXEL_VALUES: pixels})[names.IMAGE_FEATURES]
 
-    def _anyres_features(self, images: list[PreparedImage | None]) -> Value:
-        """Any-resolution images: the vision graph runs on each image's views (their number and the
-        visual-token count differ per image); a batch's rows are zero-padded to the longest."""
+    def _per_image_features(self, images: list[PreparedImage | None]) -> Value:
+        """Images whose graph inputs depend on their size (any-res views, patch grids): the vision
+        graph runs on each; a batch's rows are zero-padded to the longest."""
         features = [
-            self._run(
-                "vision",
-                {
-                    names.PIXEL_VALUES: image.pixel_values.astype(self._dtype),
-                    names.PACK_INDEX: image.pack_index,
-                },
-            )[names.IMAGE_FEATURES]
+            self._run("vision", {names.PIXEL_VALUES: image.pixel_values.astype(self._dtype), **image.feeds})[
+                names.IMAGE_FEATURES
+            ]
             if image is not None
             else None
             for image in images
@@ -372,7 +385,9 @@ class ExitSwitch:
             valid = valid.copy()
             for b in exiting:
                 valid[b] = len(self._text[b])
-            positions = np.take_along_axis(positions, keep, axis=1)
+            positions = np.take_along_axis(
+                positions, np.broadcast_to(keep, (*positions.shape[:-2], *keep.shape)), -1
+            )
             if self._pool is not None:  # samples still undecided keep their rows, and so their pool
                 self._pool = np.take_along_axis(self._pool, keep, axis=1)
         self.ms += 1e3 * (time.perf_counter() - started)

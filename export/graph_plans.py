@@ -15,6 +15,7 @@ from torch.export import Dim
 
 from dyvte_rt import anyres, io_names
 from export.families import FamilyAdapter
+from export.families.qwen2_vl import PatchImage as PatchImageInput
 from export.parts import EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart, VisionPart
 from export.reference.routers import RouterBank
 
@@ -67,10 +68,43 @@ def _anyres_vision_plan(adapter: FamilyAdapter, rand: _Sampler, dtype: torch.dty
         [io_names.PIXEL_VALUES, io_names.PACK_INDEX],
         [io_names.IMAGE_FEATURES],
         sample=image(3 * side, 2 * side),
-        dynamic_shapes=({0: VIEWS}, {0: VISUAL}),
+        dynamic_shapes=({0: VIEWS}, ({0: VISUAL},)),  # VisionPart(pixel_values, *per_image)
         dtype=dtype,
         tolerance=tol,
         cases=lambda: [image(*largest), image(side, 3 * side), image(2 * side + 5, side // 2 + 3)],
+    )
+
+
+def _patch_grid_vision_plan(
+    adapter: FamilyAdapter, rand: _Sampler, dtype: torch.dtype, tol: float
+) -> GraphPlan:
+    """Qwen2-VL family: one image's patches with their positions (and Qwen2.5-VL's windows).
+    Traced on one grid; checked on grids of other sizes and aspect ratios."""
+    info = adapter.patch_grid
+    m = info.merge_size
+    width = 3 * info.temporal_patch_size * info.patch_size**2
+
+    def image(rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+        grid = (1, rows * m, cols * m)
+        pixels = rand.randn(rows * cols * m * m, width)
+        return tuple(adapter.vision_inputs(PatchImageInput(pixels, grid)))
+
+    names = [io_names.PIXEL_VALUES, io_names.VISION_POSITIONS]
+    merged = Dim("merged", min=1, max=1 << 14)
+    per_image: tuple = ({0: m * m * merged},)
+    if info.window_size is not None:
+        names += [io_names.WINDOW_INDEX, io_names.WINDOW_IDS]
+        per_image = (*per_image, {0: merged}, {0: m * m * merged})
+    return GraphPlan(
+        "vision",
+        VisionPart(adapter),
+        names,
+        [io_names.IMAGE_FEATURES],
+        sample=image(4, 6),
+        dynamic_shapes=({0: m * m * merged}, per_image),  # VisionPart(pixel_values, *per_image)
+        dtype=dtype,
+        tolerance=tol,
+        cases=lambda: [image(1, 1), image(5, 3), image(9, 10)],
     )
 
 
@@ -106,18 +140,21 @@ def build_plans(
     text = model.config.text_config
     dims = adapter.dims
     vision = model.config.vision_config
-    v_tokens = (vision.image_size // vision.patch_size) ** 2
+    # patch-grid models: a 4 x 6 grid of merged patches in the traced prompts
+    v_tokens = (vision.image_size // vision.patch_size) ** 2 if adapter.patch_grid is None else 24
     n_prompt = v_tokens + 9
     tol = adapter.tolerance
 
     def ids(batch: int, n: int, n_image: int) -> torch.Tensor:
         return rand.ids(batch, n, n_image, text.vocab_size, adapter.image_token_id)
 
-    pixels = (3, vision.image_size, vision.image_size)
-    plans = [
-        _anyres_vision_plan(adapter, rand, dtype, tol)
-        if adapter.anyres is not None
-        else GraphPlan(
+    if adapter.anyres is not None:
+        vision_plan = _anyres_vision_plan(adapter, rand, dtype, tol)
+    elif adapter.patch_grid is not None:
+        vision_plan = _patch_grid_vision_plan(adapter, rand, dtype, tol)
+    else:
+        pixels = (3, vision.image_size, vision.image_size)
+        vision_plan = GraphPlan(
             "vision",
             VisionPart(adapter),
             [io_names.PIXEL_VALUES],
@@ -127,7 +164,9 @@ def build_plans(
             dtype=dtype,
             tolerance=tol,
             cases=lambda: [(rand.randn(1, *pixels),), (rand.randn(2, *pixels),)],
-        ),
+        )
+    plans = [
+        vision_plan,
         GraphPlan(
             "embed",
             EmbedPart(adapter),
@@ -197,8 +236,12 @@ def _segment_plan(
     hidden = segment.adapter.dims.hidden
     inplace = segment.kv == "inplace"
 
+    sections = segment.adapter.position_sections
+
     def inputs(batch: int, seq: int, past: int) -> tuple:
         positions = torch.arange(past, past + seq).repeat(batch, 1)  # [B, S]
+        if sections > 1:  # multimodal rotary: sections that differ, as on an image's rows
+            positions = torch.stack([positions + 3 * i for i in range(sections)])  # [3, B, S]
         if not inplace:
             kv = [rand.randn(batch, kv_heads, past, head_dim) for _ in range(2 * len(layers))]
             return (rand.randn(batch, seq, hidden), positions, *kv)
@@ -207,6 +250,7 @@ def _segment_plan(
         total = torch.full((batch,), past + seq, dtype=torch.int32)
         return (rand.randn(batch, seq, hidden), positions, total, *kv)
 
+    position_axes = {1: BATCH, 2: SEQ} if sections > 1 else {0: BATCH, 1: SEQ}
     if inplace:
         names = [
             io_names.HIDDEN_IN,
@@ -216,12 +260,12 @@ def _segment_plan(
         ]
         kv_axes = {0: BATCH, 2: CAPACITY}
         rest = ({0: BATCH}, *(kv_axes for _ in range(2 * len(layers))))  # total_lengths, then the buffers
-        shapes = ({0: BATCH, 1: SEQ}, {0: BATCH, 1: SEQ}, rest)
+        shapes = ({0: BATCH, 1: SEQ}, position_axes, rest)
     else:
         names = [io_names.HIDDEN_IN, io_names.POSITION_IDS, *io_names.kv_names(layers, "past")]
         shapes = (
             {0: BATCH, 1: SEQ},
-            {0: BATCH, 1: SEQ},
+            position_axes,
             tuple({0: BATCH, 2: PAST} for _ in range(2 * len(layers))),
         )
     return GraphPlan(

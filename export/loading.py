@@ -1,6 +1,6 @@
 """Resolve `--model` to a local checkpoint and load it safely.
 
-`--model` is an alias (`llava-7b`), a local checkpoint directory (llava-hf layout) or a repo id
+`--model` is an alias (`llava-7b`), a local checkpoint directory (Hugging Face layout) or a repo id
 already in the local Hugging Face cache. Nothing is ever downloaded: a missing model is one
 clear error naming the repo id and how to obtain it. Weights load from safetensors only, and
 remote code runs only when the user passes `trust_remote_code`.
@@ -23,6 +23,9 @@ ALIASES: dict[str, str] = {
     "llava-13b": "llava-hf/llava-1.5-13b-hf",
     "llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava-next-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -61,7 +64,8 @@ def resolve_checkpoint(spec: str) -> tuple[Path, str | None]:
     if not _REPO_ID.match(repo_id):
         raise ModelNotFoundError(
             f"model {spec!r} is not a checkpoint directory, a known alias or a Hugging Face repo id",
-            hint=f"aliases: demo, {', '.join(sorted(ALIASES))}; or pass a directory in the llava-hf layout",
+            hint=f"aliases: demo, {', '.join(sorted(ALIASES))}; or pass a checkpoint directory "
+            "(Hugging Face layout)",
         )
     return _from_hf_cache(spec, repo_id), repo_id
 
@@ -192,6 +196,9 @@ def _user_errors(info: CheckpointInfo) -> Iterator[None]:
 def _processor(info: CheckpointInfo, trust_remote_code: bool):
     import transformers
 
+    own = getattr(info.adapter_class, "load_processor", None)  # a family that builds its own
+    if own is not None:
+        return own(info.path)
     return transformers.AutoProcessor.from_pretrained(
         info.path, local_files_only=True, trust_remote_code=trust_remote_code
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import onnx
@@ -44,6 +46,7 @@ def dims_info(loaded: LoadedModel) -> Dims:
         mlp=dims.mlp,
         vocab_size=text.vocab_size,
         max_positions=text.max_position_embeddings,
+        position_sections=loaded.adapter.position_sections,
     )
 
 
@@ -66,7 +69,47 @@ def image_preprocess(proc) -> ImagePreprocess:
     )
 
 
+def patch_grid_vision_info(loaded: LoadedModel) -> VisionInfo:
+    """Qwen2-VL family: no fixed size; the processor's pixel budget bounds the patch grid."""
+    proc = loaded.processor.image_processor
+    model_grid = loaded.adapter.patch_grid
+    size = dict(proc.size or {})
+    if "shortest_edge" not in size or "longest_edge" not in size:
+        raise UnsupportedModelError(f"image size {size} is not a pixel budget (shortest_edge, longest_edge)")
+    ours = (model_grid.patch_size, model_grid.temporal_patch_size, model_grid.merge_size)
+    theirs = (proc.patch_size, proc.temporal_patch_size, proc.merge_size)
+    if ours != theirs:
+        raise UnsupportedModelError(
+            f"the image processor's patch sizes {theirs} differ from the model's {ours}"
+        )
+    grid = dataclasses.replace(
+        model_grid, min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"])
+    )
+    normalize = getattr(proc, "do_normalize", False)
+    preprocess = ImagePreprocess(
+        resize_shortest_edge=None,
+        crop_height=None,
+        crop_width=None,
+        resample=int(proc.resample),
+        rescale_factor=float(proc.rescale_factor) if getattr(proc, "do_rescale", False) else None,
+        mean=tuple(float(x) for x in proc.image_mean) if normalize else None,
+        std=tuple(float(x) for x in proc.image_std) if normalize else None,
+        convert_rgb=bool(getattr(proc, "do_convert_rgb", True)),
+    )
+    factor = grid.patch_size * grid.merge_size
+    side = math.isqrt(grid.max_pixels) // factor * factor  # the largest square the budget allows
+    return VisionInfo(
+        image_height=side,
+        image_width=side,
+        visual_tokens=grid.max_pixels // factor**2,
+        preprocess=preprocess,
+        patch_grid=grid,
+    )
+
+
 def vision_info(loaded: LoadedModel) -> VisionInfo:
+    if loaded.adapter.patch_grid is not None:
+        return patch_grid_vision_info(loaded)
     vision = loaded.model.config.vision_config
     preprocess = image_preprocess(loaded.processor.image_processor)
     tiling = loaded.adapter.anyres

@@ -14,13 +14,14 @@ from export.attention import ATTENTION_NAME, FP32_ATTENTION_NAME, GqaCache, atte
 from export.families import FamilyAdapter
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask
-from export.reference.model import merge_image_features
+from export.reference.model import image_placeholders, merge_image_features
 from export.reference.routers import Router
 
 
 class VisionPart(nn.Module):
-    """pixel_values [B, 3, H, W] -> image_features [B, V, D]; any-res (LLaVA-NeXT):
-    (pixel_values [views, 3, H, W], pack_index [V]) -> image_features [1, V, D]."""
+    """pixel_values [B, 3, H, W] -> image_features [B, V, D]. Families whose graph inputs depend on
+    the image (LLaVA-NeXT: views + pack_index; Qwen2-VL: patches + positions (+ windows)) take one
+    image and more inputs -> image_features [1, V, D] (the adapter's `vision_graph`)."""
 
     def __init__(self, adapter: FamilyAdapter) -> None:
         super().__init__()
@@ -30,10 +31,10 @@ class VisionPart(nn.Module):
     def weight_modules(self) -> list[nn.Module]:
         return self.adapter.vision_modules
 
-    def forward(self, pixel_values: torch.Tensor, pack_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, *per_image: torch.Tensor) -> torch.Tensor:
         with attention_function(self.model.config.vision_config, _fp32_attention_for(pixel_values)):
-            if pack_index is not None:
-                return self.adapter.packed_features(pixel_values, pack_index)
+            if per_image:
+                return self.adapter.vision_graph(pixel_values, *per_image)
             return self.adapter.image_features(pixel_values)
 
 
@@ -50,7 +51,8 @@ class EmbedPart(nn.Module):
         return [self.adapter.embed_module]
 
     def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        safe_ids = torch.where(input_ids == self.image_token_id, torch.zeros_like(input_ids), input_ids)
+        filled = image_placeholders(input_ids, image_features, self.image_token_id)
+        safe_ids = torch.where(filled, torch.zeros_like(input_ids), input_ids)
         embeds = self.adapter.embed_tokens(safe_ids)
         return merge_image_features(embeds, input_ids, image_features, self.image_token_id)
 

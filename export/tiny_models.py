@@ -1,4 +1,4 @@
-"""Tiny random-weight LLaVA and LLaVA-NeXT checkpoints in the llava-hf layout, for tests and trials.
+"""Tiny random-weight LLaVA, LLaVA-NeXT and Qwen2(.5)-VL checkpoints, for tests and trials.
 
 Each is a real local checkpoint (config, safetensors, tokenizer, processor, chat template) that
 `--model DIR` loads exactly like a downloaded one. Backbones cover the decoder variants the
@@ -8,6 +8,7 @@ tower's tile (1x2, 2x1, 2x2, 3x1, 1x3 tiles), so that tiling and unpadding happe
 
     python -m export.tiny_models --backbone llama-gqa --out /tmp/tiny-llava
     python -m export.tiny_models --family llava-next --out /tmp/tiny-llava-next
+    python -m export.tiny_models --family qwen2.5-vl --out /tmp/tiny-qwen25-vl
 """
 
 from __future__ import annotations
@@ -148,9 +149,12 @@ LLAVA_7B_SLICE = TinySpec(
 )
 
 # Which tiny backbones exercise each registered family (a guard test checks every family has one).
+TINY_QWEN_VL = ("qwen2-vl", "qwen2.5-vl")  # build_tiny_qwen_vl variants
 TINY_MODELS_BY_FAMILY: dict[str, tuple[str, ...]] = {
     "llava": ("llama-mha", "llama-gqa", "qwen2"),
     "llava-next": ("llama-gqa", "mistral"),
+    "qwen2-vl": ("qwen2-vl",),
+    "qwen2.5-vl": ("qwen2.5-vl",),
 }
 FAMILY_CLASSES = {"llava": LlavaForConditionalGeneration, "llava-next": LlavaNextForConditionalGeneration}
 
@@ -333,7 +337,7 @@ def llava_config_and_processor(
 def build_parser() -> argparse.ArgumentParser:
     parser = new_parser(
         "python -m export.tiny_models",
-        "Write a random-weight LLaVA checkpoint (llava-hf layout) for tests and trials.",
+        "Write a random-weight LLaVA, LLaVA-NeXT or Qwen2(.5)-VL checkpoint for tests and trials.",
     )
     parser.add_argument(
         "--backbone",
@@ -343,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--family",
-        choices=sorted(FAMILY_CLASSES),
+        choices=[*sorted(FAMILY_CLASSES), *TINY_QWEN_VL],
         default="llava",
-        help="llava: LLaVA-1.5 (one 336-style view per image); llava-next: any-resolution tiles",
+        help="llava: LLaVA-1.5 (one 336-style view per image); llava-next: any-resolution tiles; qwen2-vl, "
+        "qwen2.5-vl: tiny Qwen VL models (--backbone, --layers, --dtype do not apply)",
     )
     parser.add_argument("--layers", type=int, help="decoder layers (default: the backbone's)")
     parser.add_argument(
@@ -368,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.family in TINY_QWEN_VL:
+            path = build_tiny_qwen_vl(args.family, args.out, args.seed)
+            print(f"wrote random tiny {args.family} checkpoint to {path}")
+            return
         if args.backbone == "llava-7b-slice":
             spec, text_config = LLAVA_7B_SLICE, _llama
         else:
@@ -382,6 +391,123 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     return run_command(body)
+
+
+# Qwen2-VL's chat format (without its default system turn), as its processor renders it.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIALS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Tiny Qwen VL images: 14-pixel patches merged 2 x 2 (as the real models), 4 to 64 visual tokens
+QWEN_TINY_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}
+
+
+def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2-VL (`variant` "qwen2-vl") or Qwen2.5-VL ("qwen2.5-vl", windowed vision
+    attention in its first block) checkpoint with its image processor, tokenizer and chat template
+    (no video processor: transformers builds those only with torchvision)."""
+    import transformers
+
+    from export.families.qwen2_vl import image_only_processor
+
+    words = build_word_tokenizer(TINY_WORDS)
+    words.add_special_tokens(list(QWEN_SPECIALS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(list(QWEN_SPECIALS)), strict=True))
+    spec = TinySpec(kv_heads=2)
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.mlp,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "max_position_embeddings": spec.max_positions,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "initializer_range": spec.init_std,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+    }
+    common = {
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "depth": 2,
+    }
+    if variant == "qwen2-vl":
+        vision = {**common, "embed_dim": 32, "hidden_size": spec.hidden, "num_heads": 4, "mlp_ratio": 2}
+        config_class, model_class, processor_class = (
+            transformers.Qwen2VLConfig,
+            transformers.Qwen2VLForConditionalGeneration,
+            transformers.Qwen2VLProcessor,
+        )
+    elif variant == "qwen2.5-vl":
+        vision = {
+            **common,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 4,
+            "out_hidden_size": spec.hidden,
+            "window_size": 56,  # 2 x 2 merged patches per window
+            "fullatt_block_indexes": [1],
+        }
+        config_class, model_class, processor_class = (
+            transformers.Qwen2_5_VLConfig,
+            transformers.Qwen2_5_VLForConditionalGeneration,
+            transformers.Qwen2_5_VLProcessor,
+        )
+    else:
+        raise ValueError(f"unknown Qwen VL variant {variant!r}")
+    vision["initializer_range"] = spec.init_std
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, spec.head_std)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = transformers.Qwen2VLImageProcessorPil(size=dict(QWEN_TINY_PIXELS))
+    processor = image_only_processor(processor_class)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(processor.chat_template)
+    return out
 
 
 if __name__ == "__main__":

@@ -122,6 +122,14 @@ def summary(bundle: Path, m: Manifest, verified: bool) -> str:
 
 
 def image_line(vision: VisionInfo) -> str:
+    if vision.patch_grid is not None:
+        grid = vision.patch_grid
+        return (
+            f"any size: resized to {grid.min_pixels:,}-{grid.max_pixels:,} pixels, "
+            f"{grid.patch_size}px patches merged {grid.merge_size}x{grid.merge_size}; "
+            f"up to {vision.visual_tokens} visual tokens per image"
+            + (f"; windowed vision attention ({grid.window_size}px)" if grid.window_size else "")
+        )
     if vision.anyres is None:
         return f"{vision.image_height}x{vision.image_width}, {vision.visual_tokens} visual tokens"
     canvases = ", ".join(f"{h}x{w}" for h, w in vision.anyres.grid_pinpoints)

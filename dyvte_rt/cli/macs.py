@@ -7,13 +7,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyvte_rt import patch_grid
 from dyvte_rt.anyres import most_visual_tokens
 from dyvte_rt.anyres import visual_tokens as anyres_visual_tokens
 from dyvte_rt.cli.options import bundle_options, json_option
 from dyvte_rt.commandline import HelpFormatter, use_config_defaults
 from dyvte_rt.compute import DecoderDims, prefill_macs
 from dyvte_rt.errors import InputError
-from dyvte_rt.manifest import AnyResInfo
+from dyvte_rt.manifest import AnyResInfo, PatchGridInfo
 
 # LLaVA-1.5-7B, the default when neither --bundle nor sizes are given
 LLAVA_7B = {"hidden": 4096, "kv_width": 4096, "mlp": 11008, "layers": 32, "visual": 576}
@@ -24,7 +25,17 @@ LLAVA_NEXT_TILING = AnyResInfo(
     feature_side=24,
     newline=True,
 )
-FAMILIES = {"llava": (LLAVA_7B, None), "llava-next": (LLAVA_7B, LLAVA_NEXT_TILING)}
+# Qwen2.5-VL-7B: 28 layers, hidden 3584, 4 KV heads of 128, SwiGLU 18944; its processor's budget
+QWEN25_VL_7B = {"hidden": 3584, "kv_width": 512, "mlp": 18944, "layers": 28, "visual": 1196}
+QWEN25_VL_GRID = PatchGridInfo(
+    patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=3136, max_pixels=12845056, window_size=112
+)
+# name -> (sizes, any-res tiling, patch grid)
+FAMILIES = {
+    "llava": (LLAVA_7B, None, None),
+    "llava-next": (LLAVA_7B, LLAVA_NEXT_TILING, None),
+    "qwen2.5-vl": (QWEN25_VL_7B, None, QWEN25_VL_GRID),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,13 +72,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--family",
         choices=sorted(FAMILIES),
-        help="model sizes without --bundle: llava (LLaVA-1.5-7B, default) or llava-next (LLaVA-NeXT-7B)",
+        help="model sizes without --bundle: llava (LLaVA-1.5-7B, default), llava-next (LLaVA-NeXT-7B) or "
+        "qwen2.5-vl (Qwen2.5-VL-7B)",
     )
     parser.add_argument(
         "--image",
         metavar="WxH",
-        help="image size for any-resolution models (LLaVA-NeXT), e.g. 672x672 (default: the largest "
-        "count any image can take)",
+        help="image size for models whose visual-token count depends on it (LLaVA-NeXT, Qwen2-VL), e.g. "
+        "672x672 (default: the largest count any LLaVA-NeXT image can take; a 1280x720 image for qwen2.5-vl)",
     )
     parser.add_argument("--text", type=int, help="text tokens")
     parser.add_argument(
@@ -86,7 +98,7 @@ def sizes(config: MacsConfig) -> dict[str, int]:
     """Bundle (or LLaVA-1.5-7B / LLaVA-NeXT-7B) sizes, overridden by the flags given."""
     if config.family not in FAMILIES:
         raise InputError(f"unknown --family {config.family!r}", hint=f"choose one of {', '.join(FAMILIES)}")
-    defaults, tiling = FAMILIES[config.family]
+    defaults, tiling, grid = FAMILIES[config.family]
     base = dict(defaults)
     if tiling is not None:
         base["visual"] = most_visual_tokens(tiling)
@@ -94,7 +106,7 @@ def sizes(config: MacsConfig) -> dict[str, int]:
         from dyvte_rt.manifest import load_manifest
 
         m = load_manifest(config.bundle, verify_hashes=False)
-        tiling = m.vision.anyres
+        tiling, grid = m.vision.anyres, m.vision.patch_grid
         base = {
             "hidden": m.dims.hidden,
             "kv_width": m.dims.num_kv_heads * m.dims.head_dim,
@@ -105,6 +117,10 @@ def sizes(config: MacsConfig) -> dict[str, int]:
     if config.image is not None and tiling is not None:
         width, height = image_size(config.image)
         base["visual"] = anyres_visual_tokens(height, width, tiling)
+    if config.image is not None and grid is not None:
+        width, height = image_size(config.image)
+        rows, cols = patch_grid.smart_resize(height, width, grid)
+        base["visual"] = patch_grid.visual_tokens((1, rows // grid.patch_size, cols // grid.patch_size), grid)
     for key in base:
         if getattr(config, key) is not None:
             base[key] = getattr(config, key)

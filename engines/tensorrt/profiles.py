@@ -144,8 +144,9 @@ def _bounds(
                 "this bundle's KV cache is the in-place flavour (ONNX Runtime's GroupQueryAttention), which "
                 "TensorRT cannot parse: export it with --kv concat"
             )
-        if dim not in ranges:
+        factor, _, axis = dim.rpartition("*")  # torch.export writes a multiple of an axis as "4*merged"
+        if axis not in ranges or (factor and not factor.isdigit()):
             raise PlanError(f"input {name} has an axis {dim!r} no profile knows")
-        r = ranges[dim]
-        lo.append(r.min), opt.append(r.opt), hi.append(r.max)
+        r, times = ranges[axis], int(factor or 1)
+        lo.append(times * r.min), opt.append(times * r.opt), hi.append(times * r.max)
     return tuple(lo), tuple(opt), tuple(hi)

@@ -10,10 +10,13 @@ from dyvte_rt.errors import UnsupportedModelError
 from export.families.base import FamilyAdapter
 from export.families.llava import LlavaAdapter
 from export.families.llava_next import LlavaNextAdapter
+from export.families.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
 FAMILIES: dict[str, type[FamilyAdapter]] = {
     "LlavaForConditionalGeneration": LlavaAdapter,
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+    "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
+    "Qwen2_5_VLForConditionalGeneration": Qwen25VLAdapter,
 }
 
 

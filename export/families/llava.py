@@ -20,6 +20,7 @@ from dyvte_rt.manifest import AnyResInfo
 class LlavaAdapter:
     family = "llava"
     tolerance = 1e-4
+    position_sections = 1  # position ids [B, S]
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
@@ -69,9 +70,17 @@ class LlavaAdapter:
         """Any-resolution tiling (LLaVA-NeXT); None: one fixed-size view per image."""
         return None
 
+    @property
+    def patch_grid(self) -> None:
+        return None
+
     def image_input(self, inputs):
         """What `image_features` takes, from the processor's output for one image."""
         return inputs["pixel_values"]
+
+    def prompt_positions(self, input_ids: torch.Tensor, image) -> tuple[torch.Tensor, int]:
+        """Position ids [1, N] of a prompt (0..N-1) and the offset decoding continues at (0)."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None], 0
 
     @property
     def _language_model(self) -> nn.Module:

@@ -79,9 +79,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def image_features(self, image: AnyResPixels) -> torch.Tensor:
         """[1, V, D]: the visual tokens of one image, packed as Hugging Face packs them."""
         index = torch.from_numpy(anyres.pack_index(*image.image_size, self._anyres))
-        return self.packed_features(image.pixel_values, index)
+        return self.vision_graph(image.pixel_values, index)
 
-    def packed_features(self, pixel_values: torch.Tensor, pack_index: torch.Tensor) -> torch.Tensor:
+    def vision_graph(self, pixel_values: torch.Tensor, pack_index: torch.Tensor) -> torch.Tensor:
         """The vision graph: views [T, 3, S, S] + pack_index [V] -> [1, V, D]."""
         views = LlavaAdapter.image_features(self, pixel_values)  # [T, side², D]
         newline = self._model.model.image_newline.to(views.dtype)[None]  # [1, D]

@@ -15,6 +15,7 @@ class KVCache:
     def __init__(self, num_layers: int) -> None:
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # [B, H_kv, T_l, head_dim]
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.position_offset = 0  # a decoded token's position id minus its index (multimodal rotary)
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object

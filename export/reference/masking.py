@@ -21,7 +21,7 @@ def prefill_with_visual_keys_masked(
     """Logits [1, N, vocab] at every prompt position; only non-visual rows are meaningful."""
     hidden = reference.embed(input_ids, pixel_values)  # [1, N, D]
     n = hidden.shape[1]
-    positions = torch.arange(n)[None]  # [1, N]
+    positions, _ = reference.adapter.prompt_positions(input_ids, pixel_values)  # [1, N] or [3, 1, N]
     is_visual = input_ids[0] == reference.adapter.image_token_id  # [N]
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))  # [N, N]
     # A visual query keeps its own key so its row never becomes empty; text rows never see it.

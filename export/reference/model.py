@@ -55,11 +55,21 @@ def merge_image_features(
     """
     batch, _, dim = token_embeds.shape
     padded = torch.cat([image_features.to(token_embeds.dtype), token_embeds.new_zeros(batch, 1, dim)], dim=1)
-    is_image = input_ids == image_token_id  # [B, N]
+    is_image = image_placeholders(input_ids, image_features, image_token_id)  # [B, N]
     index = torch.cumsum(is_image.long(), dim=1) - 1  # [B, N]: k-th image token takes feature k
     index = torch.where(is_image, index, torch.full_like(index, image_features.shape[1]))  # else: zero row
     gathered = torch.gather(padded, 1, index.unsqueeze(-1).expand(-1, -1, dim))  # [B, N, D]
     return torch.where(is_image.unsqueeze(-1), gathered, token_embeds)
+
+
+def image_placeholders(
+    input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
+    """[B, N] bool: the positions image features fill. None without features (V = 0): a generated
+    token that happens to be the placeholder is embedded as the token it is, as in Hugging Face's
+    decoding. (A tensor condition, not a Python branch, so that exported graphs keep V dynamic.)"""
+    has_features = image_features.new_ones(image_features.shape[1]).sum() > 0
+    return (input_ids == image_token_id) & has_features
 
 
 class DyVTEReference(nn.Module):
@@ -135,9 +145,11 @@ class DyVTEReference(nn.Module):
         n_tokens = hidden.shape[1]
         is_visual = input_ids[0] == self.adapter.image_token_id  # [N]
         n_visual = int(is_visual.sum())
-        positions = torch.arange(n_tokens, device=hidden.device)[None]  # [1, N]
+        # [1, N] (0..N-1), or [3, 1, N] multimodal rotary positions (Qwen2-VL)
+        positions, cache_offset = self.adapter.prompt_positions(input_ids, pixel_values if n_visual else None)
         mean_at = feature_positions(input_ids, self.adapter.image_token_id).to(hidden.device)
         cache = KVCache(self.num_layers)
+        cache.position_offset = cache_offset
         mask = causal_mask(n_tokens, 0, hidden.dtype, hidden.device)
         exit_layer: int | None = None
         exit_probs: dict[int, float] = {}
@@ -157,7 +169,7 @@ class DyVTEReference(nn.Module):
             if policy.decide(index, prob):
                 exit_layer = index
                 keep = ~is_visual
-                hidden, positions = hidden[:, keep], positions[:, keep]  # [1, N-V, D], [1, N-V]
+                hidden, positions = hidden[:, keep], positions[..., keep]  # [1, N-V, D], [(3,) 1, N-V]
                 mask = causal_mask(hidden.shape[1], 0, hidden.dtype, hidden.device)
         return PrefillResult(
             logits=self.adapter.head(hidden),
@@ -173,9 +185,12 @@ class DyVTEReference(nn.Module):
 
     @torch.no_grad()
     def decode_one_token(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
-        """token [1, 1] at original position `position` -> next-token logits [1, vocab]."""
+        """token [1, 1] at original position `position` (its index; the cache adds the offset
+        multimodal rotary positions continue at) -> next-token logits [1, vocab]."""
         hidden = self.adapter.embed_tokens(token)  # [1, 1, D]
-        positions = torch.full((1, 1), position, dtype=torch.long, device=hidden.device)
+        positions = torch.full(
+            (1, 1), position + cache.position_offset, dtype=torch.long, device=hidden.device
+        )
         for index in range(self.num_layers):
             mask = causal_mask(1, cache.length(index), hidden.dtype, hidden.device)  # all zeros
             hidden = self.run_layer(index, hidden, positions, cache, mask)

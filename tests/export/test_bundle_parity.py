@@ -79,3 +79,19 @@ def test_router_policy_on_a_bundle_without_routers_is_refused(bundles):
 def test_fixed_exit_outside_the_candidates_is_refused(bundles):
     with Bundle.open(bundles["qwen2"]) as bundle, pytest.raises(PolicyError, match=r"1\.\.2"):
         Pipeline(bundle).check_policy(FixedLayerExit(0))
+
+
+def test_a_generated_image_placeholder_is_embedded_as_a_token(bundles, loaded_models, prompt_factory):
+    """Decoding feeds back whatever the model generated; the placeholder id then means the token
+    itself (as in Hugging Face's decoding), not an image row."""
+    loaded = loaded_models["llama-gqa"]
+    prompt = prompt_factory(loaded)
+    reference = DyVTEReference(loaded.adapter)
+    expected = reference.prefill(prompt.input_ids, prompt.pixel_values, NeverExit())
+    image_token = loaded.adapter.image_token_id
+    with Bundle.open(bundles["llama-gqa"]) as bundle:
+        pipeline = Pipeline(bundle)
+        got = pipeline.prefill(prompt.input_ids.numpy(), prompt.pixel_values.numpy(), NeverExit())
+        want = reference.decode_one_token(torch.tensor([[image_token]]), expected.n_tokens, expected.cache)
+        have = pipeline.decode_one_token(image_token, got.n_tokens, got.cache)
+    assert np.abs(have - want.numpy()).max() <= 1e-4

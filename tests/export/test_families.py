@@ -1,7 +1,7 @@
 """Guards on the family registry."""
 
 from export.families import FAMILIES
-from export.tiny_models import TINY_BACKBONES, TINY_MODELS_BY_FAMILY
+from export.tiny_models import TINY_BACKBONES, TINY_MODELS_BY_FAMILY, TINY_QWEN_VL
 
 
 def test_every_registered_family_has_a_tiny_test_model():
@@ -9,7 +9,7 @@ def test_every_registered_family_has_a_tiny_test_model():
     missing = sorted(f for f in families if not TINY_MODELS_BY_FAMILY.get(f))
     assert not missing, f"registered families without a tiny test model: {missing}"
     for backbones in TINY_MODELS_BY_FAMILY.values():
-        assert set(backbones) <= set(TINY_BACKBONES)
+        assert set(backbones) <= {*TINY_BACKBONES, *TINY_QWEN_VL}
 
 
 def test_adapters_report_decoder_dims(loaded_models):

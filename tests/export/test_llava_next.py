@@ -168,9 +168,9 @@ def test_vision_graph_equals_hugging_face_features(next_loaded, next_bundle, ima
         for name, image in images.items():
             prepared = prepare_image(image, manifest.vision)
             features = bundle.backend.download(
-                pipeline._run(
-                    "vision", {"pixel_values": prepared.pixel_values, "pack_index": prepared.pack_index}
-                )["image_features"]
+                pipeline._run("vision", {"pixel_values": prepared.pixel_values, **prepared.feeds})[
+                    "image_features"
+                ]
             )
             inputs = hf_inputs(next_loaded.processor, image, QUESTION)
             with torch.no_grad():

@@ -52,9 +52,12 @@ def test_aliases_name_the_llava_hf_repos():
     assert ALIASES["llava-13b"] == "llava-hf/llava-1.5-13b-hf"
     assert ALIASES["llava-next-7b"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
     assert ALIASES["llava-next-mistral-7b"] == "llava-hf/llava-v1.6-mistral-7b-hf"
+    assert ALIASES["qwen2-vl-2b"] == "Qwen/Qwen2-VL-2B-Instruct"
+    assert ALIASES["qwen2.5-vl-3b"] == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert ALIASES["qwen2.5-vl-7b"] == "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
-@pytest.mark.parametrize("alias", ["llava-next-7b", "llava-next-mistral-7b"])
+@pytest.mark.parametrize("alias", ["llava-next-7b", "llava-next-mistral-7b", "qwen2-vl-2b", "qwen2.5-vl-7b"])
 def test_llava_next_aliases_without_weights_are_one_line(alias, tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 

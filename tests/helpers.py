@@ -11,3 +11,29 @@ def eval_json(capsys, bundle, data, *options: str) -> dict:
 
     assert cli_main(["eval", "--bundle", str(bundle), "--data", str(data), "--json", *options]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+DECODE_STEPS = 4
+
+
+def runtime_vs_reference(pipeline, reference, input_ids, reference_image, runtime_image, policy):
+    """Prefill `input_ids` ([1, N] torch) through the runtime pipeline and the PyTorch reference
+    under `policy`, then DECODE_STEPS teacher-forced decode steps (the reference's greedy tokens
+    fed to both) -> (max |logit error| over all of them, runtime prefill, reference prefill).
+    Checks on the way that both exit at the same layer and hold the same KV lengths."""
+    import numpy as np
+    import torch
+
+    expected = reference.prefill(input_ids, reference_image, policy)
+    got = pipeline.prefill(input_ids.numpy(), runtime_image, policy)
+    assert got.exit_layer == expected.exit_layer, policy.describe()
+    assert got.cache.layer_lengths() == expected.cache.lengths(), policy.describe()
+    worst = float(np.abs(got.logits - expected.logits[:, -1].numpy()).max())
+    token = int(expected.logits[0, -1].argmax())
+    for step in range(DECODE_STEPS):
+        position = expected.n_tokens + step
+        want = reference.decode_one_token(torch.tensor([[token]]), position, expected.cache)
+        have = pipeline.decode_one_token(token, position, got.cache)
+        worst = max(worst, float(np.abs(have - want.numpy()).max()))
+        token = int(want.argmax())
+    return worst, got, expected

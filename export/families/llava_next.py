@@ -65,9 +65,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def vision_modules(self) -> list[nn.Module]:
         return [*super().vision_modules, OwnParameters(self._model.model)]  # + image_newline
 
-    @staticmethod
-    def checkpoint_keys(name: str) -> tuple[str, ...]:
-        keys = LlavaAdapter.checkpoint_keys(name)
+    @classmethod
+    def checkpoint_keys(cls, name: str) -> tuple[str, ...]:
+        keys = super().checkpoint_keys(name)
         return (*keys, "image_newline") if name == "model.image_newline" else keys
 
     def image_input(self, inputs) -> AnyResPixels:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,10 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyvte_rt import patch_grid
-from dyvte_rt.compute import DecoderDims
-from dyvte_rt.errors import UnsupportedModelError
 from dyvte_rt.manifest import PatchGridInfo
-from export.families.llava import _check_full_attention
+from export.families.base import DecoderAdapter
 
 
 class PatchImage(NamedTuple):
@@ -43,31 +40,15 @@ class PatchImage(NamedTuple):
         return PatchImage(self.pixel_values.to(*args, **kwargs), self.grid)
 
 
-_LEGACY_PREFIXES = (  # transformers 5 name -> the layout transformers 4 saved (the Hub's Qwen repos)
-    ("model.language_model.", "model."),
-    ("model.visual.", "visual."),
-)
-
-
-class Qwen2VLAdapter:
+class Qwen2VLAdapter(DecoderAdapter):
     family = "qwen2-vl"
     processor_class = "Qwen2VLProcessor"
-    tolerance = 1e-4
-    position_sections = 3
+    position_sections = 3  # the rotary embedding takes [3, B, S] (or [B, S]: all sections equal)
+    LEGACY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))  # the Hub's repos
 
     def __init__(self, model: nn.Module) -> None:
-        self._model = model
-        config = model.config
-        text = config.text_config
-        _check_full_attention(text)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self._dims = DecoderDims(
-            hidden=text.hidden_size,
-            kv_width=text.num_key_value_heads * head_dim,
-            mlp=text.intermediate_size,
-            num_layers=text.num_hidden_layers,
-        )
-        vision = config.vision_config
+        super().__init__(model)
+        vision = model.config.vision_config
         window = getattr(vision, "window_size", None)
         self._grid = PatchGridInfo(  # the pixel budget is the processor's: manifest_builder fills it in
             patch_size=int(vision.patch_size),
@@ -77,14 +58,6 @@ class Qwen2VLAdapter:
             max_pixels=0,
             window_size=int(window) if window else None,
         )
-
-    @classmethod
-    def num_layers_in(cls, config: dict) -> int:
-        text = config.get("text_config") or config  # transformers 4 wrote the decoder's keys at the top
-        try:
-            return int(text["num_hidden_layers"])
-        except (KeyError, TypeError, ValueError):
-            raise UnsupportedModelError("config.json has no num_hidden_layers") from None
 
     @classmethod
     def load_processor(cls, path: Path):
@@ -105,65 +78,16 @@ class Qwen2VLAdapter:
         )
 
     @property
-    def model(self) -> nn.Module:
-        return self._model
-
-    @property
-    def dims(self) -> DecoderDims:
-        return self._dims
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self._model.config.image_token_id)
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        eos = self._model.generation_config.eos_token_id
-        if eos is None:
-            eos = self._model.config.text_config.eos_token_id
-        if eos is None:
-            return ()
-        return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
-
-    @property
-    def anyres(self) -> None:
-        return None
-
-    @property
     def patch_grid(self) -> PatchGridInfo:
         return self._grid
-
-    @property
-    def _language_model(self) -> nn.Module:
-        return self._model.model.language_model
 
     @property
     def _visual(self) -> nn.Module:
         return self._model.model.visual
 
     @property
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        return self._language_model.layers
-
-    @property
     def vision_modules(self) -> list[nn.Module]:
         return [self._visual]
-
-    @property
-    def embed_module(self) -> nn.Module:
-        return self._language_model.embed_tokens
-
-    @property
-    def head_modules(self) -> list[nn.Module]:
-        return [self._language_model.norm, self._model.lm_head]
-
-    @staticmethod
-    def checkpoint_keys(name: str) -> tuple[str, ...]:
-        keys = [name]
-        for current, legacy in _LEGACY_PREFIXES:
-            if name.startswith(current):
-                keys.append(legacy + name.removeprefix(current))
-        return tuple(keys)
 
     # -- images ------------------------------------------------------------------------------
 
@@ -219,18 +143,6 @@ class Qwen2VLAdapter:
         ids = input_ids[0].cpu().numpy()
         positions, offset = patch_grid.prompt_positions(ids, self.image_token_id, grids, self._grid)
         return torch.from_numpy(np.ascontiguousarray(positions))[:, None].to(input_ids.device), offset
-
-    # -- decoder -----------------------------------------------------------------------------
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._language_model.embed_tokens(input_ids)
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for positions [3, B, S] (or [B, S]: all sections equal, as after the prompt)."""
-        return self._language_model.rotary_emb(hidden, position_ids=position_ids)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._model.lm_head(self._language_model.norm(hidden))
 
 
 class Qwen25VLAdapter(Qwen2VLAdapter):

@@ -9,24 +9,14 @@ from dyvte_rt.errors import PolicyError
 from dyvte_rt.pipeline import Pipeline
 from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
 from export.reference import DyVTEReference, RouterBank
-
-DECODE_STEPS = 4
+from tests.helpers import DECODE_STEPS, runtime_vs_reference
 
 
 def _compare(pipeline: Pipeline, reference: DyVTEReference, prompt, policy) -> tuple[float, object]:
     """Max |logit error| over prefill and DECODE_STEPS teacher-forced decode steps."""
-    expected = reference.prefill(prompt.input_ids, prompt.pixel_values, policy)
-    got = pipeline.prefill(prompt.input_ids.numpy(), prompt.pixel_values.numpy(), policy)
-    assert got.exit_layer == expected.exit_layer
-    assert got.cache.layer_lengths() == expected.cache.lengths()
-    worst = float(np.abs(got.logits - expected.logits[:, -1].numpy()).max())
-    token = int(expected.logits[0, -1].argmax())
-    for step in range(DECODE_STEPS):
-        position = expected.n_tokens + step
-        want = reference.decode_one_token(torch.tensor([[token]]), position, expected.cache)
-        have = pipeline.decode_one_token(token, position, got.cache)
-        worst = max(worst, float(np.abs(have - want.numpy()).max()))
-        token = int(want.argmax())
+    worst, got, _ = runtime_vs_reference(
+        pipeline, reference, prompt.input_ids, prompt.pixel_values, prompt.pixel_values.numpy(), policy
+    )
     return worst, got
 
 

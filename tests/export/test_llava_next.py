@@ -19,12 +19,12 @@ from dyvte_rt.preprocess import prepare_image
 from dyvte_rt.prompt import PromptBuilder
 from export.prompting import hf_inputs
 from export.reference import DyVTEReference, RouterBank
+from tests.helpers import DECODE_STEPS, runtime_vs_reference
 
 QUESTION = "what color is the circle on the left?"
 # (height, width): square (2x2 tiles), wide (1x3), tall (3x1), a pair (1x2) and an odd size (2x2,
 # unpadded columns)
 IMAGE_SIZES = {"square": (64, 64), "wide": (30, 100), "tall": (100, 40), "pair": (30, 60), "odd": (45, 61)}
-DECODE_STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -135,22 +135,13 @@ def test_bundle_matches_reference_for_every_exit_policy(next_loaded, next_bundle
                 RouterExit(0.58),  # square and tall never, wide at 2
             ]
             for policy in policies:
-                expected = reference.prefill(inputs["input_ids"], image, policy)
-                got = pipeline.prefill(inputs["input_ids"].numpy(), prepared, policy)
-                assert got.exit_layer == expected.exit_layer
+                worst, got, expected = runtime_vs_reference(
+                    pipeline, reference, inputs["input_ids"], image, prepared, policy
+                )
+                assert got.n_visual == prepared.visual_tokens == expected.n_visual
                 if isinstance(policy, RouterExit):  # the runtime asks routers only for this policy
                     assert got.exit_probs == pytest.approx(expected.exit_probs, abs=1e-5)
                     exits.add(got.exit_layer)
-                assert got.n_visual == prepared.visual_tokens == expected.n_visual
-                assert got.cache.layer_lengths() == expected.cache.lengths()
-                worst = float(np.abs(got.logits - expected.logits[:, -1].numpy()).max())
-                token = int(expected.logits[0, -1].argmax())
-                for step in range(DECODE_STEPS):
-                    position = expected.n_tokens + step
-                    want = reference.decode_one_token(torch.tensor([[token]]), position, expected.cache)
-                    have = pipeline.decode_one_token(token, position, got.cache)
-                    worst = max(worst, float(np.abs(have - want.numpy()).max()))
-                    token = int(want.argmax())
                 assert worst <= 1e-4, f"{name} {policy.describe()}: {worst:.2e}"
                 if got.exit_layer is not None:  # every visual position (base, tiles, newlines) left
                     lengths = got.cache.layer_lengths()

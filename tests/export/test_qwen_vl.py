@@ -17,12 +17,12 @@ from dyvte_rt.preprocess import prepare_image
 from dyvte_rt.prompt import PromptBuilder
 from export.prompting import hf_inputs
 from export.reference import DyVTEReference, RouterBank
+from tests.helpers import runtime_vs_reference
 
 QUESTION = "what color is the circle on the left?"
 VARIANTS = ("qwen2-vl", "qwen2.5-vl")
 # (height, width): wide, tall, tiny (scaled up to the minimum), huge (scaled down to the budget), odd
 IMAGE_SIZES = {"wide": (90, 160), "tall": (150, 60), "tiny": (20, 30), "huge": (400, 700), "odd": (97, 131)}
-DECODE_STEPS = 4
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -132,21 +132,12 @@ def test_bundle_matches_reference_for_every_exit_policy(qwen, images):
             prepared = prepare_image(images[name], manifest.vision)
             policies = [NeverExit(), FixedLayerExit(1), FixedLayerExit(2), RouterExit(0.5)]
             for policy in policies:
-                expected = reference.prefill(inputs["input_ids"], image, policy)
-                got = pipeline.prefill(inputs["input_ids"].numpy(), prepared, policy)
-                assert got.exit_layer == expected.exit_layer
+                worst, got, expected = runtime_vs_reference(
+                    pipeline, reference, inputs["input_ids"], image, prepared, policy
+                )
                 if isinstance(policy, RouterExit):
                     assert got.exit_probs == pytest.approx(expected.exit_probs, abs=1e-5)
-                assert got.cache.layer_lengths() == expected.cache.lengths()
                 assert int(got.cache.position_offsets[0]) == expected.cache.position_offset
-                worst = float(np.abs(got.logits - expected.logits[:, -1].numpy()).max())
-                token = int(expected.logits[0, -1].argmax())
-                for step in range(DECODE_STEPS):
-                    position = expected.n_tokens + step
-                    want = reference.decode_one_token(torch.tensor([[token]]), position, expected.cache)
-                    have = pipeline.decode_one_token(token, position, got.cache)
-                    worst = max(worst, float(np.abs(have - want.numpy()).max()))
-                    token = int(want.argmax())
                 assert worst <= 1e-4, f"{name} {policy.describe()}: {worst:.2e}"
 
 

@@ -15,7 +15,6 @@ from torch.export import Dim
 
 from dyvte_rt import anyres, io_names
 from export.families import FamilyAdapter
-from export.families.qwen2_vl import PatchImage as PatchImageInput
 from export.parts import EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart, VisionPart
 from export.reference.routers import RouterBank
 
@@ -87,7 +86,7 @@ def _patch_grid_vision_plan(
     def image(rows: int, cols: int) -> tuple[torch.Tensor, ...]:
         grid = (1, rows * m, cols * m)
         pixels = rand.randn(rows * cols * m * m, width)
-        return tuple(adapter.vision_inputs(PatchImageInput(pixels, grid)))
+        return adapter.vision_inputs(pixels, grid)
 
     names = [io_names.PIXEL_VALUES, io_names.VISION_POSITIONS]
     merged = Dim("merged", min=1, max=1 << 14)

@@ -56,17 +56,24 @@ def image_preprocess(proc) -> ImagePreprocess:
     if size and "shortest_edge" not in size:
         raise UnsupportedModelError(f"image resize {size} is not supported (only shortest-edge resizing)")
     crop = dict(proc.crop_size or {}) if getattr(proc, "do_center_crop", False) else {}
-    normalize = getattr(proc, "do_normalize", False)
     return ImagePreprocess(
         resize_shortest_edge=size.get("shortest_edge"),
         crop_height=crop.get("height"),
         crop_width=crop.get("width"),
-        resample=int(proc.resample),
-        rescale_factor=float(proc.rescale_factor) if getattr(proc, "do_rescale", False) else None,
-        mean=tuple(float(x) for x in proc.image_mean) if normalize else None,
-        std=tuple(float(x) for x in proc.image_std) if normalize else None,
-        convert_rgb=bool(getattr(proc, "do_convert_rgb", True)),
+        **_pixel_steps(proc),
     )
+
+
+def _pixel_steps(proc) -> dict:
+    """Resampling filter, rescaling, normalisation and RGB conversion of an image processor."""
+    normalize = getattr(proc, "do_normalize", False)
+    return {
+        "resample": int(proc.resample),
+        "rescale_factor": float(proc.rescale_factor) if getattr(proc, "do_rescale", False) else None,
+        "mean": tuple(float(x) for x in proc.image_mean) if normalize else None,
+        "std": tuple(float(x) for x in proc.image_std) if normalize else None,
+        "convert_rgb": bool(getattr(proc, "do_convert_rgb", True)),
+    }
 
 
 def patch_grid_vision_info(loaded: LoadedModel) -> VisionInfo:
@@ -85,16 +92,8 @@ def patch_grid_vision_info(loaded: LoadedModel) -> VisionInfo:
     grid = dataclasses.replace(
         model_grid, min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"])
     )
-    normalize = getattr(proc, "do_normalize", False)
     preprocess = ImagePreprocess(
-        resize_shortest_edge=None,
-        crop_height=None,
-        crop_width=None,
-        resample=int(proc.resample),
-        rescale_factor=float(proc.rescale_factor) if getattr(proc, "do_rescale", False) else None,
-        mean=tuple(float(x) for x in proc.image_mean) if normalize else None,
-        std=tuple(float(x) for x in proc.image_std) if normalize else None,
-        convert_rgb=bool(getattr(proc, "do_convert_rgb", True)),
+        resize_shortest_edge=None, crop_height=None, crop_width=None, **_pixel_steps(proc)
     )
     factor = grid.patch_size * grid.merge_size
     side = math.isqrt(grid.max_pixels) // factor * factor  # the largest square the budget allows

@@ -96,16 +96,18 @@ class Qwen2VLAdapter(DecoderAdapter):
         grid = tuple(int(x) for x in inputs["image_grid_thw"][0])
         return PatchImage(inputs["pixel_values"], grid)
 
-    def vision_inputs(self, image: PatchImage) -> tuple[torch.Tensor, ...]:
+    def vision_inputs(
+        self, pixel_values: torch.Tensor, grid: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, ...]:
         """The vision graph's inputs for one image: patches, their positions (and windows)."""
-        inputs = [image.pixel_values, torch.from_numpy(patch_grid.vision_positions(image.grid, self._grid))]
+        inputs = [pixel_values, torch.from_numpy(patch_grid.vision_positions(grid, self._grid))]
         if self._grid.window_size is not None:
-            inputs += [torch.from_numpy(a) for a in patch_grid.vision_windows(image.grid, self._grid)]
+            inputs += [torch.from_numpy(a) for a in patch_grid.vision_windows(grid, self._grid)]
         return tuple(inputs)
 
     def image_features(self, image: PatchImage) -> torch.Tensor:
         """[1, V, D]: the visual tokens of one image."""
-        return self.vision_graph(*self.vision_inputs(image))
+        return self.vision_graph(*self.vision_inputs(image.pixel_values, image.grid))
 
     def vision_graph(
         self,

@@ -74,12 +74,22 @@ def run_command(body: Callable[[], int | None], interrupted: str = "interrupted"
         sys.stdout.flush()
         return EXIT_OK if code is None else code
     except DyvteError as err:
+        _finish_progress_bars()
         print(f"error: {err.one_line()}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        _finish_progress_bars()
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # the reader left early (`dyvte-rt inspect | head`): stop quietly, as a unix filter does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+
+
+def _finish_progress_bars() -> None:
+    """Close the progress bars still open, so the last line printed is a line of its own (Ctrl-C can
+    arrive in the middle of a bar's redraw)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()

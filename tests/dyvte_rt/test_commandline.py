@@ -78,3 +78,17 @@ def test_ctrl_c_during_eval_exits_130_with_one_line(bundles, sample_image, tmp_p
     err = seen + err
     assert child.returncode == 130, err[-2000:]
     assert err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+
+
+def test_interrupted_is_a_line_of_its_own_after_a_progress_bar(capsys):
+    from tqdm import tqdm
+
+    from dyvte_rt.commandline import run_command
+
+    def body() -> None:
+        bar = tqdm(total=5, desc="eval", file=sys.stderr)
+        bar.update(1)  # drawn with a carriage return, no newline
+        raise KeyboardInterrupt
+
+    assert run_command(body) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"

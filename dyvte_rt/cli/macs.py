@@ -46,8 +46,8 @@ class MacsConfig:
     mlp: int | None = None
     layers: int | None = None
     visual: int | None = None
-    family: str = "llava"  # sizes of LLaVA-1.5-7B or LLaVA-NeXT-7B, where no --bundle is given
-    image: str | None = None  # WIDTHxHEIGHT: any-resolution models' visual tokens depend on it
+    family: str = "llava"  # LLaVA-1.5-7B, LLaVA-NeXT-7B or Qwen2.5-VL-7B sizes, where no --bundle is given
+    image: str | None = None  # WIDTHxHEIGHT: LLaVA-NeXT's and Qwen2-VL's visual tokens depend on it
     text: int = 60
     exit_layer: int | None = None
     as_json: bool = False
@@ -60,7 +60,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Prefill multiply-adds of a decoder with and without a visual-token exit, counted as in "
         "docs/compute.md. Sizes come from --bundle when given, else from LLaVA-1.5-7B (hidden 4096, 32 "
         "layers, SwiGLU 11008, 576 visual tokens) or, with --family llava-next, LLaVA-NeXT-7B (the same "
-        "decoder; 2,000-2,900 visual tokens, from --image); any size flag overrides either.",
+        "decoder; 2,000-2,900 visual tokens, from --image) or, with --family qwen2.5-vl, Qwen2.5-VL-7B; "
+        "any size flag overrides either.",
         formatter_class=HelpFormatter,
         parents=[bundle_options(), json_option()],
     )
@@ -95,7 +96,7 @@ def make_config(args: argparse.Namespace) -> MacsConfig:
 
 
 def sizes(config: MacsConfig) -> dict[str, int]:
-    """Bundle (or LLaVA-1.5-7B / LLaVA-NeXT-7B) sizes, overridden by the flags given."""
+    """Bundle (or --family's) sizes, overridden by the flags given."""
     if config.family not in FAMILIES:
         raise InputError(f"unknown --family {config.family!r}", hint=f"choose one of {', '.join(FAMILIES)}")
     defaults, tiling, grid = FAMILIES[config.family]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from dyvte_rt import anyres
 from dyvte_rt.errors import InputError
 from dyvte_rt.manifest import Manifest
 from engines.tensorrt.buffers import plan_buffers
@@ -58,7 +59,7 @@ def _ranges(manifest: Manifest, settings: EngineSettings) -> dict:
     tiling, grid = manifest.vision.anyres, manifest.vision.patch_grid
     most = manifest.vision.visual_tokens
     if tiling is not None:  # from the base view alone (nothing left after unpadding) to the largest canvas
-        views = max(1 + (h // tiling.tile_size) * (w // tiling.tile_size) for h, w in tiling.grid_pinpoints)
+        views = max(anyres.tile_count(h, w, tiling) for h, w in tiling.grid_pinpoints)
         return phase_ranges(most, settings, tiling.feature_side**2, views)
     if grid is not None:  # from the pixel budget's least to its most merged patches
         ranges = phase_ranges(

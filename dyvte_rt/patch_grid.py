@@ -44,6 +44,12 @@ def smart_resize(height: int, width: int, info: PatchGridInfo) -> tuple[int, int
     return h_bar, w_bar
 
 
+def grid_for(height: int, width: int, info: PatchGridInfo) -> Grid:
+    """The patch grid a height x width image becomes."""
+    rows, cols = smart_resize(height, width, info)
+    return 1, rows // info.patch_size, cols // info.patch_size
+
+
 def resized(image: Image.Image, info: PatchGridInfo, resample: int) -> Image.Image:
     height, width = smart_resize(image.height, image.width, info)
     return image.resize((width, height), resample=Image.Resampling(resample))

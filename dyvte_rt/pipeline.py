@@ -202,7 +202,7 @@ class Pipeline:
         plain = np.tile(np.arange(length), (len(ids), 1))  # [B, S]
         if self.dims.position_sections == 1:
             return plain
-        positions = np.repeat(plain[None], 3, axis=0)  # padding rows keep counting up
+        positions = np.repeat(plain[None], self.dims.position_sections, axis=0)  # padding rows count up
         for row, (request, sample) in enumerate(zip(requests, ids, strict=True)):
             grids = [request.image.grid] if request.image is not None and request.image.grid else []
             rope, offset = patch_grid.prompt_positions(sample, self.image_token_id, grids, self._patch_grid)

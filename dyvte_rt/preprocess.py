@@ -40,25 +40,25 @@ class PreparedImage:
 def prepare_image(image: Image.Image, vision: VisionInfo) -> PreparedImage:
     """A decoded image -> pixel values and the vision graph's other inputs, for the bundle's family."""
     spec = vision.preprocess
+    if vision.anyres is None and vision.patch_grid is None:
+        return PreparedImage(preprocess(image, spec), vision.visual_tokens)  # converts to RGB itself
     rgb = to_rgb(image) if spec.convert_rgb else image
     if vision.anyres is not None:
         info = vision.anyres
         views = np.concatenate([preprocess(view, spec) for view in anyres.tile_views(rgb, info, spec)])
         index = anyres.pack_index(rgb.height, rgb.width, info)
         return PreparedImage(views, len(index), {io_names.PACK_INDEX: index})
-    if vision.patch_grid is not None:
-        info = vision.patch_grid
-        pixels = channels_first(patch_grid.resized(rgb, info, spec.resample))
-        patches, grid = patch_grid.patchify(pixels, info)  # uint8: normalised after the reordering
-        patches = fused_normalized(patches.reshape(len(patches), pixels.shape[0], -1), spec)
-        patches = patches.reshape(len(patches), -1)
-        feeds = {io_names.VISION_POSITIONS: patch_grid.vision_positions(grid, info)}
-        if info.window_size is not None:
-            window_index, window_ids = patch_grid.vision_windows(grid, info)
-            feeds[io_names.WINDOW_INDEX] = window_index
-            feeds[io_names.WINDOW_IDS] = window_ids
-        return PreparedImage(patches, patch_grid.visual_tokens(grid, info), feeds, grid)
-    return PreparedImage(preprocess(image, spec), vision.visual_tokens)
+    info = vision.patch_grid
+    pixels = channels_first(patch_grid.resized(rgb, info, spec.resample))
+    patches, grid = patch_grid.patchify(pixels, info)  # uint8: normalised after the reordering
+    patches = fused_normalized(patches.reshape(len(patches), pixels.shape[0], -1), spec)
+    patches = patches.reshape(len(patches), -1)
+    feeds = {io_names.VISION_POSITIONS: patch_grid.vision_positions(grid, info)}
+    if info.window_size is not None:
+        window_index, window_ids = patch_grid.vision_windows(grid, info)
+        feeds[io_names.WINDOW_INDEX] = window_index
+        feeds[io_names.WINDOW_IDS] = window_ids
+    return PreparedImage(patches, patch_grid.visual_tokens(grid, info), feeds, grid)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

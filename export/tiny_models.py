@@ -164,6 +164,24 @@ def grid_pinpoints(tile: int) -> list[list[int]]:
     return [[tile * h, tile * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
 
 
+def fast_word_tokenizer(
+    words: list[str], extra_specials: tuple[str, ...] = (), roles: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer over `words` as transformers' fast tokenizer, with the special
+    tokens the processors look up (`roles`: e.g. image_token; default `<image>`)."""
+    words_tokenizer = build_word_tokenizer(words)
+    if extra_specials:
+        words_tokenizer.add_special_tokens(list(extra_specials))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words_tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens=roles or {"image_token": IMAGE},
+    )
+
+
 def build_tiny_llava(backbone: str, out: Path, seed: int = 0, family: str = "llava") -> Path:
     """Write a tiny random LLaVA (or LLaVA-NeXT) checkpoint to `out` and return it."""
     choice = TINY_BACKBONES[backbone]
@@ -285,14 +303,7 @@ def llava_config_and_processor(
     words: list[str],
     family: str = "llava",
 ) -> tuple[LlavaConfig, LlavaProcessor]:
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_word_tokenizer(words),
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE},
-    )
+    tokenizer = fast_word_tokenizer(words)
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_mlp,
@@ -422,15 +433,8 @@ def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0) -> Path:
 
     from export.families.qwen2_vl import image_only_processor
 
-    words = build_word_tokenizer(TINY_WORDS)
-    words.add_special_tokens(list(QWEN_SPECIALS))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    tokenizer = fast_word_tokenizer(
+        TINY_WORDS, QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     )
     tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
     ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(list(QWEN_SPECIALS)), strict=True))

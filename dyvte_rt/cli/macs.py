@@ -120,8 +120,7 @@ def sizes(config: MacsConfig) -> dict[str, int]:
         base["visual"] = anyres_visual_tokens(height, width, tiling)
     if config.image is not None and grid is not None:
         width, height = image_size(config.image)
-        rows, cols = patch_grid.smart_resize(height, width, grid)
-        base["visual"] = patch_grid.visual_tokens((1, rows // grid.patch_size, cols // grid.patch_size), grid)
+        base["visual"] = patch_grid.visual_tokens(patch_grid.grid_for(height, width, grid), grid)
     for key in base:
         if getattr(config, key) is not None:
             base[key] = getattr(config, key)

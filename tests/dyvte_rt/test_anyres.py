@@ -3,12 +3,12 @@ LLaVA-NeXT-7B's true sizes (336-pixel tiles, 14-pixel patches, its five canvases
 
 import numpy as np
 import pytest
-from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, PreTrainedTokenizerFast
+from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 
 from dyvte_rt import anyres
 from dyvte_rt.cli.macs import LLAVA_NEXT_TILING
-from export.word_tokenizer import BOS, EOS, IMAGE, PAD, UNK, build_word_tokenizer
+from export.tiny_models import fast_word_tokenizer
 
 SIZES = [(h, w) for h, w in np.random.RandomState(0).randint(1, 2500, size=(300, 2))] + [
     (672, 672),
@@ -24,14 +24,7 @@ PINPOINTS = [list(p) for p in LLAVA_NEXT_TILING.grid_pinpoints]
 
 @pytest.fixture(scope="module")
 def hf_processor():
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_word_tokenizer(["a"]),
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE},
-    )
+    tokenizer = fast_word_tokenizer(["a"])
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=PINPOINTS
     )

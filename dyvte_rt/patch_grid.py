@@ -16,10 +16,10 @@ runtime adds to a token's index to get its position.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
-from PIL import Image
 
 from dyvte_rt.errors import InputError
 from dyvte_rt.manifest import PatchGridInfo
@@ -50,20 +50,11 @@ def grid_for(height: int, width: int, info: PatchGridInfo) -> Grid:
     return 1, rows // info.patch_size, cols // info.patch_size
 
 
-def resized(image: Image.Image, info: PatchGridInfo, resample: int) -> Image.Image:
-    height, width = smart_resize(image.height, image.width, info)
-    return image.resize((width, height), resample=Image.Resampling(resample))
-
-
-def patchify(pixels: np.ndarray, info: PatchGridInfo) -> tuple[np.ndarray, Grid]:
-    """Normalised pixels [C, H, W] -> patches [rows * columns, C * T * p * p] and the grid."""
-    p, m, t = info.patch_size, info.merge_size, info.temporal_patch_size
-    channels, height, width = pixels.shape
-    rows, cols = height // p, width // p
-    patches = pixels.reshape(channels, rows // m, m, p, cols // m, m, p)
-    patches = patches.transpose(1, 4, 2, 5, 0, 3, 6)  # [rows/m, cols/m, m, m, C, p, p]
-    patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
-    return np.ascontiguousarray(patches.reshape(rows * cols, channels * t * p * p)), (1, rows, cols)
+def patch_order(band: np.ndarray, info: PatchGridInfo) -> np.ndarray:
+    """One colour band [H, W] -> a view [rows/m, cols/m, m, m, p, p]: patches merge block by block."""
+    p, m = info.patch_size, info.merge_size
+    rows, cols = band.shape[0] // p, band.shape[1] // p
+    return band.reshape(rows // m, m, p, cols // m, m, p).transpose(0, 3, 1, 4, 2, 5)
 
 
 def visual_tokens(grid: Grid, info: PatchGridInfo) -> int:
@@ -107,11 +98,11 @@ def prompt_positions(input_ids: np.ndarray, image_token: int, grids: list[Grid],
     token's position minus N). Each run of image tokens takes the next grid."""
     ids = np.asarray(input_ids).reshape(-1)
     is_image = ids == image_token
-    pieces, position, start, grids_left = [], 0, 0, list(grids)
-    while start < len(ids):
-        end = start
-        while end < len(ids) and is_image[end] == is_image[start]:
-            end += 1
+    pieces, position, grids_left = [], 0, list(grids)
+    bounds = [0, *(np.flatnonzero(is_image[1:] != is_image[:-1]) + 1).tolist(), len(ids)]
+    for start, end in itertools.pairwise(bounds):  # runs of text tokens and of image tokens
+        if start == end:
+            continue
         if not is_image[start]:
             pieces.append(np.broadcast_to(np.arange(position, position + end - start), (3, end - start)))
             position += end - start
@@ -126,7 +117,6 @@ def prompt_positions(input_ids: np.ndarray, image_token: int, grids: list[Grid],
                 raise InputError(f"an image of {block.shape[1]} visual tokens has {end - start} placeholders")
             pieces.append(block)
             position += max(rows, cols)
-        start = end
     positions = np.concatenate(pieces, axis=1).astype(np.int64) if pieces else np.zeros((3, 0), np.int64)
     offset = int(positions.max()) + 1 - len(ids) if len(ids) else 0
     return positions, offset

@@ -141,6 +141,37 @@ def test_bundle_matches_reference_for_every_exit_policy(qwen, images):
                 assert worst <= 1e-4, f"{name} {policy.describe()}: {worst:.2e}"
 
 
+def test_fp16_bundle_is_sound_and_matches_the_fp32_reference(qwen, images, tmp_path_factory):
+    """fp16 weights and activations, the vision tower (and Qwen2.5-VL's window mask) included:
+    no fp16 hazard in any graph, and every exit close to the fp32 reference with the same tokens."""
+    from dyvte_rt.graph_lint import fp16_hazards
+    from dyvte_rt.model import DyvteModel
+    from export.build import BuildConfig, build_bundle
+
+    loaded, bundle_dir, _ = qwen
+    fp16 = tmp_path_factory.mktemp("qwen-fp16") / "bundle"
+    build_bundle(BuildConfig(model=str(bundle_dir.parent / "checkpoint"), out=fp16, dtype="fp16", quiet=True))
+    assert load_manifest(fp16).dtype == "fp16"
+    assert [hazard for path in sorted(fp16.glob("*.onnx")) for hazard in fp16_hazards(path)] == []
+    reference = DyVTEReference(loaded.adapter)
+    with DyvteModel.load(fp16, dtype="fp16") as model:
+        for name in ("wide", "odd"):
+            inputs = hf_inputs(loaded.processor, images[name], QUESTION)
+            prepared = prepare_image(images[name], model.pipeline.bundle.manifest.vision)
+            for policy in (NeverExit(), FixedLayerExit(1)):
+                worst, got, expected = runtime_vs_reference(
+                    model.pipeline,
+                    reference,
+                    inputs["input_ids"],
+                    loaded.adapter.image_input(inputs),
+                    prepared,
+                    policy,
+                )
+                scale = float(expected.logits.abs().max())
+                assert worst <= 5e-3 * scale, f"{name} {policy.describe()}: {worst:.2e} of {scale:.2f}"
+                assert int(got.logits[0].argmax()) == int(expected.logits[0, -1].argmax())
+
+
 def test_api_batch_and_conversation(qwen, images, tmp_path):
     """Differently sized images in one batch (each row with its own position offset) answer as
     alone; a conversation's later turns continue the multimodal positions exactly as one prefill

@@ -92,4 +92,7 @@ def _finish_progress_bars() -> None:
     arrive in the middle of a bar's redraw)."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        if not hasattr(bar, "last_print_t") and getattr(bar, "sp", None) is not None:
+            # interrupted while drawing itself the first time: tqdm's close() would leave that line open
+            bar.fp.write("\n")
         bar.close()

@@ -92,3 +92,23 @@ def test_interrupted_is_a_line_of_its_own_after_a_progress_bar(capsys):
 
     assert run_command(body) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+
+
+def test_interrupted_is_a_line_of_its_own_when_a_bar_is_cut_in_its_first_drawing(capsys, monkeypatch):
+    """Ctrl-C inside tqdm's constructor, after its first line went out: the bar never learns it
+    printed (no last_print_t), so its close() writes nothing."""
+    from tqdm import tqdm
+
+    from dyvte_rt.commandline import run_command
+
+    def first_draw_then_interrupt(self, *args, **kwargs):
+        self.sp("eval:   0%|          | 0/5000 [00:00<?, ?q/s]")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqdm, "refresh", first_draw_then_interrupt)
+
+    def body() -> None:
+        tqdm(range(5000), desc="eval", unit="q", file=sys.stderr)
+
+    assert run_command(body) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"

@@ -6,6 +6,10 @@ The dataclass holds the only copy of the defaults (`use_config_defaults` hands t
 
     0 ok · 1 error (bad input, bad bundle, runtime failure) · 2 usage error (argparse)
     · 130 interrupted (Ctrl-C) · 141 the reader of stdout went away (`... | head`)
+
+One CPython quirk: when Ctrl-C lands inside a string `exec` (a dataclass being created while a
+module imports, say), the interpreter remembers it and ends the process by SIGINT itself even
+though `run_command` caught it. A shell reports that as 130 too; a parent process sees -2.
 """
 
 from __future__ import annotations

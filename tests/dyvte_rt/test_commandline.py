@@ -76,7 +76,9 @@ def test_ctrl_c_during_eval_exits_130_with_one_line(bundles, sample_image, tmp_p
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=60)
     err = seen + err
-    assert child.returncode == 130, err[-2000:]
+    # 130, or death by SIGINT (a shell's 130 too): CPython kills itself at exit when the interrupt
+    # landed inside a string exec, such as a dataclass created by a lazy import, caught or not
+    assert child.returncode in (130, -signal.SIGINT), err[-2000:]
     assert err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err
 
 

@@ -352,16 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backbone",
-        choices=[*sorted(TINY_BACKBONES), "llava-7b-slice"],
+        choices=[*sorted(TINY_BACKBONES), "llava-7b-slice", QWEN25_VL_7B_SLICE],
         default="llama-gqa",
-        help="llava-7b-slice: true LLaVA-1.5-7B dimensions and CLIP ViT-L/14-336, random weights",
+        help="llava-7b-slice: true LLaVA-1.5-7B dimensions and CLIP ViT-L/14-336, random weights; "
+        f"{QWEN25_VL_7B_SLICE} (with --family qwen2.5-vl): true Qwen2.5-VL-7B dimensions, vision tower "
+        "and pixel budget, random weights, the word tokenizer's vocabulary",
     )
     parser.add_argument(
         "--family",
         choices=[*sorted(FAMILY_CLASSES), *TINY_QWEN_VL],
         default="llava",
         help="llava: LLaVA-1.5 (one 336-style view per image); llava-next: any-resolution tiles; qwen2-vl, "
-        "qwen2.5-vl: tiny Qwen VL models (--backbone, --layers, --dtype do not apply)",
+        "qwen2.5-vl: tiny Qwen VL models (--layers and --dtype do not apply; --backbone only as "
+        f"{QWEN25_VL_7B_SLICE})",
     )
     parser.add_argument("--layers", type=int, help="decoder layers (default: the backbone's)")
     parser.add_argument(
@@ -384,9 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.backbone == QWEN25_VL_7B_SLICE and (args.family != "qwen2.5-vl" or args.layers is None):
+            parser.error(f"--backbone {QWEN25_VL_7B_SLICE} goes with --family qwen2.5-vl and --layers N")
         if args.family in TINY_QWEN_VL:
-            path = build_tiny_qwen_vl(args.family, args.out, args.seed)
-            print(f"wrote random tiny {args.family} checkpoint to {path}")
+            layers = args.layers if args.backbone == QWEN25_VL_7B_SLICE else None
+            path = build_tiny_qwen_vl(args.family, args.out, args.seed, slice_layers=layers)
+            kind = f"{QWEN25_VL_7B_SLICE} ({layers} decoder layers)" if layers else f"tiny {args.family}"
+            print(f"wrote random {kind} checkpoint to {path}")
             return
         if args.backbone == "llava-7b-slice":
             spec, text_config = LLAVA_7B_SLICE, _llama
@@ -425,11 +432,42 @@ QWEN_SPECIALS = (
 QWEN_TINY_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}
 
 
-def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0) -> Path:
+# Qwen2.5-VL-7B's true sizes (config.json of Qwen/Qwen2.5-VL-7B-Instruct) for a random slice of a
+# few decoder layers. The vocabulary stays the word tokenizer's: prefill runs the head on the last
+# token only, so the exit's timing does not depend on it, and the slice fits on this machine's disk.
+QWEN25_VL_7B_TEXT = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+}
+QWEN25_VL_7B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "out_hidden_size": 3584,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "initializer_range": 0.02,
+}
+QWEN25_VL_7B_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}
+QWEN25_VL_7B_SLICE = "qwen2.5-vl-7b-slice"
+
+
+def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0, *, slice_layers: int | None = None) -> Path:
     """A tiny random Qwen2-VL (`variant` "qwen2-vl") or Qwen2.5-VL ("qwen2.5-vl", windowed vision
     attention in its first block) checkpoint with its image processor, tokenizer and chat template
-    (no video processor: transformers builds those only with torchvision)."""
+    (no video processor: transformers builds those only with torchvision). With `slice_layers`, a
+    Qwen2.5-VL-7B-shaped slice instead: true sizes and pixel budget, that many decoder layers."""
     import transformers
+
+    if slice_layers is not None and variant != "qwen2.5-vl":
+        raise ValueError(f"the 7B-shaped slice is a qwen2.5-vl model, not {variant}")
 
     from export.families.qwen2_vl import image_only_processor
 
@@ -485,6 +523,11 @@ def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0) -> Path:
     else:
         raise ValueError(f"unknown Qwen VL variant {variant!r}")
     vision["initializer_range"] = spec.init_std
+    pixels, head_std = dict(QWEN_TINY_PIXELS), spec.head_std
+    if slice_layers is not None:
+        text = {**text, **QWEN25_VL_7B_TEXT, "num_hidden_layers": slice_layers}
+        vision = {**vision, **QWEN25_VL_7B_VISION}
+        pixels, head_std = dict(QWEN25_VL_7B_PIXELS), 0.02
     config = config_class(
         text_config=text,
         vision_config=vision,
@@ -496,10 +539,10 @@ def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, spec.head_std)
+        model.lm_head.weight.normal_(0.0, head_std)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor = transformers.Qwen2VLImageProcessorPil(size=dict(QWEN_TINY_PIXELS))
+    image_processor = transformers.Qwen2VLImageProcessorPil(size=pixels)
     processor = image_only_processor(processor_class)(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -224,6 +224,17 @@ def test_cli_counts_visual_tokens_from_the_image_size(qwen, capsys):
     assert "14px patches merged 2x2" in capsys.readouterr().out
 
 
+def test_the_7b_slice_goes_with_qwen25_vl_and_a_layer_count(capsys, tmp_path):
+    from export.tiny_models import main
+
+    for argv in (["--layers", "2"], ["--family", "llava", "--layers", "2"], ["--family", "qwen2.5-vl"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["--backbone", "qwen2.5-vl-7b-slice", "--out", str(tmp_path / "x"), *argv])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "goes with --family qwen2.5-vl and --layers N" in err, argv
+    assert not (tmp_path / "x").exists()
+
+
 def test_qwen25_vl_7b_saving_at_1280x720(capsys):
     from dyvte_rt.cli import main as cli_main
 

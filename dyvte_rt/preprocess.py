@@ -124,7 +124,7 @@ def grid_patches(image: Image.Image, info: PatchGridInfo, spec: ImagePreprocess)
     """An image -> normalised patches [rows * columns, C * T * p * p] and its grid, one thread per
     colour band. A band's bicubic resize is bit for bit that band of the RGB resize, and PIL and
     numpy let go of the GIL, so the bands resize, reorder and normalise side by side: a 1280x720
-    image in about 15 ms on two cores instead of 23 (docs/benchmarks.md)."""
+    image in about 15 ms on two cores instead of 21 (docs/benchmarks.md)."""
     height, width = patch_grid.smart_resize(image.height, image.width, info)
     grid = (1, height // info.patch_size, width // info.patch_size)
     bands = image.split()

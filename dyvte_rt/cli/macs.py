@@ -26,9 +26,12 @@ LLAVA_NEXT_TILING = AnyResInfo(
     newline=True,
 )
 # Qwen2.5-VL-7B: 28 layers, hidden 3584, 4 KV heads of 128, SwiGLU 18944; its processor's budget
-QWEN25_VL_7B = {"hidden": 3584, "kv_width": 512, "mlp": 18944, "layers": 28, "visual": 1196}
 QWEN25_VL_GRID = PatchGridInfo(
     patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=3136, max_pixels=12845056, window_size=112
+)
+QWEN25_VL_7B = {"hidden": 3584, "kv_width": 512, "mlp": 18944, "layers": 28}
+QWEN25_VL_7B["visual"] = patch_grid.visual_tokens(
+    patch_grid.grid_for(720, 1280, QWEN25_VL_GRID), QWEN25_VL_GRID
 )
 # name -> (sizes, any-res tiling, patch grid)
 FAMILIES = {
@@ -115,12 +118,13 @@ def sizes(config: MacsConfig) -> dict[str, int]:
             "layers": m.dims.num_layers,
             "visual": m.vision.visual_tokens,
         }
-    if config.image is not None and tiling is not None:
+    if config.image is not None and (tiling is not None or grid is not None):
         width, height = image_size(config.image)
-        base["visual"] = anyres_visual_tokens(height, width, tiling)
-    if config.image is not None and grid is not None:
-        width, height = image_size(config.image)
-        base["visual"] = patch_grid.visual_tokens(patch_grid.grid_for(height, width, grid), grid)
+        base["visual"] = (
+            anyres_visual_tokens(height, width, tiling)
+            if tiling is not None
+            else patch_grid.visual_tokens(patch_grid.grid_for(height, width, grid), grid)
+        )
     for key in base:
         if getattr(config, key) is not None:
             base[key] = getattr(config, key)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from decode_scaling import filled_cache
 
-from dyvte_rt.model import DyvteModel
+from dyvte_rt.api.model import DyvteModel
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dyvte_rt.datasets import Example, read_jsonl
-from dyvte_rt.model import DyvteModel
+from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.inputs.datasets import Example, read_jsonl
 from export.loading import load_checkpoint
 from export.prompting import hf_inputs
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from limits import memory_bandwidth_gb_per_s
 
-from dyvte_rt.model import DyvteModel
+from dyvte_rt.api.model import DyvteModel
 
 
 def filled_cache(model: DyvteModel, past: int, capacity: int, batch: int = 1):

@@ -14,8 +14,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from dyvte_rt.evaluate import evaluate, read_jsonl
-from dyvte_rt.model import DyvteModel
+from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.tools.evaluate import evaluate, read_jsonl
 
 
 def main() -> int:

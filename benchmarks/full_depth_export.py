@@ -29,7 +29,7 @@ def graph_weight_bytes(checkpoint: Path, bundle: Path, itemsize: int = 4) -> dic
     """Each graph's weights as the export holds them (fp32), from the checkpoint's tensor shapes."""
     from safetensors import safe_open
 
-    from dyvte_rt.manifest import load_manifest
+    from dyvte_rt.bundle.manifest import load_manifest
 
     numel: dict[str, int] = {}
     for shard in checkpoint.glob("*.safetensors"):
@@ -93,7 +93,7 @@ def main() -> int:
     report["bundle_bytes"] = sum(p.stat().st_size for p in bundle.iterdir())
     report["disk_free_bytes"] = shutil.disk_usage(args.work).free
 
-    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.api.model import DyvteModel
 
     answers = {}
     with DyvteModel.load(bundle, threads=2) as model:

@@ -137,8 +137,8 @@ def reference_7b(layers: int, exits: list[int], runs: int, decode_tokens: int) -
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from dyvte_rt.compute import prefill_macs
-    from dyvte_rt.policy import parse_policy
+    from dyvte_rt.runtime.compute import prefill_macs
+    from dyvte_rt.runtime.policy import parse_policy
     from export.families.llava import LlavaAdapter
     from export.reference.model import DyVTEReference
 
@@ -228,7 +228,7 @@ def graphed_decoder(layers: int, exits: list[int], visual_counts: list[int], run
     import torch
     from transformers import LlamaConfig, LlamaModel
 
-    from dyvte_rt.compute import DecoderDims
+    from dyvte_rt.runtime.compute import DecoderDims
 
     torch.set_grad_enabled(False)
     text = llava_7b(layers).text_config
@@ -245,7 +245,7 @@ def graphed_decoder(layers: int, exits: list[int], visual_counts: list[int], run
 def graphed_prefills(decoder, dims, visual: int, exits: list[int], runs: int) -> dict:
     import torch
 
-    from dyvte_rt.compute import prefill_macs
+    from dyvte_rt.runtime.compute import prefill_macs
     from export.reference.cache import KVCache
     from export.reference.masks import causal_mask
 

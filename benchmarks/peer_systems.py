@@ -25,7 +25,7 @@ def _clock() -> float:
 
 
 def measure_dyvte(spec: dict) -> list[dict]:
-    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.api.model import DyvteModel
 
     rows = []
     with DyvteModel.load(

@@ -51,8 +51,8 @@ class System:
 def main() -> int:
     args = parse_args()
     sys.path.insert(0, str(ROOT))
-    from dyvte_rt.manifest import load_manifest
-    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.api.model import DyvteModel
+    from dyvte_rt.bundle.manifest import load_manifest
 
     bundles = {load_manifest(b, verify_hashes=False).precision: b for b in args.bundle}
     reference_bundle = next(iter(bundles.values()))
@@ -218,7 +218,7 @@ def run_worker(spec: dict) -> dict:
 def summarise(
     systems: list[System], limits: dict, args, prompt_tokens: int, visual_tokens: int, dims
 ) -> dict:
-    from dyvte_rt.compute import DecoderDims, prefill_macs
+    from dyvte_rt.runtime.compute import DecoderDims, prefill_macs
 
     decoder = DecoderDims(dims.hidden, dims.num_kv_heads * dims.head_dim, dims.mlp, dims.num_layers)
     out = {}

@@ -19,10 +19,10 @@ import time
 import numpy as np
 from PIL import Image
 
-from dyvte_rt import patch_grid
+from dyvte_rt.bundle.manifest import ImagePreprocess, VisionInfo
 from dyvte_rt.cli.macs import LLAVA_NEXT_TILING, QWEN25_VL_GRID, image_size
-from dyvte_rt.manifest import ImagePreprocess, VisionInfo
-from dyvte_rt.preprocess import prepare_image
+from dyvte_rt.families import qwen2_vl as patch_grid
+from dyvte_rt.inputs.preprocess import prepare_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

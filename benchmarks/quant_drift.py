@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from single_request import single_request_parser
 
-from dyvte_rt.images import load_image
-from dyvte_rt.model import DyvteModel
-from dyvte_rt.preprocess import preprocess
+from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.inputs.images import load_image
+from dyvte_rt.inputs.preprocess import preprocess
 
 
 def logits_trace(

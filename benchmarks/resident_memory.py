@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     import onnxruntime  # noqa: F401 - counted in the baseline, not in the bundle's share
 
-    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.api.model import DyvteModel
 
     weights = sum(p.stat().st_size for p in args.bundle.iterdir() if p.suffix in (".onnx", ".data"))
     before = rss_bytes()

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from single_request import single_request_parser
 
-from dyvte_rt.model import DyvteModel
+from dyvte_rt.api.model import DyvteModel
 
 
 def main() -> int:

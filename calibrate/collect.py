@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibrate.sweep import sweep
-from dyvte_rt.datasets import Example
+from dyvte_rt.inputs.datasets import Example
 from export.loading import LoadedModel
 from export.prompting import hf_inputs
 from export.reference.model import DyVTEReference

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
 from dyvte_rt.errors import InputError
 from export.cli_options import model_options
 
@@ -29,7 +29,7 @@ def pick_layer(mean_kl: dict[int, float], max_kl: float) -> int | None:
 
 def record_default_policy(bundle: Path, layer: int) -> None:
     """Rewrite the bundle's manifest atomically with `layer:K` as its default policy."""
-    from dyvte_rt.manifest import load_manifest, write_manifest
+    from dyvte_rt.bundle.manifest import load_manifest, write_manifest
 
     manifest = load_manifest(bundle, verify_hashes=False)
     if layer not in manifest.exit.candidate_layers:
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> FixedLayerConfig:
 
 def choose_fixed_layer(config: FixedLayerConfig) -> dict:
     from calibrate.collect import collect
-    from dyvte_rt.datasets import read_examples
+    from dyvte_rt.inputs.datasets import read_examples
     from export.build import parse_exit_layers
     from export.loading import inspect_checkpoint, load_checkpoint
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from dyvte_rt.compute import DecoderDims, prefill_macs
+from dyvte_rt.runtime.compute import DecoderDims, prefill_macs
 from export.reference.routers import RouterBank
 
 

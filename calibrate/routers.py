@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
 from dyvte_rt.errors import InputError
 from export.cli_options import model_options
 
@@ -56,7 +56,7 @@ def calibrate_routers(config: RoutersConfig) -> dict:
         sweep_thresholds,
         train_routers,
     )
-    from dyvte_rt.datasets import read_examples
+    from dyvte_rt.inputs.datasets import read_examples
     from export.build import parse_exit_layers
     from export.loading import inspect_checkpoint, load_checkpoint
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from dyvte_rt.commandline import new_parser, run_command
+from dyvte_rt.cli.commandline import new_parser, run_command
 from dyvte_rt.errors import InputError
 
 IMAGE_SIZE = 64

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
 from dyvte_rt.errors import InputError
 
 
@@ -37,12 +37,12 @@ def choose_bundle_threshold(config: ThresholdConfig) -> dict:
     from tqdm import tqdm
 
     from calibrate.router_training import choose_threshold, sweep_thresholds
-    from dyvte_rt.compute import DecoderDims
-    from dyvte_rt.datasets import read_examples
-    from dyvte_rt.evaluate import normalize_answer
-    from dyvte_rt.manifest import load_manifest, write_manifest
-    from dyvte_rt.model import DyvteModel
-    from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterProbe
+    from dyvte_rt.api.model import DyvteModel
+    from dyvte_rt.bundle.manifest import load_manifest, write_manifest
+    from dyvte_rt.inputs.datasets import read_examples
+    from dyvte_rt.runtime.compute import DecoderDims
+    from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit, RouterProbe
+    from dyvte_rt.tools.evaluate import normalize_answer
 
     if not 0 < config.target_agreement <= 1:
         raise InputError(f"--target-agreement must lie in (0, 1], got {config.target_agreement}")

@@ -29,8 +29,8 @@ from PIL import Image
 from torch import nn
 
 from calibrate.shapes import draw, generate, question_kind, vocabulary
-from dyvte_rt.commandline import new_parser, run_command
-from dyvte_rt.preprocess import preprocess
+from dyvte_rt.cli.commandline import new_parser, run_command
+from dyvte_rt.inputs.preprocess import preprocess
 from export.families.llava import LlavaAdapter
 from export.manifest_builder import image_preprocess
 from export.prompting import hf_inputs

@@ -3,9 +3,9 @@
 This package must never import torch or transformers (a test enforces it).
 """
 
-from dyvte_rt.compute import DecoderDims, PrefillMacs, layer_macs, prefill_macs
 from dyvte_rt.errors import DyvteError
-from dyvte_rt.policy import ExitPolicy, FixedLayerExit, NeverExit, RouterExit, parse_policy
+from dyvte_rt.runtime.compute import DecoderDims, PrefillMacs, layer_macs, prefill_macs
+from dyvte_rt.runtime.policy import ExitPolicy, FixedLayerExit, NeverExit, RouterExit, parse_policy
 
 __version__ = "0.1.0"
 

@@ -19,9 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
-from dyvte_rt.errors import InputError
-from dyvte_rt.manifest import (
+from dyvte_rt.bundle.manifest import (
     KV_FLAVOURS,
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -34,7 +32,9 @@ from dyvte_rt.manifest import (
     SegmentInfo,
     sha256_file,
 )
-from dyvte_rt.policy import DEFAULT_THRESHOLD, check_policy_fits, parse_policy
+from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.errors import InputError
+from dyvte_rt.runtime.policy import DEFAULT_THRESHOLD, check_policy_fits, parse_policy
 from export.cli_options import model_options
 from export.staging import check_destination, staged_directory
 from export.summary import GraphRow, format_summary

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from dyvte_rt import anyres, io_names
+from dyvte_rt.bundle import io_names
+from dyvte_rt.families import llava_next as anyres
 from export.families import FamilyAdapter
 from export.parts import EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart, VisionPart
 from export.reference.routers import RouterBank

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import onnx
 
-from dyvte_rt.anyres import most_visual_tokens
+from dyvte_rt.bundle.manifest import (
+    Dims,
+    GraphInfo,
+    ImagePreprocess,
+    SourceInfo,
+    TensorInfo,
+    TokenInfo,
+    VisionInfo,
+)
 from dyvte_rt.errors import UnsupportedModelError
-from dyvte_rt.manifest import Dims, GraphInfo, ImagePreprocess, SourceInfo, TensorInfo, TokenInfo, VisionInfo
+from dyvte_rt.families.llava_next import most_visual_tokens
 from export.loading import LoadedModel
 
 _ONNX_TO_NUMPY = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dyvte_rt.manifest import KV_FLAVOURS
+from dyvte_rt.bundle.manifest import KV_FLAVOURS
 from export.attention import ATTENTION_NAME, FP32_ATTENTION_NAME, GqaCache, attention_function
 from export.families import FamilyAdapter
 from export.reference.cache import KVCache

@@ -2,7 +2,7 @@
 
 One function renders the checkpoint's chat template and runs its processor, so every torch-side
 component sees exactly the token ids and pixels Hugging Face would; the torch-free runtime builds
-its own prompts (`dyvte_rt.prompt`) and is tested against this.
+its own prompts (`dyvte_rt.inputs.prompt`) and is tested against this.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dyvte_rt.images import load_image
+from dyvte_rt.inputs.images import load_image
 
 
 def conversation(question: str, with_image: bool = True) -> list[dict]:

@@ -10,8 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from dyvte_rt.bundle.manifest import BundleError
 from dyvte_rt.errors import InputError
-from dyvte_rt.manifest import BundleError
 
 
 def check_destination(out: Path, overwrite: bool) -> None:

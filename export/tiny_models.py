@@ -39,7 +39,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from dyvte_rt.commandline import new_parser, run_command
+from dyvte_rt.cli.commandline import new_parser, run_command
 from export.word_tokenizer import BOS, EOS, IMAGE, PAD, UNK, build_word_tokenizer
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), as llava-hf renders it.

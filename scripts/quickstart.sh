@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bundle=$(.venv/bin/python -c "from dyvte_rt.locations import demo_bundle_dir; print(demo_bundle_dir())")
+bundle=$(.venv/bin/python -c "from dyvte_rt.bundle.locations import demo_bundle_dir; print(demo_bundle_dir())")
 # (re-)export when there is no bundle yet or the shipped weights or routers are newer than it
 stale=0
 for file in export/demo_checkpoint/model.safetensors export/demo_checkpoint/routers.safetensors; do

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from dyvte_rt.cli.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.cli.common import RunnerConfig, open_model
 from dyvte_rt.cli.options import bundle_options, device_options, json_option
-from dyvte_rt.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.errors import InputError
-from dyvte_rt.images import IMAGE_SUFFIXES
+from dyvte_rt.inputs.images import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +60,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(config: BenchConfig) -> int:
-    from dyvte_rt.bench import bench, format_table
-    from dyvte_rt.datasets import Example, read_jsonl
+    from dyvte_rt.inputs.datasets import Example, read_jsonl
+    from dyvte_rt.tools.bench import bench, format_table
 
     if config.runs < 1 or config.warmup < 0 or config.limit < 1:
         raise InputError("--runs and --limit must be >= 1 and --warmup >= 0")

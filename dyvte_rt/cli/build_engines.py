@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyvte_rt.cli.commandline import HelpFormatter, use_config_defaults
 from dyvte_rt.cli.options import bundle_options, json_option
-from dyvte_rt.commandline import HelpFormatter, use_config_defaults
 from dyvte_rt.errors import InputError
 from engines import DEVICES
 
@@ -97,9 +97,9 @@ def make_config(args: argparse.Namespace) -> BuildEnginesConfig:
 
 
 def run(config: BuildEnginesConfig) -> int:
-    from dyvte_rt.engine_plan import default_settings, plan_engines, tensorrt_readiness
-    from dyvte_rt.locations import resolve_bundle
-    from dyvte_rt.manifest import load_manifest
+    from dyvte_rt.bundle.locations import resolve_bundle
+    from dyvte_rt.bundle.manifest import load_manifest
+    from dyvte_rt.tools.engine_plan import default_settings, plan_engines, tensorrt_readiness
     from engines.tensorrt.record import write_plan
 
     bundle = resolve_bundle(config.bundle)
@@ -140,8 +140,8 @@ def run(config: BuildEnginesConfig) -> int:
 
 
 def golden(bundle: Path, plan: dict, config: BuildEnginesConfig) -> int:
-    from dyvte_rt.bundle import Bundle
-    from dyvte_rt.golden import check_golden, write_golden
+    from dyvte_rt.bundle.loaded import Bundle
+    from dyvte_rt.tools.golden import check_golden, write_golden
     from engines import SessionOptions
 
     device = "cpu" if config.golden else config.device
@@ -174,7 +174,7 @@ def build(bundle: Path, manifest, plan: dict, config: BuildEnginesConfig):
     """Every graph's engine, written to DIR/tensorrt/ (each file whole or not at all), then the record."""
     from tqdm import tqdm
 
-    from dyvte_rt.bundle import as_runtime_error
+    from dyvte_rt.bundle.loaded import as_runtime_error
     from engines.errors import BackendError
     from engines.tensorrt.builder import BuildOptions, build_engine, device_identity
     from engines.tensorrt.library import tensorrt

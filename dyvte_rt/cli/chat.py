@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from dyvte_rt.cli.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.cli.common import RunnerConfig, open_model
 from dyvte_rt.cli.options import bundle_options, device_options, exit_options, json_option, sampling_options
-from dyvte_rt.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.errors import DyvteError
 
 COMMANDS = "/reset starts the conversation over (same image), /exit or end of input leaves"
@@ -54,7 +54,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(config: ChatConfig) -> int:
-    from dyvte_rt.sampling import SamplingConfig
+    from dyvte_rt.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.seed)
     interactive = sys.stdin.isatty()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyvte_rt.locations import resolve_bundle
+from dyvte_rt.bundle.locations import resolve_bundle
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,7 +18,7 @@ class RunnerConfig:
 
 
 def open_model(config: RunnerConfig):
-    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.api.model import DyvteModel
 
     return DyvteModel.load(
         resolve_bundle(config.bundle),

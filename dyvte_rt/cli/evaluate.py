@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+from dyvte_rt.cli.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.cli.common import RunnerConfig, open_model
 from dyvte_rt.cli.options import bundle_options, device_options, json_option
-from dyvte_rt.commandline import HelpFormatter, config_from, use_config_defaults
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +54,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(config: EvalConfig) -> int:
-    from dyvte_rt.datasets import read_jsonl
-    from dyvte_rt.evaluate import evaluate
+    from dyvte_rt.inputs.datasets import read_jsonl
+    from dyvte_rt.tools.evaluate import evaluate
 
     examples = read_jsonl(config.data, config.limit)
     with contextlib.ExitStack() as stack:

@@ -7,11 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyvte_rt.cli.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.cli.common import RunnerConfig, open_model
 from dyvte_rt.cli.options import bundle_options, device_options, exit_options, json_option, sampling_options
-from dyvte_rt.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.errors import InputError
-from dyvte_rt.images import IMAGE_SUFFIXES
+from dyvte_rt.inputs.images import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +57,7 @@ def make_config(args: argparse.Namespace) -> InferConfig:
 
 
 def run(config: InferConfig) -> int:
-    from dyvte_rt.sampling import SamplingConfig
+    from dyvte_rt.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.seed)
     with open_model(config) as model:

@@ -8,11 +8,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyvte_rt.bundle.locations import resolve_bundle
+from dyvte_rt.bundle.manifest import Manifest, VisionInfo
+from dyvte_rt.cli.commandline import HelpFormatter, use_config_defaults
 from dyvte_rt.cli.options import bundle_options, json_option
-from dyvte_rt.commandline import HelpFormatter, use_config_defaults
 from dyvte_rt.errors import InputError
-from dyvte_rt.locations import resolve_bundle
-from dyvte_rt.manifest import Manifest, VisionInfo
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +56,7 @@ def make_config(args: argparse.Namespace) -> InspectConfig:
 
 
 def run(config: InspectConfig) -> int:
-    from dyvte_rt.manifest import load_manifest
+    from dyvte_rt.bundle.manifest import load_manifest
 
     bundle = resolve_bundle(config.bundle)
     manifest = load_manifest(bundle, verify_hashes=config.verify)
@@ -71,7 +71,7 @@ def run(config: InspectConfig) -> int:
 
 
 def report_tensorrt_readiness(bundle: Path, manifest: Manifest, as_json: bool) -> int:
-    from dyvte_rt.engine_plan import tensorrt_readiness
+    from dyvte_rt.tools.engine_plan import tensorrt_readiness
 
     hazards = tensorrt_readiness(bundle, manifest)
     if as_json:

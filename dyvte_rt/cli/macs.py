@@ -7,14 +7,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyvte_rt import patch_grid
-from dyvte_rt.anyres import most_visual_tokens
-from dyvte_rt.anyres import visual_tokens as anyres_visual_tokens
+from dyvte_rt.bundle.manifest import AnyResInfo, PatchGridInfo
+from dyvte_rt.cli.commandline import HelpFormatter, use_config_defaults
 from dyvte_rt.cli.options import bundle_options, json_option
-from dyvte_rt.commandline import HelpFormatter, use_config_defaults
-from dyvte_rt.compute import DecoderDims, prefill_macs
 from dyvte_rt.errors import InputError
-from dyvte_rt.manifest import AnyResInfo, PatchGridInfo
+from dyvte_rt.families import qwen2_vl as patch_grid
+from dyvte_rt.families.llava_next import most_visual_tokens
+from dyvte_rt.families.llava_next import visual_tokens as anyres_visual_tokens
+from dyvte_rt.runtime.compute import DecoderDims, prefill_macs
 
 # LLaVA-1.5-7B, the default when neither --bundle nor sizes are given
 LLAVA_7B = {"hidden": 4096, "kv_width": 4096, "mlp": 11008, "layers": 32, "visual": 576}
@@ -107,7 +107,7 @@ def sizes(config: MacsConfig) -> dict[str, int]:
     if tiling is not None:
         base["visual"] = most_visual_tokens(tiling)
     if config.bundle is not None:
-        from dyvte_rt.manifest import load_manifest
+        from dyvte_rt.bundle.manifest import load_manifest
 
         m = load_manifest(config.bundle, verify_hashes=False)
         tiling, grid = m.vision.anyres, m.vision.patch_grid

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dyvte_rt.locations import BUNDLE_ENV
+from dyvte_rt.bundle.locations import BUNDLE_ENV
 from engines import DEVICES
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from dyvte_rt.cli.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.cli.common import RunnerConfig, open_model
 from dyvte_rt.cli.options import bundle_options, device_options
-from dyvte_rt.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.errors import BackendUnavailableError, InputError
 
 

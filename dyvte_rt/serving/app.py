@@ -27,11 +27,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.errors import DyvteError, InputError
-from dyvte_rt.images import load_image
-from dyvte_rt.model import DyvteModel
-from dyvte_rt.preprocess import prepare_image
-from dyvte_rt.sampling import Sampler, SamplingConfig
+from dyvte_rt.inputs.images import load_image
+from dyvte_rt.inputs.preprocess import prepare_image
+from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
 from dyvte_rt.serving.engine import BatchEngine, Completion, QueueFullError, ServeRequest
 from dyvte_rt.serving.metrics import ServerMetrics
 

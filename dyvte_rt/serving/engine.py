@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dyvte_rt.api.model import FINISH_LENGTH, FINISH_STOP, DyvteModel
 from dyvte_rt.errors import DyvteError, InputError
-from dyvte_rt.model import FINISH_LENGTH, FINISH_STOP, DyvteModel
-from dyvte_rt.pipeline import PrefillRequest, PrefillResult
-from dyvte_rt.policy import ExitPolicy
-from dyvte_rt.preprocess import PreparedImage
-from dyvte_rt.sampling import Sampler
-from dyvte_rt.streaming import AnswerPieces
+from dyvte_rt.inputs.preprocess import PreparedImage
+from dyvte_rt.runtime.pipeline import PrefillRequest, PrefillResult
+from dyvte_rt.runtime.policy import ExitPolicy
+from dyvte_rt.runtime.sampling import Sampler
+from dyvte_rt.runtime.streaming import AnswerPieces
 
 _ids = itertools.count(1)
 

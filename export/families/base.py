@@ -12,9 +12,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from dyvte_rt.compute import DecoderDims
+from dyvte_rt.bundle.manifest import AnyResInfo, PatchGridInfo
 from dyvte_rt.errors import UnsupportedModelError
-from dyvte_rt.manifest import AnyResInfo, PatchGridInfo
+from dyvte_rt.runtime.compute import DecoderDims
 
 
 class FamilyAdapter(Protocol):

@@ -2,7 +2,7 @@
 and Llama-3 backbones.
 
 The decoder, vision tower and projector are LLaVA's (`LlavaAdapter`). What differs is the image:
-a base view and tiles of the image on its best-fitting canvas (`dyvte_rt.anyres`), whose features
+a base view and tiles of the image on its best-fitting canvas (`dyvte_rt.families.llava_next`), whose features
 are unpadded and closed row by row with the `image_newline` embedding. The vision graph takes the
 views and a packing index the runtime computes from the image size, and gathers the visual tokens
 in Hugging Face's order — no data-dependent shapes inside the graph.
@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dyvte_rt import anyres
+from dyvte_rt.bundle.manifest import AnyResInfo
 from dyvte_rt.errors import UnsupportedModelError
-from dyvte_rt.manifest import AnyResInfo
+from dyvte_rt.families import llava_next as anyres
 from export.families.llava import LlavaAdapter
 from export.lazy_weights import OwnParameters
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyvte_rt import patch_grid
-from dyvte_rt.manifest import PatchGridInfo
+from dyvte_rt.bundle.manifest import PatchGridInfo
+from dyvte_rt.families import qwen2_vl as patch_grid
 from export.families.base import DecoderAdapter
 
 

@@ -14,10 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
 from dyvte_rt.cli.options import json_option
-from dyvte_rt.commandline import config_from, new_parser, run_command, use_config_defaults
 from dyvte_rt.errors import InputError
-from dyvte_rt.policy import DEFAULT_THRESHOLD, parse_policy
+from dyvte_rt.runtime.policy import DEFAULT_THRESHOLD, parse_policy
 from export.cli_options import model_options
 from export.loading import DTYPES
 
@@ -65,7 +65,7 @@ def run(config: ReferenceConfig) -> dict:
     """Load, prompt, generate; returns what the CLI prints."""
     import torch
 
-    from dyvte_rt.images import load_image
+    from dyvte_rt.inputs.images import load_image
     from export.loading import load_checkpoint
     from export.prompting import hf_inputs
     from export.reference.model import DyVTEReference

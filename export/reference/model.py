@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dyvte_rt.compute import PrefillMacs, prefill_macs
 from dyvte_rt.errors import InputError
-from dyvte_rt.policy import ExitPolicy, check_policy_fits, exit_probability
+from dyvte_rt.runtime.compute import PrefillMacs, prefill_macs
+from dyvte_rt.runtime.policy import ExitPolicy, check_policy_fits, exit_probability
 from export.families import FamilyAdapter
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dyvte_rt.errors import DyvteError
-from dyvte_rt.features import text_feature_positions
+from dyvte_rt.runtime.features import text_feature_positions
 
 ROUTERS_FORMAT = "dyvte-routers/1"
 

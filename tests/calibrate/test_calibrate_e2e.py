@@ -66,7 +66,7 @@ def test_fixed_layer_records_a_default_policy_the_runtime_uses(demo_bundle, tmp_
     import shutil
 
     from calibrate.fixed_layer import main as fixed_layer_main
-    from dyvte_rt.manifest import load_manifest
+    from dyvte_rt.bundle.manifest import load_manifest
 
     bundle = shutil.copytree(demo_bundle, tmp_path / "bundle")
     data = write_dataset(tmp_path / "data", 40, seed=31337)

@@ -11,7 +11,7 @@ def test_demo_weights_are_small_and_visual_tokens_dominate(demo_bundle):
     assert size <= 20 * 2**20
     loaded = load_checkpoint("demo")
     assert loaded.adapter.family == "llava"
-    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.api.model import DyvteModel
 
     with DyvteModel.load(demo_bundle) as model:
         ids = model.prompts.encode("what color is the shape in the bottom right?")

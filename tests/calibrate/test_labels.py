@@ -9,8 +9,8 @@ from calibrate.collect import answer_ids
 from calibrate.fixed_layer import pick_layer
 from calibrate.router_training import choose_threshold, sweep_thresholds
 from calibrate.sweep import Sweep, sweep
-from dyvte_rt.compute import DecoderDims
-from dyvte_rt.policy import FixedLayerExit, NeverExit
+from dyvte_rt.runtime.compute import DecoderDims
+from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit
 from export.loading import load_checkpoint
 from export.prompting import hf_inputs
 from export.reference import DyVTEReference

@@ -1,4 +1,4 @@
-"""Any-resolution tiling arithmetic (dyvte_rt.anyres) against Hugging Face's own functions, at
+"""Any-resolution tiling arithmetic (dyvte_rt.families.llava_next) against Hugging Face's own functions, at
 LLaVA-NeXT-7B's true sizes (336-pixel tiles, 14-pixel patches, its five canvases)."""
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 
-from dyvte_rt import anyres
 from dyvte_rt.cli.macs import LLAVA_NEXT_TILING
+from dyvte_rt.families import llava_next as anyres
 from export.tiny_models import fast_word_tokenizer
 
 SIZES = [(h, w) for h, w in np.random.RandomState(0).randint(1, 2500, size=(300, 2))] + [

@@ -2,9 +2,9 @@
 
 import pytest
 
-from dyvte_rt.compute import layer_macs
+from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.errors import InputError
-from dyvte_rt.model import DyvteModel
+from dyvte_rt.runtime.compute import layer_macs
 
 QUESTIONS = [
     "what color is the circle on the left?",
@@ -68,7 +68,7 @@ def test_engine_slots_answer_like_single_requests(demo_bundle, fresh_questions):
     import queue
     import threading
 
-    from dyvte_rt.sampling import Sampler, SamplingConfig
+    from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
     from dyvte_rt.serving.engine import BatchEngine, ServeRequest
 
     rows = [json.loads(line) for line in fresh_questions.read_text().splitlines()[:10]]
@@ -80,8 +80,8 @@ def test_engine_slots_answer_like_single_requests(demo_bundle, fresh_questions):
         results: dict[int, queue.Queue] = {}
         try:
             for index, row in enumerate(rows):
-                from dyvte_rt.images import load_image
-                from dyvte_rt.preprocess import prepare_image
+                from dyvte_rt.inputs.images import load_image
+                from dyvte_rt.inputs.preprocess import prepare_image
 
                 ids = model.prompts.encode(row["question"])
                 image = prepare_image(

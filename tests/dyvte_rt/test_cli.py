@@ -69,7 +69,7 @@ def test_bench_json_reports_every_policy(capsys, bundles, sample_image, tmp_path
     assert exit1["macs_ratio"] < 1 and exit1["theoretical_speedup"] > 1
     assert never["exit_layers"] == {"none": 2} and exit1["exit_layers"] == {"1": 2}
     assert never["prefill_ms_median"] > 0 and never["ttft_ms_median"] >= never["prefill_ms_median"]
-    from dyvte_rt.manifest import load_manifest
+    from dyvte_rt.bundle.manifest import load_manifest
 
     vocab = load_manifest(bundles["llama-gqa"], verify_hashes=False).dims.vocab_size
     assert 0 < never["host_bytes_per_decode_token"] <= 4 * vocab + 1024

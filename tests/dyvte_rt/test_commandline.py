@@ -9,7 +9,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-from dyvte_rt.commandline import EXIT_ERROR, EXIT_INTERRUPTED, HelpFormatter, run_command, use_config_defaults
+from dyvte_rt.cli.commandline import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    HelpFormatter,
+    run_command,
+    use_config_defaults,
+)
 from dyvte_rt.errors import InputError
 
 
@@ -85,7 +91,7 @@ def test_ctrl_c_during_eval_exits_130_with_one_line(bundles, sample_image, tmp_p
 def test_interrupted_is_a_line_of_its_own_after_a_progress_bar(capsys):
     from tqdm import tqdm
 
-    from dyvte_rt.commandline import run_command
+    from dyvte_rt.cli.commandline import run_command
 
     def body() -> None:
         bar = tqdm(total=5, desc="eval", file=sys.stderr)
@@ -101,7 +107,7 @@ def test_interrupted_is_a_line_of_its_own_when_a_bar_is_cut_in_its_first_drawing
     printed (no last_print_t), so its close() writes nothing."""
     from tqdm import tqdm
 
-    from dyvte_rt.commandline import run_command
+    from dyvte_rt.cli.commandline import run_command
 
     def first_draw_then_interrupt(self, *args, **kwargs):
         self.sp("eval:   0%|          | 0/5000 [00:00<?, ?q/s]")

@@ -1,6 +1,6 @@
 import pytest
 
-from dyvte_rt.compute import DecoderDims, layer_macs, prefill_macs
+from dyvte_rt.runtime.compute import DecoderDims, layer_macs, prefill_macs
 
 LLAVA_7B = DecoderDims(hidden=4096, kv_width=4096, mlp=11008, num_layers=32)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dyvte_rt.model import DyvteModel
-from dyvte_rt.policy import FixedLayerExit, NeverExit
+from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit
 from export.reference import DyVTEReference
 
 TURNS = ("what color is the circle on the left?", "and the square?", "how many shapes?")
@@ -45,9 +45,9 @@ def test_later_turns_equal_the_reference_on_the_whole_conversation(
 
 
 def _pixels(bundle, image):
-    from dyvte_rt.images import load_image
-    from dyvte_rt.manifest import load_manifest
-    from dyvte_rt.preprocess import preprocess
+    from dyvte_rt.bundle.manifest import load_manifest
+    from dyvte_rt.inputs.images import load_image
+    from dyvte_rt.inputs.preprocess import preprocess
 
     return preprocess(load_image(image), load_manifest(bundle, verify_hashes=False).vision.preprocess)
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dyvte_rt.datasets import read_examples, read_jsonl, read_llava_json
 from dyvte_rt.errors import InputError
+from dyvte_rt.inputs.datasets import read_examples, read_jsonl, read_llava_json
 
 
 def test_jsonl_rows_become_examples_relative_to_the_file(tmp_path):

@@ -4,8 +4,8 @@ prefill-only work."""
 import numpy as np
 import pytest
 
-from dyvte_rt.model import DyvteModel
-from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
+from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit, RouterExit
 from export.reference import DyVTEReference, RouterBank
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dyvte_rt.errors import PolicyError
-from dyvte_rt.policy import (
+from dyvte_rt.runtime.policy import (
     FixedLayerExit,
     NeverExit,
     RouterExit,

@@ -6,10 +6,10 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from dyvte_rt import patch_grid
+from dyvte_rt.bundle.manifest import ImagePreprocess
 from dyvte_rt.cli.macs import QWEN25_VL_GRID
-from dyvte_rt.manifest import ImagePreprocess
-from dyvte_rt.preprocess import grid_patches, normalized, preprocess, shortest_edge_size
+from dyvte_rt.families import qwen2_vl as patch_grid
+from dyvte_rt.inputs.preprocess import grid_patches, normalized, preprocess, shortest_edge_size
 from export.manifest_builder import image_preprocess
 
 # LLaVA-1.5's processor settings (llava-hf/llava-1.5-7b-hf preprocessor_config.json)

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.bundle.manifest import MANIFEST_FILE, SCHEMA_VERSION, BundleError, Manifest
 from dyvte_rt.errors import InputError
-from dyvte_rt.images import MAX_PIXELS, load_image
-from dyvte_rt.manifest import MANIFEST_FILE, SCHEMA_VERSION, BundleError, Manifest
-from dyvte_rt.model import DyvteModel
+from dyvte_rt.inputs.images import MAX_PIXELS, load_image
 
 
 def _png_bytes(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -151,7 +151,7 @@ def test_damaged_bundles_fail_with_one_line(bundles, tmp_path, sample_image, dam
 
 def test_damaged_graph_with_matching_manifest_is_reported(bundles, tmp_path):
     """A graph replaced together with its manifest hash still has to be a valid model."""
-    from dyvte_rt.manifest import FileInfo, sha256_file
+    from dyvte_rt.bundle.manifest import FileInfo, sha256_file
 
     copy = shutil.copytree(bundles["llama-gqa"], tmp_path / "bundle")
     (copy / "head.onnx").write_bytes(b"\x08\x07garbage-protobuf" * 50)

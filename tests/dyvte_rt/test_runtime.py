@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.errors import DyvteError, InputError, PolicyError
-from dyvte_rt.model import DyvteModel
-from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
-from dyvte_rt.sampling import Sampler, SamplingConfig
+from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit, RouterExit
+from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
 from export.reference import DyVTEReference, RouterBank
 
 MAX_NEW = 8
@@ -174,7 +174,7 @@ def test_seeded_sampling_is_reproducible_and_degenerates_to_greedy():
 
 def test_running_a_bundle_never_imports_torch_or_transformers(bundles, sample_image):
     code = (
-        "import sys; from dyvte_rt.model import DyvteModel; "
+        "import sys; from dyvte_rt.api.model import DyvteModel; "
         f"m = DyvteModel.load({str(bundles['qwen2'])!r}); "
         f"a = m.ask({str(sample_image)!r}, 'what?', max_new_tokens=3); assert a.token_ids; "
         "bad = [x for x in ('torch', 'transformers') if x in sys.modules]; "

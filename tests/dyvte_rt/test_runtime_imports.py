@@ -6,7 +6,7 @@ import sys
 
 def test_runtime_packages_do_not_import_torch_or_transformers():
     code = (
-        "import sys, dyvte_rt, dyvte_rt.cli, dyvte_rt.policy, dyvte_rt.compute, engines; "
+        "import sys, dyvte_rt, dyvte_rt.cli, dyvte_rt.runtime.policy, dyvte_rt.runtime.compute, engines; "
         "bad = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
         "print(','.join(bad)); sys.exit(1 if bad else 0)"
     )

@@ -4,7 +4,7 @@ rows the runtime's own gather gives, for the keep matrices the runtime really bu
 import numpy as np
 import pytest
 
-from dyvte_rt.model import DyvteModel
+from dyvte_rt.api.model import DyvteModel
 from engines import BackendError
 from engines.exit_copy import CopyRun, apply_copy_plan, exit_copy_plan
 

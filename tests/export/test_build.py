@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from dyvte_rt.bundle.manifest import MANIFEST_FILE, BundleError, Manifest, load_manifest
 from dyvte_rt.errors import InputError
-from dyvte_rt.manifest import MANIFEST_FILE, BundleError, Manifest, load_manifest
 from export.build import BuildConfig, build_bundle, parse_exit_layers
 from export.graph_plans import plan_segments
 from export.onnx_export import VerificationError

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dyvte_rt.bundle import Bundle
+from dyvte_rt.bundle.loaded import Bundle
 from dyvte_rt.errors import PolicyError
-from dyvte_rt.pipeline import Pipeline
-from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
+from dyvte_rt.runtime.pipeline import Pipeline
+from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit, RouterExit
 from export.reference import DyVTEReference, RouterBank
 from tests.helpers import DECODE_STEPS, runtime_vs_reference
 

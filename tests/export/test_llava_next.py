@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dyvte_rt import anyres
-from dyvte_rt.bundle import Bundle
-from dyvte_rt.manifest import load_manifest
-from dyvte_rt.pipeline import Pipeline
-from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
-from dyvte_rt.preprocess import prepare_image
-from dyvte_rt.prompt import PromptBuilder
+from dyvte_rt.bundle.loaded import Bundle
+from dyvte_rt.bundle.manifest import load_manifest
+from dyvte_rt.families import llava_next as anyres
+from dyvte_rt.inputs.preprocess import prepare_image
+from dyvte_rt.inputs.prompt import PromptBuilder
+from dyvte_rt.runtime.pipeline import Pipeline
+from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit, RouterExit
 from export.prompting import hf_inputs
 from export.reference import DyVTEReference, RouterBank
 from tests.helpers import DECODE_STEPS, runtime_vs_reference
@@ -170,7 +170,7 @@ def test_vision_graph_equals_hugging_face_features(next_loaded, next_bundle, ima
 
 
 def test_api_batch_of_differently_sized_images_equals_single_answers(next_bundle, images, tmp_path):
-    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.api.model import DyvteModel
 
     paths = {}
     for name in ("wide", "tall"):
@@ -208,7 +208,7 @@ def _info(bundle: Path):
 def test_tensorrt_profiles_cover_every_image_size(next_bundle):
     import dataclasses
 
-    from dyvte_rt.engine_plan import default_settings, plan_engines
+    from dyvte_rt.tools.engine_plan import default_settings, plan_engines
 
     manifest = load_manifest(next_bundle, verify_hashes=False)
     # the planner reads only the graphs' I/O: a concat bundle's vision and embed graphs are these

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from dyvte_rt.graph_lint import fp16_hazards
-from dyvte_rt.manifest import MANIFEST_FILE, BundleError, load_manifest
-from dyvte_rt.model import DyvteModel
-from dyvte_rt.policy import FixedLayerExit, NeverExit
+from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.bundle.manifest import MANIFEST_FILE, BundleError, load_manifest
+from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit
+from dyvte_rt.tools.graph_lint import fp16_hazards
 from export.build import BuildConfig, build_bundle
 from export.reference import DyVTEReference
 
@@ -105,7 +105,7 @@ def test_a_graph_below_the_quality_bar_is_refused_unless_forced(tiny_checkpoints
 
 
 def test_an_older_runtime_refuses_a_quantized_manifest_with_one_line(quantized, monkeypatch):
-    import dyvte_rt.manifest as manifest_module
+    import dyvte_rt.bundle.manifest as manifest_module
 
     text = (quantized["int4"] / MANIFEST_FILE).read_text()
     monkeypatch.setattr(manifest_module, "SCHEMA_VERSION", 2)  # what the runtime before quantisation read

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dyvte_rt import patch_grid
-from dyvte_rt.bundle import Bundle
-from dyvte_rt.manifest import load_manifest
-from dyvte_rt.pipeline import Pipeline
-from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
-from dyvte_rt.preprocess import prepare_image
-from dyvte_rt.prompt import PromptBuilder
+from dyvte_rt.bundle.loaded import Bundle
+from dyvte_rt.bundle.manifest import load_manifest
+from dyvte_rt.families import qwen2_vl as patch_grid
+from dyvte_rt.inputs.preprocess import prepare_image
+from dyvte_rt.inputs.prompt import PromptBuilder
+from dyvte_rt.runtime.pipeline import Pipeline
+from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit, RouterExit
 from export.prompting import hf_inputs
 from export.reference import DyVTEReference, RouterBank
 from tests.helpers import runtime_vs_reference
@@ -144,8 +144,8 @@ def test_bundle_matches_reference_for_every_exit_policy(qwen, images):
 def test_fp16_bundle_is_sound_and_matches_the_fp32_reference(qwen, images, tmp_path_factory):
     """fp16 weights and activations, the vision tower (and Qwen2.5-VL's window mask) included:
     no fp16 hazard in any graph, and every exit close to the fp32 reference with the same tokens."""
-    from dyvte_rt.graph_lint import fp16_hazards
-    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.api.model import DyvteModel
+    from dyvte_rt.tools.graph_lint import fp16_hazards
     from export.build import BuildConfig, build_bundle
 
     loaded, bundle_dir, _ = qwen
@@ -176,7 +176,7 @@ def test_api_batch_and_conversation(qwen, images, tmp_path):
     """Differently sized images in one batch (each row with its own position offset) answer as
     alone; a conversation's later turns continue the multimodal positions exactly as one prefill
     of the whole conversation does."""
-    from dyvte_rt.model import DyvteModel
+    from dyvte_rt.api.model import DyvteModel
 
     loaded, bundle_dir, _ = qwen
     paths = {}
@@ -283,7 +283,7 @@ def test_calibration_labels_and_routers(qwen, images, tmp_path):
 def test_tensorrt_profiles_span_the_pixel_budget(qwen):
     import dataclasses
 
-    from dyvte_rt.engine_plan import default_settings, plan_engines
+    from dyvte_rt.tools.engine_plan import default_settings, plan_engines
 
     _, bundle_dir, _ = qwen
     manifest = load_manifest(bundle_dir, verify_hashes=False)

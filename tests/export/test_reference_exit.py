@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dyvte_rt.errors import InputError, PolicyError
-from dyvte_rt.policy import FixedLayerExit, NeverExit, RouterExit
+from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit, RouterExit
 from export.reference import DyVTEReference, RouterBank, feature_positions
 from export.reference.masking import prefill_with_visual_keys_masked
 from export.reference.routers import constant_routers

@@ -2,7 +2,7 @@
 
 import torch
 
-from dyvte_rt.policy import NeverExit
+from dyvte_rt.runtime.policy import NeverExit
 from export.reference import DyVTEReference
 
 MAX_NEW = 12

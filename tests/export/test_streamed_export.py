@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dyvte_rt.bundle.manifest import load_manifest
 from dyvte_rt.errors import InputError, UnsupportedModelError
-from dyvte_rt.manifest import load_manifest
 from export.build import BuildConfig, build_bundle
 
 

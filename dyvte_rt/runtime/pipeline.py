@@ -23,16 +23,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dyvte_rt import io_names as names
-from dyvte_rt import patch_grid
-from dyvte_rt.bundle import Bundle, as_runtime_error
-from dyvte_rt.compute import DecoderDims, PrefillMacs, layer_macs, prefill_macs
+from dyvte_rt.bundle import io_names as names
+from dyvte_rt.bundle.loaded import Bundle, as_runtime_error
+from dyvte_rt.bundle.manifest import SegmentInfo
 from dyvte_rt.errors import InputError, PolicyError
-from dyvte_rt.features import router_pool
-from dyvte_rt.kv_cache import ConcatKVCache, InplaceKVCache, KVCache
-from dyvte_rt.manifest import SegmentInfo
-from dyvte_rt.policy import ExitPolicy, check_policy_fits, exit_probability
-from dyvte_rt.preprocess import PreparedImage
+from dyvte_rt.families import qwen2_vl as patch_grid
+from dyvte_rt.inputs.preprocess import PreparedImage
+from dyvte_rt.runtime.compute import DecoderDims, PrefillMacs, layer_macs, prefill_macs
+from dyvte_rt.runtime.features import router_pool
+from dyvte_rt.runtime.kv_cache import ConcatKVCache, InplaceKVCache, KVCache
+from dyvte_rt.runtime.policy import ExitPolicy, check_policy_fits, exit_probability
 from engines import BackendError, Value
 
 

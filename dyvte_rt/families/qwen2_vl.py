@@ -21,8 +21,8 @@ import math
 
 import numpy as np
 
+from dyvte_rt.bundle.manifest import PatchGridInfo
 from dyvte_rt.errors import InputError
-from dyvte_rt.manifest import PatchGridInfo
 
 Grid = tuple[int, int, int]  # (frames, patch rows, patch columns)
 

@@ -23,15 +23,15 @@ import time
 
 import numpy as np
 
-from dyvte_rt.compute import continuation_macs
+from dyvte_rt.api.model import Answer, DyvteModel, Generation, TurnClock
 from dyvte_rt.errors import InputError
-from dyvte_rt.images import ImageInput, load_image
-from dyvte_rt.kv_cache import KVCache
-from dyvte_rt.model import Answer, DyvteModel, Generation, TurnClock
-from dyvte_rt.pipeline import PrefillResult
-from dyvte_rt.policy import ExitPolicy
-from dyvte_rt.preprocess import prepare_image
-from dyvte_rt.sampling import Sampler, SamplingConfig
+from dyvte_rt.inputs.images import ImageInput, load_image
+from dyvte_rt.inputs.preprocess import prepare_image
+from dyvte_rt.runtime.compute import continuation_macs
+from dyvte_rt.runtime.kv_cache import KVCache
+from dyvte_rt.runtime.pipeline import PrefillResult
+from dyvte_rt.runtime.policy import ExitPolicy
+from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
 
 DEFAULT_CONTEXT = 2048  # positions a conversation reserves, unless the model has fewer
 

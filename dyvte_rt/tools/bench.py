@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dyvte_rt.datasets import Example
-from dyvte_rt.model import DyvteModel
-from dyvte_rt.policy import ExitPolicy
+from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.inputs.datasets import Example
+from dyvte_rt.runtime.policy import ExitPolicy
 
 
 @dataclass(frozen=True)

@@ -17,20 +17,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dyvte_rt.bundle import Bundle
+from dyvte_rt.bundle.loaded import Bundle
+from dyvte_rt.bundle.manifest import TOKENIZER_FILE
 from dyvte_rt.errors import InputError
-from dyvte_rt.images import ImageInput, load_image
-from dyvte_rt.manifest import TOKENIZER_FILE
-from dyvte_rt.pipeline import Pipeline, PrefillResult
-from dyvte_rt.policy import ExitPolicy, parse_policy
-from dyvte_rt.preprocess import PreparedImage, prepare_image
-from dyvte_rt.prompt import PromptBuilder
-from dyvte_rt.sampling import Sampler, SamplingConfig
-from dyvte_rt.streaming import AnswerPieces
+from dyvte_rt.inputs.images import ImageInput, load_image
+from dyvte_rt.inputs.preprocess import PreparedImage, prepare_image
+from dyvte_rt.inputs.prompt import PromptBuilder
+from dyvte_rt.runtime.pipeline import Pipeline, PrefillResult
+from dyvte_rt.runtime.policy import ExitPolicy, parse_policy
+from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
+from dyvte_rt.runtime.streaming import AnswerPieces
 from engines import SessionOptions, Transfers
 
 if TYPE_CHECKING:
-    from dyvte_rt.conversation import Conversation
+    from dyvte_rt.api.conversation import Conversation
 
 FINISH_STOP = "stop"  # the model produced an end-of-sequence token
 FINISH_LENGTH = "length"  # max_new_tokens was reached first
@@ -212,7 +212,7 @@ class DyvteModel:
         Every answer equals the one `ask` gives for the same pair. Each answer's `prefill_macs`
         also holds `batch_computed`: what the whole batch computed, padding included.
         """
-        from dyvte_rt.pipeline import PrefillRequest
+        from dyvte_rt.runtime.pipeline import PrefillRequest
 
         if not questions:
             return []
@@ -286,9 +286,9 @@ class DyvteModel:
         """A multi-turn conversation about `image` (or none) that keeps its KV cache between turns.
 
         The exit is decided once, in the first turn; `context` bounds the whole conversation's
-        tokens (default: the model's context, at most 2048). See `dyvte_rt.conversation`.
+        tokens (default: the model's context, at most 2048). See `dyvte_rt.api.conversation`.
         """
-        from dyvte_rt.conversation import Conversation
+        from dyvte_rt.api.conversation import Conversation
 
         return Conversation(self, image, self.policy(exit, threshold), context, sampling or SamplingConfig())
 

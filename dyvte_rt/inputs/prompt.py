@@ -17,8 +17,8 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from dyvte_rt.bundle.manifest import Manifest
 from dyvte_rt.errors import InputError
-from dyvte_rt.manifest import Manifest
 
 
 class _GenerationTag(Extension):

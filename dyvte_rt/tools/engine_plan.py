@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from dyvte_rt import anyres
+from dyvte_rt.bundle.manifest import Manifest
 from dyvte_rt.errors import InputError
-from dyvte_rt.manifest import Manifest
+from dyvte_rt.families import llava_next as anyres
 from engines.tensorrt.buffers import plan_buffers
 from engines.tensorrt.profiles import PHASES, EngineSettings, PlanError, graph_profiles, phase_ranges
 
@@ -72,7 +72,7 @@ def _ranges(manifest: Manifest, settings: EngineSettings) -> dict:
 
 def tensorrt_readiness(bundle: Path, manifest: Manifest) -> list[str]:
     """Every hazard in the bundle for TensorRT, one line each (empty: ready)."""
-    from dyvte_rt.graph_lint import tensorrt_hazards
+    from dyvte_rt.tools.graph_lint import tensorrt_hazards
 
     found = []
     if manifest.kv_flavour != "concat":

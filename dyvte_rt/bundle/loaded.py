@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dyvte_rt.bundle.manifest import BundleError, Manifest, SegmentInfo, load_manifest
 from dyvte_rt.errors import BackendUnavailableError
-from dyvte_rt.manifest import BundleError, Manifest, SegmentInfo, load_manifest
 from engines import Backend, BackendError, Session, SessionOptions, open_backend
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}

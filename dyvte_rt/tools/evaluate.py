@@ -1,6 +1,6 @@
 """`dyvte-rt eval`: accuracy, exit layers and compute saved of a bundle on a JSONL dataset.
 
-Datasets are read by `dyvte_rt.datasets`.
+Datasets are read by `dyvte_rt.inputs.datasets`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from dyvte_rt.datasets import Example
-from dyvte_rt.model import DyvteModel
-from dyvte_rt.policy import ExitPolicy
+from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.inputs.datasets import Example
+from dyvte_rt.runtime.policy import ExitPolicy
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from dyvte_rt import io_names as names
+from dyvte_rt.bundle import io_names as names
+from dyvte_rt.bundle.manifest import Dims
 from dyvte_rt.errors import InputError
-from dyvte_rt.manifest import Dims
 from engines import Backend, Value
 
 

@@ -1,7 +1,7 @@
 """Image preprocessing with PIL + numpy, step for step as Hugging Face's CLIP image processor
 (PIL backend): white-composited alpha -> shortest-edge resize -> center crop -> rescale -> normalize.
-Any-resolution models (LLaVA-NeXT) run the same steps on each view `dyvte_rt.anyres` cuts;
-patch-grid models (Qwen2-VL) resize, normalise and patchify as `dyvte_rt.patch_grid` says.
+Any-resolution models (LLaVA-NeXT) run the same steps on each view `dyvte_rt.families.llava_next` cuts;
+patch-grid models (Qwen2-VL) resize, normalise and patchify as `dyvte_rt.families.qwen2_vl` says.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from dyvte_rt import anyres, io_names, patch_grid
-from dyvte_rt.manifest import ImagePreprocess, PatchGridInfo, VisionInfo
-from dyvte_rt.patch_grid import Grid
+from dyvte_rt.bundle import io_names
+from dyvte_rt.bundle.manifest import ImagePreprocess, PatchGridInfo, VisionInfo
+from dyvte_rt.families import llava_next as anyres
+from dyvte_rt.families import qwen2_vl as patch_grid
+from dyvte_rt.families.qwen2_vl import Grid
 
 
 @dataclass(frozen=True)

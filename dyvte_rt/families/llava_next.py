@@ -18,7 +18,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from dyvte_rt.manifest import AnyResInfo, ImagePreprocess
+from dyvte_rt.bundle.manifest import AnyResInfo, ImagePreprocess
 
 
 def best_resolution(height: int, width: int, pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dyvte_rt import io_names as names
-from dyvte_rt.bundle import Bundle
-from dyvte_rt.manifest import BundleError
+from dyvte_rt.bundle import io_names as names
+from dyvte_rt.bundle.loaded import Bundle
+from dyvte_rt.bundle.manifest import BundleError
 from engines.tensorrt.record import ENGINE_DIR
 
 GOLDEN_DIR = "golden"

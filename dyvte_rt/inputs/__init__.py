@@ -1,0 +1,1 @@
+"""What a request brings: images (opened safely, preprocessed), prompts, question datasets."""

@@ -41,7 +41,6 @@ def decode_rates(model: DyvteModel, batches: list[int], past: int, steps: int, r
                 model.pipeline.forward_tokens(tokens, np.full((batch, 1), past + step), cache)
                 if run:
                     times[batch].append(time.perf_counter() - started)
-            model.pipeline.release(cache)
     single = float(np.median(times[batches[0]]))
     rows = {}
     for batch in batches:

@@ -67,7 +67,7 @@ def hf_request(loaded, example: Example, max_new_tokens: int) -> dict:
 
 def dyvte_request(model: DyvteModel, example: Example, policy: str, max_new_tokens: int) -> dict:
     answer = model.ask(
-        example.image, example.question, exit=policy, max_new_tokens=max_new_tokens, stop_at_eos=False
+        example.image, example.question, exit=policy, max_new_tokens=max_new_tokens, ignore_eos=True
     )
     return {
         "ttft": answer.timings_ms["ttft"],

@@ -71,14 +71,14 @@ def main() -> int:
 
     import torch
 
-    from export.tiny_models import LLAVA_7B_SLICE, _llama, write_random_llava_streamed
+    from export.families.llava import TINY_BACKBONES, llama_decoder, write_random_llava_streamed
 
     checkpoint, bundle = args.work / "checkpoint", args.work / f"bundle-{args.quantize}"
     report: dict = {}
     if not (checkpoint / "config.json").is_file():
         started = time.perf_counter()
-        spec = dataclasses.replace(LLAVA_7B_SLICE, layers=32)
-        write_random_llava_streamed(_llama, spec, checkpoint, seed=0, dtype=torch.float16)
+        spec = dataclasses.replace(TINY_BACKBONES["llava-7b-slice"].spec, layers=32)
+        write_random_llava_streamed(llama_decoder, spec, checkpoint, seed=0, dtype=torch.float16)
         report["checkpoint_write_s"] = time.perf_counter() - started
     report["checkpoint_bytes"] = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     started = time.perf_counter()

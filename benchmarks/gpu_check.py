@@ -8,7 +8,7 @@ Sections, each recorded on its own (one that fails records its error and the res
   the ONNX Runtime providers, whether TensorRT imports;
 - reference_7b: the PyTorch DyVTE reference on CUDA at LLaVA-1.5-7B's shapes (random weights, fp16,
   all 32 decoder layers, CLIP ViT-L/14-336, 576 visual + ~60 text tokens): prefill latency with
-  `never` and with exits at several layers beside the theoretical ratio (DESIGN §7), decode ms per
+  `never` and with exits at several layers beside the theoretical ratio (docs/compute.md), decode ms per
   token, and the reference's `never` logits against the plain Hugging Face forward;
 - graphed_decoder: the same decoder captured in CUDA graphs (no host overhead, as an engine runs),
   never vs exits, for 576 visual tokens and a LLaVA-NeXT-sized 2,880;
@@ -83,27 +83,22 @@ def environment() -> dict:
 
 
 def llava_7b(layers: int):
-    """LLaVA-1.5-7B's configuration (llava-hf/llava-1.5-7b-hf), with `layers` decoder layers."""
+    """LLaVA-1.5-7B's configuration (dyvte_rt/families/presets.py), with `layers` decoder layers."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
+    from dyvte_rt.families.presets import LLAVA_15_7B
+
+    dims, tower = LLAVA_15_7B.dims, LLAVA_15_7B.tower
+    vision = CLIPVisionConfig(**tower, projection_dim=768)
     text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden,
+        intermediate_size=dims.mlp,
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
+        num_attention_heads=dims.num_heads,
+        num_key_value_heads=dims.num_kv_heads,
+        max_position_embeddings=dims.max_positions,
+        **LLAVA_15_7B.text_config,
     )
     return LlavaConfig(
         vision_config=vision,
@@ -234,7 +229,7 @@ def graphed_decoder(layers: int, exits: list[int], visual_counts: list[int], run
     text = llava_7b(layers).text_config
     with torch.device("cuda"):
         decoder = LlamaModel(LlamaConfig(**{**text.to_dict(), "vocab_size": 16})).half().eval()
-    dims = DecoderDims(hidden=4096, kv_width=4096, mlp=11008, num_layers=layers)
+    dims = DecoderDims(text.hidden_size, text.num_key_value_heads * 128, text.intermediate_size, layers)
     out = {}
     for visual in visual_counts:
         out[f"visual_{visual}"] = graphed_prefills(decoder, dims, visual, exits, runs)

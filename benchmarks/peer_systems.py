@@ -37,7 +37,7 @@ def measure_dyvte(spec: dict) -> list[dict]:
                 spec["question"],
                 exit=spec["policy"],
                 max_new_tokens=spec["max_new_tokens"],
-                stop_at_eos=False,
+                ignore_eos=True,
             )
             t = answer.timings_ms
             rows.append(

@@ -19,38 +19,25 @@ import time
 import numpy as np
 from PIL import Image
 
-from dyvte_rt.bundle.manifest import ImagePreprocess, VisionInfo
-from dyvte_rt.cli.macs import LLAVA_NEXT_TILING, QWEN25_VL_GRID, image_size
-from dyvte_rt.families import qwen2_vl as patch_grid
-from dyvte_rt.inputs.preprocess import prepare_image
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from dyvte_rt.cli.macs import image_size
+from dyvte_rt.families.presets import PRESETS
 
 
-def vision_and_hf(family: str):
+def family_and_hf(family: str):
+    """The family object of the 7B preset, and Hugging Face's image processor with its settings."""
     import transformers
 
-    common = {
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "mean": CLIP_MEAN,
-        "std": CLIP_STD,
-        "convert_rgb": True,
-    }
+    preset = PRESETS[family]
+    layout = preset.vision.layout
     if family == "qwen2.5-vl":
-        grid = QWEN25_VL_GRID
-        spec = ImagePreprocess(None, None, None, **common)
-        vision = VisionInfo(0, 0, grid.max_pixels // 784, spec, patch_grid=grid)
-        size = {"shortest_edge": grid.min_pixels, "longest_edge": grid.max_pixels}
-        return vision, transformers.Qwen2VLImageProcessorPil(size=size)
-    spec = ImagePreprocess(336, 336, 336, **common)
-    vision = VisionInfo(336, 336, 2928, spec, anyres=LLAVA_NEXT_TILING)
-    pinpoints = [list(p) for p in LLAVA_NEXT_TILING.grid_pinpoints]
+        size = {"shortest_edge": layout["min_pixels"], "longest_edge": layout["max_pixels"]}
+        return preset.family_object(), transformers.Qwen2VLImageProcessorPil(size=size)
     hf = transformers.LlavaNextImageProcessorPil(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=pinpoints
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=layout["grid_pinpoints"],
     )
-    return vision, hf
+    return preset.family_object(), hf
 
 
 def main() -> int:
@@ -63,14 +50,14 @@ def main() -> int:
     args = parser.parse_args()
     width, height = image_size(args.image)
     image = Image.fromarray((np.random.RandomState(0).rand(height, width, 3) * 255).astype(np.uint8))
-    vision, hf = vision_and_hf(args.family)
+    family, hf = family_and_hf(args.family)
     ours, theirs = [], []
     for run in range(args.runs + 1):
         started = time.perf_counter()
-        prepared = prepare_image(image, vision)
-        if prepared.grid is not None:  # the prompt: a few text tokens around the image's placeholders
-            ids = np.r_[np.arange(20), np.full(prepared.visual_tokens, -1), np.arange(30)]
-            patch_grid.prompt_positions(ids, -1, [prepared.grid], vision.patch_grid)
+        prepared = family.prepare_image(image)
+        # the prompt's positions: a few text tokens around the image's placeholders
+        ids = np.r_[np.arange(20), np.full(prepared.visual_tokens, family.image_token), np.arange(30)]
+        family.prompt_positions(ids, prepared)
         mid = time.perf_counter()
         hf(image, return_tensors="np")
         done = time.perf_counter()

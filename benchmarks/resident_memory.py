@@ -35,7 +35,7 @@ def main() -> None:
     with DyvteModel.load(args.bundle, threads=args.threads) as model:
         loaded = rss_bytes()
         model.ask(
-            args.image, args.question, exit=args.exit, max_new_tokens=args.max_new_tokens, stop_at_eos=False
+            args.image, args.question, exit=args.exit, max_new_tokens=args.max_new_tokens, ignore_eos=True
         )
         answered = rss_bytes()
     report = {

@@ -37,7 +37,7 @@ def main() -> int:
                 args.question,
                 exit=args.exit,
                 max_new_tokens=args.max_new_tokens,
-                stop_at_eos=False,
+                ignore_eos=True,
             )
             if run >= args.warmup:
                 decode_tps = (len(answer.token_ids) - 1) / (answer.timings_ms["decode"] / 1e3)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.cli.extras import require
 from dyvte_rt.errors import InputError
 from export.cli_options import model_options
 
@@ -96,6 +97,7 @@ def choose_fixed_layer(config: FixedLayerConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
+        require("export", "python -m calibrate.fixed_layer")
         config = parse_args(argv)
         chosen = choose_fixed_layer(config)
         layer = chosen["layer"]

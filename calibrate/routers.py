@@ -3,7 +3,7 @@
     python -m calibrate.routers --model demo --data shapes/data.jsonl --out runs/routers
     python -m export.build --model demo --routers runs/routers/routers.safetensors --out bundle
 
-Labels come from the model itself (DESIGN §6): exit after layer k is "safe" for a sample when
+Labels come from the model itself (docs/calibration.md): exit after layer k is "safe" for a sample when
 removing the visual tokens after k keeps ≥ 99% of the answer tokens' argmax and the answer loss
 within 3% of the full model's. The threshold is the cheapest one whose held-out answer agreement
 with the full model stays at or above --target-agreement.
@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.cli.extras import require
 from dyvte_rt.errors import InputError
 from export.cli_options import model_options
 
@@ -45,6 +44,10 @@ class RoutersConfig:
 
 
 def calibrate_routers(config: RoutersConfig) -> dict:
+    """Label, train, pick the threshold, write the routers and the report (report.png needs
+    matplotlib: the whole [calibrate] extra is checked first)."""
+    require("calibrate", "calibrating routers")
+    import torch
     from tqdm import tqdm
 
     from calibrate.collect import collect
@@ -219,6 +222,7 @@ SUMMARY_KEYS = (
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
+        require("calibrate", "python -m calibrate.routers")  # before minutes of training, not after
         config = parse_args(argv)
         report = calibrate_routers(config)
         print(json.dumps({k: report[k] for k in SUMMARY_KEYS}, indent=2))

@@ -2,8 +2,8 @@
 
 For a sample (image, prompt, answer) the full model runs once over prompt + answer, keeping the
 hidden states after every candidate layer k. From h_k, the visual tokens are dropped and only the
-later layers run again on the N−V text tokens — exactly the removal semantics (DESIGN §3), at a
-fraction of a full pass. Labels for every k come from these logits (DESIGN §6), not from one
+later layers run again on the N−V text tokens — exactly the removal semantics (docs/exit-semantics.md), at a
+fraction of a full pass. Labels for every k come from these logits (docs/calibration.md), not from one
 random k per step as in the reference implementation.
 """
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.cli.extras import require
 from dyvte_rt.errors import InputError
 
 
@@ -57,10 +58,10 @@ def choose_bundle_threshold(config: ThresholdConfig) -> dict:
             def ask(policy, e=example):
                 return model.ask(e.image, e.question, exit=policy, max_new_tokens=config.max_new_tokens)
 
-            full = normalize_answer(ask(NeverExit()).answer)
+            full = normalize_answer(ask(NeverExit()).text)
             probe = ask(RouterProbe())
             probs.append([probe.exit_probs[k] for k in layers])
-            equal.append([normalize_answer(ask(FixedLayerExit(k)).answer) == full for k in layers])
+            equal.append([normalize_answer(ask(FixedLayerExit(k)).text) == full for k in layers])
             n_tokens.append(probe.prompt_tokens)
             n_visual.append(probe.visual_tokens)
         dims = model.manifest.dims
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
+        require("calibrate", "python -m calibrate.threshold")
         config = config_from(ThresholdConfig, build_parser().parse_args(argv))
         report = choose_bundle_threshold(config)
         print(json.dumps(report, indent=2))

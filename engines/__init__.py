@@ -1,4 +1,4 @@
-"""Backends behind one interface (STYLE.md); never imports torch or the runtime.
+"""Backends behind one interface (docs/design.md); never imports torch or the runtime.
 
 The runtime chooses a backend by device name through `BACKENDS` (`open_backend`); a backend opens
 sessions for graphs and owns the device memory their values live in.

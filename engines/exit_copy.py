@@ -1,8 +1,8 @@
 """The exit switch as a list of contiguous copies, for backends whose values are raw device buffers.
 
-At the exit (DESIGN §3) each sample keeps the rows the runtime names in `keep` [B, K] of the hidden
-state [B, S, D] — its text rows, or all its valid rows if it stays — and the next segment reads
-[B, K, D]. ONNX Runtime does this with the `exit_gather` graph; a TensorRT backend holds plain
+At the exit (docs/exit-semantics.md) each sample keeps the rows the runtime names in `keep` [B, K]
+of the hidden state [B, S, D] — its text rows, or all its valid rows if it stays — and the next
+segment reads [B, K, D]. ONNX Runtime does this with the `exit_gather` graph; a TensorRT backend holds plain
 device buffers and does it with a few device-to-device copies instead: the text of a LLaVA prompt
 is two runs (before and after the image), so a sample costs two copies however long it is.
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +20,13 @@ _PROVIDERS = {
     "ort-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 _RUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
+_NUMPY_TYPES = {  # OrtValue.data_type() -> numpy dtype
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
 _INSTALL_HINT = {
     "cuda": "on a machine with CUDA: pip uninstall -y onnxruntime && pip install 'dyvte-rt[gpu]'",
     "ort-tensorrt": "on a machine with CUDA and the TensorRT libraries: "
@@ -96,6 +106,26 @@ def tensorrt_provider_options(profiles: list[dict], cache_dir: Path) -> dict[str
     }
 
 
+@dataclass(frozen=True)
+class RowView:
+    """Rows of an `OrtValue`'s first axis, in the same memory: bound to a graph by its address, so a
+    batch slot of a KV buffer is a view on a GPU as on the CPU (ONNX Runtime's Python API has no
+    sub-tensor view of device memory)."""
+
+    base: Any  # the OrtValue that owns the memory (kept alive by the view)
+    ptr: int  # address of the first row
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    device: str  # "cpu" | "cuda"
+
+    def numpy(self) -> np.ndarray:
+        """The rows as numpy (a copy of them; CPU values only)."""
+        whole = self.base.numpy()
+        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        start = (self.ptr - self.base.data_ptr()) // row_bytes
+        return np.array(whole[start : start + self.shape[0]], copy=True)
+
+
 class OrtSession(Session):
     """A graph in an `InferenceSession`, run through I/O binding so values stay on the device."""
 
@@ -142,11 +172,17 @@ class OrtSession(Session):
     def _run_impl(self, feeds: dict[str, Value], into: Mapping[str, Value]) -> list[Value]:
         binding = self._session.io_binding()
         for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, value)
+            if isinstance(value, RowView):
+                binding.bind_input(name, value.device, 0, value.dtype.type, list(value.shape), value.ptr)
+            else:
+                binding.bind_ortvalue_input(name, value)
         device = self.backend.device_type
         for name in self.outputs:
-            if name in into:
-                binding.bind_ortvalue_output(name, into[name])
+            target = into.get(name)
+            if isinstance(target, RowView):
+                binding.bind_output(name, target.device, 0, target.dtype.type, list(target.shape), target.ptr)
+            elif target is not None:
+                binding.bind_ortvalue_output(name, target)
             else:
                 binding.bind_output(name, device)
         self._session.run_with_iobinding(binding)
@@ -174,12 +210,20 @@ class OrtBackend(Backend):
         return self._ort.OrtValue.ortvalue_from_numpy(array, self.device_type, 0)
 
     def _download_impl(self, value: Value) -> np.ndarray:
+        if isinstance(value, RowView):
+            if value.device != "cpu":
+                raise BackendError("a view of device memory cannot be downloaded; download its buffer")
+            return value.numpy()
         return np.array(value.numpy(), copy=True)  # on the CPU numpy() is a view of ORT's memory
 
     def _view_rows_impl(self, value: Value, start: int, stop: int) -> Value:
-        if self.device_type != "cpu":  # no Python handle on device memory offsets in ONNX Runtime
-            return super()._view_rows_impl(value, start, stop)
-        return self._ort.OrtValue.ortvalue_from_numpy(value.numpy()[start:stop])  # the same memory
+        base, first = (value.base, value.ptr) if isinstance(value, RowView) else (value, value.data_ptr())
+        shape = tuple(value.shape) if isinstance(value, RowView) else tuple(value.shape())
+        if not 0 <= start < stop <= shape[0]:
+            raise BackendError(f"rows {start}..{stop} are outside a buffer of {shape[0]}")
+        dtype = value.dtype if isinstance(value, RowView) else np.dtype(_NUMPY_TYPES[value.data_type()])
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        return RowView(base, first + start * row_bytes, (stop - start, *shape[1:]), dtype, self.device_type)
 
     def _empty_impl(self, shape: tuple[int, ...], dtype: np.dtype) -> Value:
         return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype.type, self.device_type, 0)

@@ -1,49 +1,32 @@
 """`python -m export.build`: split a checkpoint into a verified ONNX bundle (docs/bundle-format.md).
 
-The bundle is built in a temporary directory beside --out and renamed into place only when
-every graph has been exported and verified: a failed or interrupted export leaves --out as it was.
+Four steps: validate (every check that needs no weights: `export.validation`), plan (the graphs
+and their verification cases: `export.graph_plans`), export (each graph traced, checked against its
+PyTorch module and, if asked, quantised and checked again), assemble (the manifest:
+`export.manifest_builder`). The bundle is built in a temporary directory beside --out and renamed
+into place only when all of it succeeded: a failed or interrupted export leaves --out as it was.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import dataclasses
-import gc
-import os
-import re
-import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dyvte_rt.bundle.manifest import (
-    KV_FLAVOURS,
-    MANIFEST_FILE,
-    SCHEMA_VERSION,
-    TOKENIZER_FILE,
-    ExitInfo,
-    FileInfo,
-    GraphQualityInfo,
-    Manifest,
-    QuantizationInfo,
-    SegmentInfo,
-    sha256_file,
-)
+from dyvte_rt.bundle.manifest import KV_FLAVOURS, MANIFEST_FILE, TOKENIZER_FILE, GraphInfo
 from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
-from dyvte_rt.errors import InputError
-from dyvte_rt.runtime.policy import DEFAULT_THRESHOLD, check_policy_fits, parse_policy
+from dyvte_rt.cli.extras import require
 from export.cli_options import model_options
-from export.staging import check_destination, staged_directory
 from export.summary import GraphRow, format_summary
+from export.validation import CHECKPOINT_ROUTERS, EXPORT_DTYPES, parse_exit_layers, routers_path
 
 DEFAULT_OPSET = 18
-CHECKPOINT_ROUTERS = "routers.safetensors"  # routers a checkpoint ships with (the demo's)
-EXPORT_DTYPES = ("fp32", "fp16")
 QUANT_BITS = {"int4": 4, "int8": 8}
 ACCURACY_LEVEL = 4  # MatMulNBits on the CPU: int8 activations inside the kernel, as ONNX Runtime GenAI uses
+QUANTISED_ROLES = ("segment", "head")  # --quantize; the vision graph with --quantize-vision
+__all__ = ["BuildConfig", "build_bundle", "main", "parse_exit_layers", "routers_path"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +34,7 @@ class BuildConfig:
     model: str
     out: Path
     dtype: str = "fp32"
-    kv: str = "inplace"  # KV flavour: inplace (ONNX Runtime) | concat (standard ONNX, TensorRT)
+    kv: str | None = None  # KV flavour: inplace (ONNX Runtime) | concat (TensorRT); None: inplace if it fits
     exit_layers: str | None = None  # None: every layer from 1 to L-2
     routers: Path | None = None  # None: the checkpoint's own routers.safetensors, if any
     no_routers: bool = False
@@ -67,15 +50,16 @@ class BuildConfig:
     trust_remote_code: bool = False
     stream: bool = True  # read each graph's weights when it is exported (False: load the whole model first)
     max_memory_gb: float | None = None  # None: the memory the machine has available
+    graph_cache: Path | None = None  # reuse graphs earlier exports produced (export.graph_cache)
     quiet: bool = False
 
-    def quantize_settings(self, graph: str):
-        """How `graph` is quantised, or None when it keeps float weights."""
+    def quantize_settings(self, role: str):
+        """How a graph of `role` is quantised, or None when it keeps float weights."""
         from export.quantize import QuantizeSettings
 
-        if graph.startswith("segment_") or graph == "head":
+        if role in QUANTISED_ROLES:
             bits = QUANT_BITS.get(self.quantize or "")
-        elif graph == "vision":
+        elif role == "vision":
             bits = QUANT_BITS.get(self.quantize_vision or "")
         else:
             bits = None  # embed (a Gather), routers and the exit gather stay float
@@ -83,282 +67,120 @@ class BuildConfig:
             return None
         return QuantizeSettings(bits, self.block_size, self.quant_format, ACCURACY_LEVEL)
 
+    @property
+    def quantized_bits(self) -> int | None:
+        name = self.quantize or self.quantize_vision
+        return QUANT_BITS[name] if name else None
 
-def parse_exit_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
-    """`None` -> 1..L-2; otherwise `a-b`, `a..b`, `a,b,c`, or mixes such as `1-4,8`."""
-    if spec is None:
-        return tuple(range(1, num_layers - 1))
-    layers: set[int] = set()
-    for part in (p.strip() for p in spec.split(",")):
-        match = re.fullmatch(r"(\d+)\s*(?:-|\.\.)\s*(\d+)", part)
-        if match:
-            low, high = int(match.group(1)), int(match.group(2))
-            if low > high:
-                raise InputError(f"--exit-layers range {part!r} runs backwards")
-            layers.update(range(low, high + 1))
-        elif part.isdigit():
-            layers.add(int(part))
-        else:
-            raise InputError(
-                f"--exit-layers: cannot read {part!r}", hint="use e.g. '1-30', '4,8,12' or '2..5,9'"
-            )
-    bad = sorted(k for k in layers if k > num_layers - 2)
-    if bad:
-        raise InputError(
-            f"--exit-layers {bad} are not possible exits for a {num_layers}-layer decoder",
-            hint=f"an exit needs a layer after it: use layers 0..{num_layers - 2}",
-        )
-    return tuple(sorted(layers))
+
+@dataclass
+class ExportedGraphs:
+    """What the export step wrote: graph infos for the manifest, files, qualities, summary rows."""
+
+    graphs: dict[str, GraphInfo] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    qualities: dict = field(default_factory=dict)  # quantised graph -> export.quantize.GraphQuality
+    rows: list[GraphRow] = field(default_factory=list)
 
 
 def build_bundle(config: BuildConfig) -> list[GraphRow]:
-    """Export, verify and write the bundle; returns the summary rows."""
-    from tqdm import tqdm
-
+    """Validate, plan, export and assemble the bundle; returns the summary rows."""
     from export.graph_plans import build_plans
-    from export.loading import inspect_checkpoint, load_checkpoint, load_checkpoint_lazily
-    from export.manifest_builder import graph_info, write_tokenizer
-    from export.onnx_export import export_plan
-    from export.reference.routers import RouterBank
+    from export.loading import load_checkpoint, load_checkpoint_lazily
+    from export.manifest_builder import assemble_manifest, quantization_info, write_tokenizer
+    from export.memory import check_memory
+    from export.staging import staged_directory
+    from export.validation import check_routers_fit, validate
 
-    if config.dtype not in EXPORT_DTYPES:
-        raise InputError(f"--dtype must be one of {EXPORT_DTYPES}, got {config.dtype!r}")
-    if config.block_size < 16 or config.block_size & (config.block_size - 1):
-        raise InputError(f"--block-size must be a power of two of at least 16, got {config.block_size}")
-    out = config.out.expanduser().absolute()
-    check_destination(out, config.overwrite)
-    checkpoint = inspect_checkpoint(config.model)
-    routers_file = routers_path(config, checkpoint.path)
-    routers = RouterBank.load(routers_file) if routers_file else None
-    num_layers = checkpoint.num_layers
-    candidates = parse_exit_layers(config.exit_layers, num_layers)
-    if routers is not None:
-        _check_routers(routers, candidates)
-    threshold = (
-        config.threshold
-        if config.threshold is not None
-        else (routers.threshold if routers is not None else DEFAULT_THRESHOLD)
-    )
-    default_exit = config.default_exit or ("router" if routers is not None else "never")
-    default_policy = parse_policy(default_exit, threshold)
-    if default_policy.needs_routers and routers is None:
-        raise InputError(
-            "--default-exit router needs --routers", hint="train routers with python -m calibrate.routers"
-        )
-    check_policy_fits(default_policy, num_layers, candidates)
-
+    inputs = validate(config)
     if config.stream:  # parameters stay on disk until the graph that uses them is exported
-        loaded, loader = load_checkpoint_lazily(checkpoint, config.dtype, config.trust_remote_code)
+        loaded, loader = load_checkpoint_lazily(inputs.checkpoint, config.dtype, config.trust_remote_code)
     else:
-        loaded, loader = load_checkpoint(checkpoint, config.dtype, "cpu", config.trust_remote_code), None
-    if routers is not None:
-        if routers.hidden != loaded.adapter.dims.hidden:
-            raise InputError(
-                f"the routers were trained for hidden size {routers.hidden}, "
-                f"the model has {loaded.adapter.dims.hidden}"
-            )
-        routers = routers.to(next(loaded.model.parameters()).dtype)
+        loaded = load_checkpoint(inputs.checkpoint, config.dtype, "cpu", config.trust_remote_code)
+        loader = None
+    check_routers_fit(inputs.routers, loaded.adapter.dims.hidden)
+    routers = inputs.routers.to(next(loaded.model.parameters()).dtype) if inputs.routers else None
 
-    plans = build_plans(loaded.adapter, candidates, routers, config.kv)
+    plans = build_plans(loaded.adapter, inputs.candidates, routers, inputs.kv)
     if loader is not None:
         check_memory(plans, loader, config.max_memory_gb)
-    rows: list[GraphRow] = []
-    with staged_directory(out, config.overwrite) as staging:
-        graphs, files, qualities = {}, [], {}
-        bar = tqdm(plans, desc="export", unit="graph", disable=config.quiet, file=sys.stderr)
-        for plan in bar:
-            bar.set_postfix_str(f"{plan.name}, resident {resident_gib():.1f} GiB")
-            started = time.perf_counter()
-            with plan_weights(loader, plan) as release_weights:
-                exported = export_plan(plan, staging, config.opset, release_weights)
-            plan_files, quality = list(exported.files), None
-            settings = config.quantize_settings(plan.name)
-            if settings is not None:
-                plan_files, quality = quantize_exported(plan, staging, settings, config.force)
-                qualities[plan.name] = quality
-                release_freed_memory()
-            graphs[plan.name] = graph_info(staging / plan.file)
-            files.extend(plan_files)
-            size = sum((staging / f).stat().st_size for f in plan_files)
-            cosine = quality.min_cosine if quality is not None else None
-            seconds = time.perf_counter() - started
-            rows.append(
-                GraphRow(plan.name, exported.parameters, size, seconds, exported.max_abs_error, cosine)
-            )
+    with staged_directory(inputs.out, config.overwrite) as staging:
+        exported = export_graphs(plans, staging, loader, config, loaded.adapter)
         write_tokenizer(loaded, staging / TOKENIZER_FILE)
-        files.append(TOKENIZER_FILE)
-        manifest = _manifest(
-            config, loaded, plans, graphs, qualities, candidates, default_policy, threshold, routers
+        quantization = quantization_info(
+            config.quantized_bits, config.block_size, config.quant_format, ACCURACY_LEVEL, exported.qualities
         )
-        manifest = dataclasses.replace(manifest, files={f: _file_info(staging / f) for f in files})
+        files = [staging / f for f in [*exported.files, TOKENIZER_FILE]]
+        manifest = assemble_manifest(
+            loaded, inputs, plans, exported.graphs, config.dtype, quantization, files
+        )
         (staging / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
-    return rows
+    return exported.rows
 
 
-def _manifest(
-    config, loaded, plans, graphs, qualities, candidates, default_policy, threshold, routers
-) -> Manifest:
-    from export.manifest_builder import chat_template, dims_info, source_info, token_info, vision_info
+def export_graphs(plans: list, staging: Path, loader, config: BuildConfig, adapter) -> ExportedGraphs:
+    """Each graph exported and checked against its module (and quantised and checked again), or
+    taken from the graph cache where an earlier export made the same graph."""
+    from tqdm import tqdm
 
-    router_graphs = {p.name for p in plans if p.name.startswith("router_")}
-    segments = tuple(
-        SegmentInfo(
-            graph=p.name,
-            first_layer=p.module.first,
-            last_layer=p.module.last,
-            router=f"router_{p.module.last:02d}" if f"router_{p.module.last:02d}" in router_graphs else None,
-        )
-        for p in plans
-        if p.name.startswith("segment_")
-    )
-    return Manifest(
-        schema_version=SCHEMA_VERSION,
-        source=source_info(loaded),
-        dtype=config.dtype,
-        quantization=quantization_info(config, qualities),
-        kv_flavour=config.kv,
-        dims=dims_info(loaded),
-        vision=vision_info(loaded),
-        tokens=token_info(loaded),
-        chat_template=chat_template(loaded),
-        segments=segments,
-        exit=ExitInfo(
-            candidate_layers=candidates,
-            default_policy=default_policy.spec(),
-            threshold=threshold,
-            router_width=routers.width if routers is not None else None,
-        ),
-        graphs=graphs,
-    )
+    from export.graph_cache import GraphCache
+    from export.manifest_builder import graph_info
+    from export.memory import plan_weights, resident_gib
+
+    cache = GraphCache(config.graph_cache) if config.graph_cache is not None else None
+    done = ExportedGraphs()
+    bar = tqdm(plans, desc="export", unit="graph", disable=config.quiet, file=sys.stderr)
+    for plan in bar:
+        bar.set_postfix_str(f"{plan.name}, resident {resident_gib():.1f} GiB")
+        started = time.perf_counter()
+        with plan_weights(loader, plan) as release_weights:
+            plan_files, parameters, error, quality = _graph(
+                plan, staging, config, cache, adapter, release_weights
+            )
+        if quality is not None:
+            done.qualities[plan.name] = quality
+        done.graphs[plan.name] = graph_info(staging / plan.file)
+        done.files.extend(plan_files)
+        size = sum((staging / f).stat().st_size for f in plan_files)
+        cosine = quality.min_cosine if quality is not None else None
+        seconds = time.perf_counter() - started
+        done.rows.append(GraphRow(plan.name, parameters, size, seconds, error, cosine))
+    return done
 
 
-def _file_info(path: Path) -> FileInfo:
-    return FileInfo(sha256=sha256_file(path), bytes=path.stat().st_size)
+def _graph(plan, staging: Path, config: BuildConfig, cache, adapter, release_weights):
+    """One graph into `staging` -> (files, parameters, max abs error, quality if quantised)."""
+    from export.graph_cache import CacheEntry, plan_fingerprint, quantized_fingerprint
+    from export.memory import release_freed_memory
+    from export.onnx_export import export_plan
+    from export.quantize import GraphQuality, check_quality, quantize_exported
 
-
-# Peak resident memory of exporting one graph, measured on the LLaVA-1.5-7B-shaped slice
-# (docs/benchmarks.md, Export): the graph's weights, the exporter's copies while it writes them, and
-# Python, torch and the exporter themselves.
-EXPORT_MEMORY_FACTOR = 1.5
-EXPORT_BASELINE_GIB = 1.0
-
-
-def check_memory(plans, loader, max_memory_gb: float | None) -> None:
-    """Refuse to start when the largest graph cannot be exported within the memory budget."""
-    sizes = {plan.name: loader.parameter_bytes(plan.module.weight_modules()) for plan in plans}
-    largest = max(sizes, key=sizes.get)
-    needed = EXPORT_MEMORY_FACTOR * sizes[largest] / 2**30 + EXPORT_BASELINE_GIB
-    budget = max_memory_gb if max_memory_gb is not None else available_gib()
-    if needed > budget:
-        where = "--max-memory-gb" if max_memory_gb is not None else "available memory"
-        raise InputError(
-            f"exporting {largest} ({sizes[largest] / 2**30:.1f} GiB of weights) needs about "
-            f"{needed:.1f} GiB, more than the {budget:.1f} GiB of {where}",
-            hint="free memory, raise --max-memory-gb, or pass --exit-layers that split the decoder finer",
-        )
-
-
-@contextlib.contextmanager
-def plan_weights(loader, plan):
-    """The graph's parameters in memory while it is exported (with a loader), dropped after; yields
-    a function that drops them sooner (None without a loader: the model stays whole)."""
-    if loader is None:
-        yield None
-        return
-    modules = plan.module.weight_modules()
-    loader.materialize(modules)
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        if not released:
-            loader.release(modules)
-            release_freed_memory()
-            released = True
-
-    try:
-        yield release
-    finally:
-        release()
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and hand the freed heap back to the system: glibc keeps freed blocks for
-    reuse, and after a graph's exporter and checks that held gigabytes of a 7B export's memory."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def resident_gib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def available_gib() -> float:
-    """MemAvailable from /proc/meminfo (Linux); infinite where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("inf")
-
-
-def quantize_exported(plan, staging: Path, settings, force: bool):
-    """Quantise an exported, verified float graph in place; check it against the float graph."""
-    from export.quantize import check_quality, compare_graphs, quantize_graph
-
-    floats = staging / ".float"
-    floats.mkdir(exist_ok=True)
-    for path in staging.glob(plan.file + "*"):
-        path.rename(floats / path.name)
-    try:
-        files = quantize_graph(floats / plan.file, staging / plan.file, settings)
-        release_freed_memory()  # the quantiser's copies of the float graph
-        plan_cases = plan.cases()
-        cases = [{n: t.numpy() for n, t in zip(plan.input_names, case, strict=True)} for case in plan_cases]
-        rows = [plan.valid_rows(case) if plan.valid_rows is not None else None for case in plan_cases]
-        quality = compare_graphs(floats / plan.file, staging / plan.file, cases, rows)
-        check_quality(plan.name, quality, settings.bits, force)
-    finally:
-        shutil.rmtree(floats, ignore_errors=True)
-    return files, quality
-
-
-def quantization_info(config: BuildConfig, qualities: dict) -> QuantizationInfo | None:
-    if not qualities:
-        return None
-    return QuantizationInfo(
-        bits=QUANT_BITS[config.quantize] if config.quantize else QUANT_BITS[config.quantize_vision],
-        block_size=config.block_size,
-        format=config.quant_format,
-        symmetric=True,
-        accuracy_level=ACCURACY_LEVEL,
-        graphs={name: GraphQualityInfo(q.min_cosine, q.max_abs_error) for name, q in qualities.items()},
-    )
-
-
-def routers_path(config: BuildConfig, checkpoint: Path) -> Path | None:
-    """--routers, else the checkpoint's own routers file (unless --no-routers)."""
-    if config.no_routers:
-        return None
-    if config.routers is not None:
-        return config.routers
-    shipped = checkpoint / CHECKPOINT_ROUTERS
-    return shipped if shipped.is_file() else None
-
-
-def _check_routers(routers, candidates: tuple[int, ...]) -> None:
-    missing = sorted(set(candidates) - set(routers.layers))
-    if missing:
-        raise InputError(
-            f"the routers file has no router for exit layers {missing}",
-            hint=f"pass --exit-layers within the routers' layers {list(routers.layers)}",
-        )
+    settings = config.quantize_settings(plan.role)
+    key = plan_fingerprint(plan, adapter, config.opset) if cache is not None else None
+    final_key = quantized_fingerprint(key, settings) if key and settings else key
+    hit = cache.get(final_key, staging) if cache is not None else None
+    if hit is not None:
+        if hit.min_cosine is None:
+            return list(hit.files), hit.parameters, hit.max_abs_error, None
+        quality = GraphQuality(hit.min_cosine, hit.quantized_max_abs_error)
+        check_quality(plan.name, quality, settings.bits, config.force)  # today's bar, not the cached one's
+        return list(hit.files), hit.parameters, hit.max_abs_error, quality
+    float_hit = cache.get(key, staging) if cache is not None and settings is not None else None
+    if float_hit is not None:
+        files, parameters, error = list(float_hit.files), float_hit.parameters, float_hit.max_abs_error
+    else:
+        exported = export_plan(plan, staging, config.opset, release_weights)
+        files, parameters, error = list(exported.files), exported.parameters, exported.max_abs_error
+        if cache is not None:
+            cache.put(key, staging, CacheEntry(tuple(files), parameters, error))
+    if settings is None:
+        return files, parameters, error, None
+    files, quality = quantize_exported(plan, staging, settings, config.force)
+    release_freed_memory()
+    if cache is not None:
+        entry = CacheEntry(tuple(files), parameters, error, quality.min_cosine, quality.max_abs_error)
+        cache.put(final_key, staging, entry)
+    return files, parameters, error, quality
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv",
         choices=KV_FLAVOURS,
         help="KV cache flavour: inplace writes each step into one preallocated buffer per layer with ONNX "
-        "Runtime's GroupQueryAttention; concat is standard ONNX (past in, past + new out), for TensorRT",
+        "Runtime's GroupQueryAttention; concat is standard ONNX (past in, past + new out), for TensorRT "
+        "(default: inplace, or concat where the model's head size is not a multiple of 8)",
     )
     parser.add_argument(
         "--exit-layers",
@@ -440,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="load the whole checkpoint before exporting (the earlier behaviour; needs memory for all of it)",
     )
+    parser.add_argument(
+        "--graph-cache",
+        type=Path,
+        metavar="DIR",
+        help="keep every exported graph in DIR and take from it the graphs an earlier export of the same "
+        "checkpoint already made and checked: the variants of one model (KV flavours, precisions, routers) "
+        "then re-export only what differs",
+    )
     parser.add_argument("--opset", type=int, help="ONNX opset")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -453,6 +284,7 @@ def parse_args(argv: list[str] | None) -> BuildConfig:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
+        require("export", "python -m export.build")
         config = parse_args(argv)
         rows = build_bundle(config)
         if not config.quiet:

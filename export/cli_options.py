@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from export.loading import ALIASES
-
 
 def model_options() -> argparse.ArgumentParser:
+    from export.families import ALIASES  # the families' own aliases (this imports torch)
+
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument(
         "--model",

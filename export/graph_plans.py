@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.export import Dim
 
 from dyvte_rt.bundle import io_names
-from dyvte_rt.families import llava_next as anyres
-from export.families import FamilyAdapter
-from export.parts import EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart, VisionPart
-from export.reference.routers import RouterBank
+from export.parts import EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart
+
+if TYPE_CHECKING:
+    from export.families import FamilyAdapter
+    from export.reference.routers import RouterBank
+
+ROLES = ("vision", "embed", "segment", "router", "exit_gather", "head")
 
 BATCH = Dim("batch", min=1, max=256)
 SEQ = Dim("seq", min=1, max=1 << 16)
@@ -26,12 +30,13 @@ CAPACITY = Dim("capacity", min=2, max=1 << 16)  # rows of an in-place KV buffer
 PROMPT = Dim("prompt", min=1, max=1 << 16)
 VISUAL = Dim("visual", min=0, max=1 << 16)
 KEPT = Dim("kept", min=1, max=1 << 16)
-VIEWS = Dim("views", min=1, max=256)  # any-res: base view + tiles of one image
+VIEWS = Dim("views", min=1, max=256)  # views of one image (a base view and tiles)
 
 
 @dataclass
 class GraphPlan:
     name: str  # file stem and manifest key: vision, embed, segment_00, router_03, exit_gather, head
+    role: str  # one of ROLES: what the graph is, whatever its name
     module: nn.Module
     input_names: list[str]
     output_names: list[str]
@@ -44,68 +49,11 @@ class GraphPlan:
     cases: Callable[[], list[tuple]] = lambda: []
     # in-place KV buffers: the rows of a case's present outputs that hold data (the rest is unspecified)
     valid_rows: Callable[[tuple], int] | None = None
+    layers: range | None = None  # segment: the decoder layers it owns; router: the layer it reads
 
     @property
     def file(self) -> str:
         return f"{self.name}.onnx"
-
-
-def _anyres_vision_plan(adapter: FamilyAdapter, rand: _Sampler, dtype: torch.dtype, tol: float) -> GraphPlan:
-    """Any-res (LLaVA-NeXT): the views of one image and its packing index. Traced on a tall image's
-    views; checked on a square, a wide and a tall one (view and token counts differ)."""
-    info = adapter.anyres
-    side = info.tile_size
-
-    def image(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        views = anyres.tile_count(height, width, info)
-        index = torch.from_numpy(anyres.pack_index(height, width, info))
-        return rand.randn(views, 3, side, side), index
-
-    largest = max(info.grid_pinpoints, key=lambda p: p[0] * p[1])
-    return GraphPlan(
-        "vision",
-        VisionPart(adapter),
-        [io_names.PIXEL_VALUES, io_names.PACK_INDEX],
-        [io_names.IMAGE_FEATURES],
-        sample=image(3 * side, 2 * side),
-        dynamic_shapes=({0: VIEWS}, ({0: VISUAL},)),  # VisionPart(pixel_values, *per_image)
-        dtype=dtype,
-        tolerance=tol,
-        cases=lambda: [image(*largest), image(side, 3 * side), image(2 * side + 5, side // 2 + 3)],
-    )
-
-
-def _patch_grid_vision_plan(
-    adapter: FamilyAdapter, rand: _Sampler, dtype: torch.dtype, tol: float
-) -> GraphPlan:
-    """Qwen2-VL family: one image's patches with their positions (and Qwen2.5-VL's windows).
-    Traced on one grid; checked on grids of other sizes and aspect ratios."""
-    info = adapter.patch_grid
-    m = info.merge_size
-    width = 3 * info.temporal_patch_size * info.patch_size**2
-
-    def image(rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-        grid = (1, rows * m, cols * m)
-        pixels = rand.randn(rows * cols * m * m, width)
-        return adapter.vision_inputs(pixels, grid)
-
-    names = [io_names.PIXEL_VALUES, io_names.VISION_POSITIONS]
-    merged = Dim("merged", min=1, max=1 << 14)
-    per_image: tuple = ({0: m * m * merged},)
-    if info.window_size is not None:
-        names += [io_names.WINDOW_INDEX, io_names.WINDOW_IDS]
-        per_image = (*per_image, {0: merged}, {0: m * m * merged})
-    return GraphPlan(
-        "vision",
-        VisionPart(adapter),
-        names,
-        [io_names.IMAGE_FEATURES],
-        sample=image(4, 6),
-        dynamic_shapes=({0: m * m * merged}, per_image),  # VisionPart(pixel_values, *per_image)
-        dtype=dtype,
-        tolerance=tol,
-        cases=lambda: [image(1, 1), image(5, 3), image(9, 10)],
-    )
 
 
 def plan_segments(candidates: tuple[int, ...], num_layers: int) -> list[tuple[int, int]]:
@@ -116,7 +64,7 @@ def plan_segments(candidates: tuple[int, ...], num_layers: int) -> list[tuple[in
 
 
 @dataclass
-class _Sampler:
+class RandomInputs:
     """Random tensors of the model's dtype, reproducible from one seed."""
 
     dtype: torch.dtype
@@ -136,38 +84,21 @@ def build_plans(
 ) -> list[GraphPlan]:
     model = adapter.model
     dtype = next(model.parameters()).dtype
-    rand = _Sampler(dtype, torch.Generator().manual_seed(seed))
+    rand = RandomInputs(dtype, torch.Generator().manual_seed(seed))
     text = model.config.text_config
     dims = adapter.dims
-    vision = model.config.vision_config
-    # patch-grid models: a 4 x 6 grid of merged patches in the traced prompts
-    v_tokens = (vision.image_size // vision.patch_size) ** 2 if adapter.patch_grid is None else 24
+    v_tokens = adapter.traced_visual_tokens
     n_prompt = v_tokens + 9
     tol = adapter.tolerance
 
     def ids(batch: int, n: int, n_image: int) -> torch.Tensor:
         return rand.ids(batch, n, n_image, text.vocab_size, adapter.image_token_id)
 
-    if adapter.anyres is not None:
-        vision_plan = _anyres_vision_plan(adapter, rand, dtype, tol)
-    elif adapter.patch_grid is not None:
-        vision_plan = _patch_grid_vision_plan(adapter, rand, dtype, tol)
-    else:
-        pixels = (3, vision.image_size, vision.image_size)
-        vision_plan = GraphPlan(
-            "vision",
-            VisionPart(adapter),
-            [io_names.PIXEL_VALUES],
-            [io_names.IMAGE_FEATURES],
-            sample=(rand.randn(2, *pixels),),
-            dynamic_shapes=({0: BATCH},),
-            dtype=dtype,
-            tolerance=tol,
-            cases=lambda: [(rand.randn(1, *pixels),), (rand.randn(2, *pixels),)],
-        )
+    vision_plan = adapter.vision_plan(rand, tol)
     plans = [
         vision_plan,
         GraphPlan(
+            "embed",
             "embed",
             EmbedPart(adapter),
             [io_names.INPUT_IDS, io_names.IMAGE_FEATURES],
@@ -190,12 +121,12 @@ def build_plans(
             _segment_plan(f"segment_{index:02d}", segment, n_prompt, rand, text.num_key_value_heads, head_dim)
         )
     if routers is not None:
-        plans += [
-            _router_plan(f"router_{k:02d}", RouterPart(adapter, routers.routers[str(k)]), n_prompt, rand, tol)
-            for k in candidates
-        ]
+        for k in candidates:
+            router = RouterPart(adapter, routers.routers[str(k)])
+            plans.append(_router_plan(f"router_{k:02d}", router, k, n_prompt, rand, tol))
     plans.append(
         GraphPlan(
+            "exit_gather",
             "exit_gather",
             ExitGatherPart(),
             [io_names.HIDDEN_OUT, io_names.KEEP_INDEX],
@@ -212,6 +143,7 @@ def build_plans(
     )
     plans.append(
         GraphPlan(
+            "head",
             "head",
             HeadPart(adapter),
             [io_names.HIDDEN_OUT, io_names.LAST_INDEX],
@@ -230,7 +162,7 @@ def build_plans(
 
 
 def _segment_plan(
-    name: str, segment: SegmentPart, n_prompt: int, rand: _Sampler, kv_heads: int, head_dim: int
+    name: str, segment: SegmentPart, n_prompt: int, rand: RandomInputs, kv_heads: int, head_dim: int
 ) -> GraphPlan:
     layers = segment.layers
     hidden = segment.adapter.dims.hidden
@@ -270,6 +202,7 @@ def _segment_plan(
         )
     return GraphPlan(
         name,
+        "segment",
         segment,
         names,
         [io_names.HIDDEN_OUT, *io_names.kv_names(layers, "present")],
@@ -289,10 +222,13 @@ def _segment_plan(
             inputs(2, 4, 0),
             inputs(2, 1, 6),  # (GroupQueryAttention takes several new tokens after a past at batch 1 only)
         ],
+        layers=layers,
     )
 
 
-def _router_plan(name: str, router: RouterPart, n_prompt: int, rand: _Sampler, tolerance: float) -> GraphPlan:
+def _router_plan(
+    name: str, router: RouterPart, layer: int, n_prompt: int, rand: RandomInputs, tolerance: float
+) -> GraphPlan:
     hidden = router.adapter.dims.hidden
 
     def inputs(batch: int, seq: int, kept: int) -> tuple:
@@ -303,6 +239,7 @@ def _router_plan(name: str, router: RouterPart, n_prompt: int, rand: _Sampler, t
 
     return GraphPlan(
         name,
+        "router",
         router,
         [io_names.HIDDEN_OUT, io_names.ROUTER_POOL, io_names.LAST_INDEX, io_names.KEEP_INDEX],
         [io_names.ROUTER_LOGITS, io_names.HIDDEN_IN],
@@ -311,4 +248,5 @@ def _router_plan(name: str, router: RouterPart, n_prompt: int, rand: _Sampler, t
         dtype=rand.dtype,
         tolerance=tolerance,
         cases=lambda: [inputs(1, n_prompt, 9), inputs(1, 1, 1), inputs(2, 6, 2)],
+        layers=range(layer, layer + 1),
     )

@@ -15,18 +15,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dyvte_rt.errors import DyvteError, ModelNotFoundError, UnsupportedModelError
 
-ALIASES: dict[str, str] = {
-    "llava-7b": "llava-hf/llava-1.5-7b-hf",
-    "llava-13b": "llava-hf/llava-1.5-13b-hf",
-    "llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
-    "llava-next-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
-    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
-    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
-    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
-}
+if TYPE_CHECKING:
+    from export.families import FamilyAdapter
 
 DTYPES = ("fp32", "fp16", "bf16")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -39,9 +33,9 @@ class LoadedModel:
     source: str  # what the user asked for (alias, path or repo id)
     repo_id: str | None  # the Hugging Face repo id, where one is known
     path: Path  # local checkpoint directory
-    model: object  # transformers PreTrainedModel, in eval mode
-    processor: object  # transformers processor (image processor + tokenizer + chat template)
-    adapter: object  # export.families.FamilyAdapter
+    model: Any  # transformers PreTrainedModel, in eval mode
+    processor: Any  # transformers processor (image processor + tokenizer + chat template)
+    adapter: FamilyAdapter
 
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"  # `--model demo`
@@ -60,6 +54,8 @@ def resolve_checkpoint(spec: str) -> tuple[Path, str | None]:
     local = Path(spec).expanduser()
     if local.is_dir():
         return local.resolve(), None
+    from export.families import ALIASES
+
     repo_id = ALIASES.get(spec, spec)
     if not _REPO_ID.match(repo_id):
         raise ModelNotFoundError(
@@ -140,7 +136,7 @@ class CheckpointInfo:
     config: dict  # config.json as written
 
     @property
-    def adapter_class(self):
+    def adapter_class(self) -> type[FamilyAdapter]:
         from export.families import adapter_class_for
 
         return adapter_class_for(self.architecture)
@@ -194,14 +190,7 @@ def _user_errors(info: CheckpointInfo) -> Iterator[None]:
 
 
 def _processor(info: CheckpointInfo, trust_remote_code: bool):
-    import transformers
-
-    own = getattr(info.adapter_class, "load_processor", None)  # a family that builds its own
-    if own is not None:
-        return own(info.path)
-    return transformers.AutoProcessor.from_pretrained(
-        info.path, local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    return info.adapter_class.load_processor(info.path, trust_remote_code)
 
 
 def _loaded(info: CheckpointInfo, model, processor, adapter) -> LoadedModel:

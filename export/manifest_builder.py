@@ -1,24 +1,29 @@
-"""Assemble the manifest's model-describing parts from a loaded checkpoint."""
+"""The last step of an export: the manifest, assembled from the loaded checkpoint, the exported
+graphs and what validation decided."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
 
 import onnx
 
 from dyvte_rt.bundle.manifest import (
+    SCHEMA_VERSION,
     Dims,
+    ExitInfo,
+    FileInfo,
     GraphInfo,
+    GraphQualityInfo,
     ImagePreprocess,
+    Manifest,
+    QuantizationInfo,
+    SegmentInfo,
     SourceInfo,
     TensorInfo,
     TokenInfo,
-    VisionInfo,
+    sha256_file,
 )
 from dyvte_rt.errors import UnsupportedModelError
-from dyvte_rt.families.llava_next import most_visual_tokens
 from export.loading import LoadedModel
 
 _ONNX_TO_NUMPY = {
@@ -29,6 +34,60 @@ _ONNX_TO_NUMPY = {
     onnx.TensorProto.BFLOAT16: "bfloat16",
     onnx.TensorProto.BOOL: "bool",
 }
+
+
+def assemble_manifest(
+    loaded: LoadedModel,
+    inputs,  # export.validation.ExportInputs
+    plans: list,  # export.graph_plans.GraphPlan
+    graphs: dict[str, GraphInfo],
+    dtype: str,
+    quantization: QuantizationInfo | None,
+    files: list[Path],
+) -> Manifest:
+    """The bundle's manifest; `files` are every file written, hashed here."""
+    routers = {p.layers.start: p.name for p in plans if p.role == "router"}
+    segments = tuple(
+        SegmentInfo(p.name, p.layers.start, p.layers.stop - 1, routers.get(p.layers.stop - 1))
+        for p in plans
+        if p.role == "segment"
+    )
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        source=source_info(loaded),
+        dtype=dtype,
+        quantization=quantization,
+        kv_flavour=inputs.kv,
+        dims=dims_info(loaded),
+        vision=loaded.adapter.vision_info(loaded.processor),
+        tokens=token_info(loaded),
+        chat_template=chat_template(loaded),
+        segments=segments,
+        exit=ExitInfo(
+            candidate_layers=inputs.candidates,
+            default_policy=inputs.default_policy.spec(),
+            threshold=inputs.threshold,
+            router_width=inputs.routers.width if inputs.routers is not None else None,
+        ),
+        graphs=graphs,
+        files={f.name: FileInfo(sha256=sha256_file(f), bytes=f.stat().st_size) for f in files},
+    )
+
+
+def quantization_info(
+    bits: int, block_size: int, quant_format: str, accuracy_level: int, qualities: dict
+) -> QuantizationInfo | None:
+    """None for a float bundle; else the settings and each quantised graph's measured quality."""
+    if not qualities:
+        return None
+    return QuantizationInfo(
+        bits=bits,
+        block_size=block_size,
+        format=quant_format,
+        symmetric=True,
+        accuracy_level=accuracy_level,
+        graphs={name: GraphQualityInfo(q.min_cosine, q.max_abs_error) for name, q in qualities.items()},
+    )
 
 
 def source_info(loaded: LoadedModel) -> SourceInfo:
@@ -68,11 +127,11 @@ def image_preprocess(proc) -> ImagePreprocess:
         resize_shortest_edge=size.get("shortest_edge"),
         crop_height=crop.get("height"),
         crop_width=crop.get("width"),
-        **_pixel_steps(proc),
+        **pixel_steps(proc),
     )
 
 
-def _pixel_steps(proc) -> dict:
+def pixel_steps(proc) -> dict:
     """Resampling filter, rescaling, normalisation and RGB conversion of an image processor."""
     normalize = getattr(proc, "do_normalize", False)
     return {
@@ -82,58 +141,6 @@ def _pixel_steps(proc) -> dict:
         "std": tuple(float(x) for x in proc.image_std) if normalize else None,
         "convert_rgb": bool(getattr(proc, "do_convert_rgb", True)),
     }
-
-
-def patch_grid_vision_info(loaded: LoadedModel) -> VisionInfo:
-    """Qwen2-VL family: no fixed size; the processor's pixel budget bounds the patch grid."""
-    proc = loaded.processor.image_processor
-    model_grid = loaded.adapter.patch_grid
-    size = dict(proc.size or {})
-    if "shortest_edge" not in size or "longest_edge" not in size:
-        raise UnsupportedModelError(f"image size {size} is not a pixel budget (shortest_edge, longest_edge)")
-    ours = (model_grid.patch_size, model_grid.temporal_patch_size, model_grid.merge_size)
-    theirs = (proc.patch_size, proc.temporal_patch_size, proc.merge_size)
-    if ours != theirs:
-        raise UnsupportedModelError(
-            f"the image processor's patch sizes {theirs} differ from the model's {ours}"
-        )
-    grid = dataclasses.replace(
-        model_grid, min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"])
-    )
-    preprocess = ImagePreprocess(
-        resize_shortest_edge=None, crop_height=None, crop_width=None, **_pixel_steps(proc)
-    )
-    factor = grid.patch_size * grid.merge_size
-    side = math.isqrt(grid.max_pixels) // factor * factor  # the largest square the budget allows
-    return VisionInfo(
-        image_height=side,
-        image_width=side,
-        visual_tokens=grid.max_pixels // factor**2,
-        preprocess=preprocess,
-        patch_grid=grid,
-    )
-
-
-def vision_info(loaded: LoadedModel) -> VisionInfo:
-    if loaded.adapter.patch_grid is not None:
-        return patch_grid_vision_info(loaded)
-    vision = loaded.model.config.vision_config
-    preprocess = image_preprocess(loaded.processor.image_processor)
-    tiling = loaded.adapter.anyres
-    sizes = {preprocess.resize_shortest_edge, preprocess.crop_height}
-    if tiling is not None and sizes != {vision.image_size}:
-        raise UnsupportedModelError(
-            f"the image processor's size {preprocess.resize_shortest_edge} / crop {preprocess.crop_height} "
-            f"differ from the vision tower's {vision.image_size}: any-resolution tiles need them equal"
-        )
-    per_view = (vision.image_size // vision.patch_size) ** 2
-    return VisionInfo(
-        image_height=preprocess.crop_height or vision.image_size,
-        image_width=preprocess.crop_width or vision.image_size,
-        visual_tokens=most_visual_tokens(tiling) if tiling is not None else per_view,
-        preprocess=preprocess,
-        anyres=tiling,
-    )
 
 
 def token_info(loaded: LoadedModel) -> TokenInfo:

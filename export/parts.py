@@ -1,4 +1,4 @@
-"""The torch modules that become the bundle's graphs (DESIGN §4), one per ONNX file.
+"""The torch modules that become the bundle's graphs (docs/bundle-format.md), one per ONNX file.
 
 Each wraps the same adapter calls the reference uses, so a graph that matches its part also
 matches the reference. Shapes: B batch, S new tokens, P past tokens, V visual tokens, D hidden.
@@ -6,22 +6,38 @@ matches the reference. Shapes: B batch, S new tokens, P past tokens, V visual to
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from dyvte_rt.bundle.manifest import KV_FLAVOURS
 from export.attention import ATTENTION_NAME, FP32_ATTENTION_NAME, GqaCache, attention_function
-from export.families import FamilyAdapter
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask
 from export.reference.model import image_placeholders, merge_image_features
 from export.reference.routers import Router
 
+if TYPE_CHECKING:
+    from export.families import FamilyAdapter
 
-class VisionPart(nn.Module):
-    """pixel_values [B, 3, H, W] -> image_features [B, V, D]. Families whose graph inputs depend on
-    the image (LLaVA-NeXT: views + pack_index; Qwen2-VL: patches + positions (+ windows)) take one
-    image and more inputs -> image_features [1, V, D] (the adapter's `vision_graph`)."""
+
+class GraphPart(nn.Module):
+    """A module that becomes one graph. `weight_modules`: the modules whose parameters the graph
+    holds and a streamed export loads from the checkpoint; `fingerprint_modules`: every module
+    whose parameters decide the graph (`export.graph_cache`)."""
+
+    def weight_modules(self) -> list[nn.Module]:
+        return []
+
+    def fingerprint_modules(self) -> list[nn.Module]:
+        return self.weight_modules()
+
+
+class VisionPart(GraphPart):
+    """pixel_values [B, 3, H, W] -> image_features [B, V, D], or for families whose graph inputs
+    depend on the image, one image's inputs -> image_features [1, V, D] (the adapter's
+    `vision_graph` and `vision_plan` say which)."""
 
     def __init__(self, adapter: FamilyAdapter) -> None:
         super().__init__()
@@ -33,12 +49,10 @@ class VisionPart(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, *per_image: torch.Tensor) -> torch.Tensor:
         with attention_function(self.model.config.vision_config, _fp32_attention_for(pixel_values)):
-            if per_image:
-                return self.adapter.vision_graph(pixel_values, *per_image)
-            return self.adapter.image_features(pixel_values)
+            return self.adapter.vision_graph(pixel_values, *per_image)
 
 
-class EmbedPart(nn.Module):
+class EmbedPart(GraphPart):
     """input_ids [B, N] + image_features [B, V, D] (V may be 0) -> inputs_embeds [B, N, D]."""
 
     def __init__(self, adapter: FamilyAdapter) -> None:
@@ -57,7 +71,7 @@ class EmbedPart(nn.Module):
         return merge_image_features(embeds, input_ids, image_features, self.image_token_id)
 
 
-class SegmentPart(nn.Module):
+class SegmentPart(GraphPart):
     """Decoder layers first..last with explicit KV I/O (no router: routers are graphs of their own).
 
     Concat flavour:  forward(hidden, position_ids, *past)
@@ -136,7 +150,7 @@ def _fp32_attention_for(tensor: torch.Tensor) -> str | None:
     return FP32_ATTENTION_NAME if tensor.dtype != torch.float32 else None
 
 
-class RouterPart(nn.Module):
+class RouterPart(GraphPart):
     """The router of one candidate layer, and the exit switch it may trigger, in one graph:
 
     (hidden [B,S,D], router_pool [B,S], last_index [B], keep_index [B,K])
@@ -157,6 +171,9 @@ class RouterPart(nn.Module):
     def weight_modules(self) -> list[nn.Module]:
         return []  # the router's own weights are in memory already
 
+    def fingerprint_modules(self) -> list[nn.Module]:
+        return [self.router]
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -171,7 +188,7 @@ class RouterPart(nn.Module):
         return logits, self.gather(hidden, keep_index)
 
 
-class HeadPart(nn.Module):
+class HeadPart(GraphPart):
     """(hidden [B, S, D], last_index [B]) -> logits [B, vocab] at each sample's last position."""
 
     def __init__(self, adapter: FamilyAdapter) -> None:
@@ -186,7 +203,7 @@ class HeadPart(nn.Module):
         return self.adapter.head(last_position(hidden, last_index)[:, None])[:, 0]
 
 
-class ExitGatherPart(nn.Module):
+class ExitGatherPart(GraphPart):
     """The exit switch on the backend: (hidden [B, S, D], keep_index [B, K]) -> hidden [B, K, D]."""
 
     def weight_modules(self) -> list[nn.Module]:

@@ -132,3 +132,27 @@ def check_quality(name: str, quality: GraphQuality, bits: int, force: bool) -> N
             f"graph, below the {floor} the bundle needs",
             hint="try --block-size 32 or int8, or pass --force to write the bundle anyway",
         )
+
+
+def quantize_exported(plan, staging: Path, settings: QuantizeSettings, force: bool):
+    """Quantise an exported, verified float graph in place; check it against the float graph on the
+    plan's verification inputs -> (files written, quality)."""
+    import shutil
+
+    from export.memory import release_freed_memory
+
+    floats = staging / ".float"
+    floats.mkdir(exist_ok=True)
+    for path in staging.glob(plan.file + "*"):
+        path.rename(floats / path.name)
+    try:
+        files = quantize_graph(floats / plan.file, staging / plan.file, settings)
+        release_freed_memory()  # the quantiser's copies of the float graph
+        plan_cases = plan.cases()
+        cases = [{n: t.numpy() for n, t in zip(plan.input_names, case, strict=True)} for case in plan_cases]
+        rows = [plan.valid_rows(case) if plan.valid_rows is not None else None for case in plan_cases]
+        quality = compare_graphs(floats / plan.file, staging / plan.file, cases, rows)
+        check_quality(plan.name, quality, settings.bits, force)
+    finally:
+        shutil.rmtree(floats, ignore_errors=True)
+    return files, quality

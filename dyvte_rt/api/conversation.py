@@ -2,7 +2,7 @@
 
     with DyvteModel.load(bundle) as model:
         chat = model.chat("photo.jpg")
-        print(chat.ask("What is on the table?").answer)
+        print(chat.ask("What is on the table?").text)
         for piece in chat.generate("And what colour is it?"):
             print(piece, end="")
 
@@ -13,8 +13,8 @@ then the text the chat template adds for the new question, tokenized on its own)
 layer like decoding tokens, attending to whatever the cache holds. After an exit at layer k the
 layers above k hold no visual rows, so a later turn computes exactly what a single prefill of the
 whole conversation with policy `layer:k` would (tested against the PyTorch reference); without an
-exit, exactly the full model's. `reset()` forgets the history and
-keeps the image: the next turn prefills (and decides the exit) again.
+exit, exactly the full model's. `reset()` forgets the history and keeps the image: the next turn
+prefills (and decides the exit) again.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import time
 
 import numpy as np
 
-from dyvte_rt.api.model import Answer, DyvteModel, Generation, TurnClock
+from dyvte_rt.api.answer import Answer, Generation
 from dyvte_rt.errors import InputError
 from dyvte_rt.inputs.images import ImageInput, load_image
-from dyvte_rt.inputs.preprocess import prepare_image
-from dyvte_rt.runtime.compute import continuation_macs
-from dyvte_rt.runtime.kv_cache import KVCache
-from dyvte_rt.runtime.pipeline import PrefillResult
+from dyvte_rt.inputs.prompt import PromptBuilder
+from dyvte_rt.runtime.batch import DecodeBatch
+from dyvte_rt.runtime.decoding import DecodeState, StopRule
+from dyvte_rt.runtime.pipeline import Pipeline, PrefillRequest, PrefillResult
 from dyvte_rt.runtime.policy import ExitPolicy
 from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
 
@@ -39,24 +39,27 @@ DEFAULT_CONTEXT = 2048  # positions a conversation reserves, unless the model ha
 class Conversation:
     def __init__(
         self,
-        model: DyvteModel,
+        pipeline: Pipeline,
+        prompts: PromptBuilder,
         image: ImageInput | None,
         policy: ExitPolicy,
         context: int | None,
         sampling: SamplingConfig,
     ) -> None:
-        model.pipeline.check_policy(policy)
-        self.model = model
+        pipeline.check_policy(policy)
+        self.pipeline = pipeline
+        self.prompts = prompts
         self.policy = policy
-        self.context = min(context or DEFAULT_CONTEXT, model.manifest.dims.max_positions)
-        self.sampler = Sampler(sampling)
+        self.context = min(context or DEFAULT_CONTEXT, pipeline.dims.max_positions)
+        self.sampler = Sampler(sampling)  # one random stream for the whole conversation
+        self._eos = frozenset(pipeline.bundle.manifest.tokens.eos)
         started = time.perf_counter()
-        self._image = None if image is None else prepare_image(load_image(image), model.manifest.vision)
+        self._image = None if image is None else pipeline.family.prepare_image(load_image(image))
         self._preprocess_ms = 1e3 * (time.perf_counter() - started)
         self.history: list[tuple[str, str]] = []  # (question, answer) per finished turn
-        self._cache: KVCache | None = None
+        self._batch: DecodeBatch | None = None  # one row, kept between turns
         self._first: PrefillResult | None = None  # the first turn's prefill: the exit decision
-        self._position = 0  # original position id of the next token fed to the model
+        self._position = 0  # index of the next token fed to the model
         self._pending: int | None = None  # the last answer's last token, not yet fed back
 
     @property
@@ -64,25 +67,33 @@ class Conversation:
         return self._first.exit_layer if self._first is not None else None
 
     @property
+    def layer_lengths(self) -> list[int]:
+        """Rows the KV cache holds per layer (fewer above the exit layer)."""
+        return self._batch.cache.layer_lengths() if self._batch is not None else []
+
+    @property
     def tokens(self) -> int:
         """Positions the conversation uses so far (prompt, answers and the template between them)."""
         return self._position
 
-    def ask(self, question: str, max_new_tokens: int = 64, stop_at_eos: bool = True) -> Answer:
-        return self.generate(question, max_new_tokens, stop_at_eos).result()
+    def ask(
+        self, question: str, max_new_tokens: int = 64, stop: tuple[str, ...] = (), ignore_eos: bool = False
+    ) -> Answer:
+        return self.generate(question, max_new_tokens, stop, ignore_eos).result()
 
-    def generate(self, question: str, max_new_tokens: int = 64, stop_at_eos: bool = True) -> Generation:
+    def generate(
+        self, question: str, max_new_tokens: int = 64, stop: tuple[str, ...] = (), ignore_eos: bool = False
+    ) -> Generation:
         """The next turn's answer, streamed; the turn joins the history once the answer is complete."""
         if not question.strip():
             raise InputError("the question is empty", hint="ask something")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        StopRule(max_new_tokens, stop=tuple(stop))  # checks the arguments now, not when iterated
         with_image = self._image is not None
-        if self._cache is None:
+        if self._batch is None:
             visual = self._image.visual_tokens if self._image is not None else None
-            ids = self.model.prompts.encode(question, with_image=with_image, visual_tokens=visual)
+            ids = self.prompts.encode(question, with_image=with_image, visual_tokens=visual)
         else:
-            turn = self.model.prompts.encode_next_turn(self.history, question, with_image)
+            turn = self.prompts.encode_next_turn(self.history, question, with_image)
             pending = [] if self._pending is None else [self._pending]
             ids = np.concatenate([np.array([pending], dtype=np.int64).reshape(1, -1), turn], axis=1)
         room = self.context - self._position - ids.shape[1]  # positions left for the answer
@@ -92,16 +103,12 @@ class Conversation:
                 f"past its context of {self.context}",
                 hint="reset the conversation (/reset) or create it with a larger context",
             )
-        max_new_tokens = min(max_new_tokens, room)  # the answer stops at the context's end ("length")
-        return Generation(
-            lambda generation: self._turn(generation, question, ids, max_new_tokens, stop_at_eos)
-        )
+        rule = StopRule(min(max_new_tokens, room), self._eos, tuple(stop), ignore_eos)  # "length" at the end
+        return Generation(lambda generation: self._turn(generation, question, ids, rule))
 
     def reset(self) -> None:
         """Forget the history (the image stays); the next turn starts a new prefill."""
-        if self._cache is not None:
-            self.model.pipeline.release(self._cache)
-        self.history, self._cache, self._first, self._position, self._pending = [], None, None, 0, None
+        self.history, self._batch, self._first, self._position, self._pending = [], None, None, 0, None
 
     def close(self) -> None:
         self.reset()
@@ -112,48 +119,28 @@ class Conversation:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _turn(
-        self, generation: Generation, question: str, ids: np.ndarray, max_new_tokens: int, stop_at_eos: bool
-    ):
-        model = self.model
-        clock = TurnClock(model.bundle.backend.transfers, self._preprocess_ms if self._cache is None else 0.0)
-        if self._cache is None:
-            start = model.pipeline.prefill(ids, self._image, self.policy, capacity=self.context)
-            self._first, self._cache = start, start.cache
-        else:
-            start = self._continue(ids)
+    def _turn(self, generation: Generation, question: str, ids: np.ndarray, rule: StopRule):
+        first_turn = self._batch is None
         self._position += ids.shape[1]
-        yield from model.stream_answer(
-            generation,
-            start,
-            self._position,
-            self.policy.spec(),
-            max_new_tokens,
+        state = DecodeState(
+            self.prompts.tokenizer,
             self.sampler,
-            stop_at_eos,
-            clock,
+            rule,
+            self._position,
+            preprocess_ms=self._preprocess_ms if first_turn else 0.0,
         )
-        answer = generation.answer
+        if first_turn:
+            self._batch = DecodeBatch(self.pipeline, self.pipeline.new_cache(self.context))
+            request = PrefillRequest(ids[0], self._image, self.policy)
+            (slot,) = self._batch.prefill([(0, request, state)])
+            self._first = slot.prefill
+        else:
+            slot = self._batch.extend(0, ids, state, self._first)
+        yield from self._batch.stream(0)
+        answer = Answer.from_slot(slot, self.policy.spec())
+        generation.answer = answer
         self._position += len(answer.token_ids) - 1  # every generated token but the last went in
         last = answer.token_ids[-1]
         # the last token goes in with the next turn, unless it ended the answer (the template goes on)
-        self._pending = None if answer.finish_reason == "stop" else last
-        self.history.append((question, answer.answer))
-
-    def _continue(self, ids: np.ndarray) -> PrefillResult:
-        """A later turn's tokens through every layer, attending to the cache (no routers, no exit)."""
-        pipeline = self.model.pipeline
-        held = self._cache.layer_lengths()
-        started = time.perf_counter()
-        logits = pipeline.forward_tokens(ids, self._position, self._cache)
-        first = self._first
-        return PrefillResult(
-            logits=logits,
-            cache=self._cache,
-            exit_layer=first.exit_layer,
-            exit_probs=first.exit_probs,
-            n_tokens=ids.shape[1],
-            n_visual=0,
-            macs=continuation_macs(pipeline.decoder_dims, ids.shape[1], held),
-            timings_ms={"vision": 0.0, "prefill": 1e3 * (time.perf_counter() - started), "switch": 0.0},
-        )
+        self._pending = None if last in self._eos else last
+        self.history.append((question, answer.text))

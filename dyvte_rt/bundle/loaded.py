@@ -1,4 +1,4 @@
-"""A loaded bundle: its manifest, the backend it runs on and one open session per graph."""
+"""A loaded bundle: its manifest, its family, the backend it runs on and one open session per graph."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from dyvte_rt.bundle.manifest import BundleError, Manifest, SegmentInfo, load_manifest
 from dyvte_rt.errors import BackendUnavailableError
+from dyvte_rt.families import Family, family_for
 from engines import Backend, BackendError, Session, SessionOptions, open_backend
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -31,6 +32,25 @@ def check_dtype_and_device(bundle_dtype: str, device: str, asked: str | None) ->
             "the bundle is fp16, which is meant for GPUs and runs several times slower on the CPU",
             hint="use --device cuda, re-export with --dtype fp32 for the CPU, "
             "or pass --dtype fp16 to run it anyway",
+        )
+
+
+# ONNX Runtime's CUDA GroupQueryAttention (the in-place KV flavour's attention) is registered for
+# fp16 and bf16 only: an fp32 graph's attention nodes would be placed on the CPU, copying every
+# layer's KV cache between host and device at each step
+GPU_INPLACE_DTYPES = ("fp16",)
+
+
+def check_kv_and_device(manifest: Manifest, device: str) -> None:
+    """Refuse an in-place fp32 bundle on an ONNX Runtime GPU provider, where it would run its
+    attention on the CPU."""
+    gpu = device in ("cuda", "ort-tensorrt")
+    if gpu and manifest.kv_flavour == "inplace" and manifest.dtype not in GPU_INPLACE_DTYPES:
+        raise BundleError(
+            f"an in-place KV bundle in {manifest.dtype} cannot run its attention on --device {device}: "
+            "ONNX Runtime's CUDA GroupQueryAttention takes fp16 only, so it would fall back to the "
+            "CPU and copy the KV cache every step",
+            hint="re-export with python -m export.build --dtype fp16 for the GPU, or --kv concat",
         )
 
 
@@ -65,6 +85,7 @@ class Bundle:
     manifest: Manifest
     backend: Backend
     sessions: dict[str, Session]  # graph name -> session
+    family: Family  # what the runtime asks about images and positions
 
     @classmethod
     def open(
@@ -81,6 +102,7 @@ class Bundle:
             raise BundleError(f"bundle dtype {manifest.dtype!r} is not supported by this runtime")
         options = default_threads(options or SessionOptions(), manifest)
         check_dtype_and_device(manifest.dtype, options.device, dtype)
+        check_kv_and_device(manifest, options.device)
         sessions: dict[str, Session] = {}
         try:
             backend = open_backend(options)
@@ -93,7 +115,7 @@ class Bundle:
             if isinstance(err, BackendError):
                 raise as_runtime_error(err) from None
             raise
-        return cls(path, manifest, backend, sessions)
+        return cls(path, manifest, backend, sessions, family_for(manifest))
 
     @property
     def float_dtype(self) -> np.dtype:

@@ -1,7 +1,9 @@
-"""The bundle manifest (DESIGN §4): typed, frozen, versioned, strictly loaded.
+"""The bundle manifest (docs/bundle-format.md): typed, frozen, versioned, strictly loaded.
 
 The runtime reads this instead of guessing anything from the checkpoint. Loading names the bad
-field on any mismatch, refuses newer schema versions, and can check every file's sha256.
+field on any mismatch, refuses newer schema versions, upgrades the one before, and can check every
+file's sha256. A family's image layout is read by the family (`dyvte_rt.families`) when the
+manifest loads, with the same strictness.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 
 from dyvte_rt.errors import DyvteError
 
-SCHEMA_VERSION = 3  # 2: routers and the exit gather are graphs; KV flavours. 3: quantisation
+# 2: routers and the exit gather are graphs; KV flavours. 3: quantisation. 4: the family's image
+# layout in vision.layout (3 had vision.anyres / vision.patch_grid; `_upgrade_from_3` moves them)
+SCHEMA_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 KV_FLAVOURS = ("inplace", "concat")  # docs/bundle-format.md
@@ -64,38 +68,14 @@ class ImagePreprocess:
 
 
 @dataclass(frozen=True)
-class AnyResInfo:
-    """LLaVA-NeXT's any-resolution tiling (dyvte_rt/anyres.py): a base view of the whole image plus
-    tiles of it resized onto the best-fitting canvas."""
-
-    grid_pinpoints: tuple[tuple[int, int], ...]  # (height, width) canvases, multiples of tile_size
-    tile_size: int  # side of the base view and of every tile: the vision tower's input
-    feature_side: int  # visual tokens per tile side (tile_size // patch_size)
-    newline: bool  # an image_newline row closes each row of the unpadded tile map
-
-
-@dataclass(frozen=True)
-class PatchGridInfo:
-    """Qwen2-VL / Qwen2.5-VL images (dyvte_rt/patch_grid.py): resized to a multiple of
-    patch_size * merge_size within a pixel budget, cut into patches that merge_size² at a time
-    become one visual token; positions are multimodal rotary (temporal, height, width)."""
-
-    patch_size: int
-    temporal_patch_size: int  # a still image is its frame repeated this many times
-    merge_size: int
-    min_pixels: int
-    max_pixels: int
-    window_size: int | None  # Qwen2.5-VL's windowed vision attention, in pixels; None: full attention
-
-
-@dataclass(frozen=True)
 class VisionInfo:
     image_height: int
     image_width: int
-    visual_tokens: int  # per image; with `anyres`, the most an image can take (it depends on its size)
+    visual_tokens: int  # per image; where the count depends on the image's size, the most any image takes
     preprocess: ImagePreprocess
-    anyres: AnyResInfo | None = None  # None: one fixed-size view per image (LLaVA-1.5)
-    patch_grid: PatchGridInfo | None = None  # Qwen2-VL family: patches of a resized image
+    # the family's own image layout (LLaVA-NeXT's tiles, Qwen2-VL's patch grid), read strictly into
+    # the family's dataclass by dyvte_rt/families/<family>.py; empty for one fixed-size view
+    layout: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -205,9 +185,11 @@ class Manifest:
                 f"{where} has schema version {version}; this dyvte-rt reads up to {SCHEMA_VERSION}",
                 hint="upgrade dyvte-rt, or re-export the bundle with this version",
             )
-        if version < SCHEMA_VERSION:
+        if version == 3:
+            data = _upgrade_from_3(data)
+        elif version < SCHEMA_VERSION:
             raise BundleError(f"{where} has old schema version {version}", hint="re-export the bundle")
-        return _build(cls, data, "manifest")
+        return build_strict(cls, data, "manifest")
 
 
 def load_manifest(bundle: Path, verify_hashes: bool = True) -> Manifest:
@@ -222,6 +204,9 @@ def load_manifest(bundle: Path, verify_hashes: bool = True) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle} has no {MANIFEST_FILE}; it is not a dyvte-rt bundle")
     manifest = Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
+    from dyvte_rt.families import family_for
+
+    family_for(manifest)  # a family this runtime knows, and a layout it can read
     verify_files(bundle, manifest, hashes=verify_hashes)
     return manifest
 
@@ -259,10 +244,25 @@ def verify_files(bundle: Path, manifest: Manifest, hashes: bool = True) -> None:
             )
 
 
+def _upgrade_from_3(data: dict) -> dict:
+    """Schema 3 -> 4: the optional vision.anyres / vision.patch_grid become vision.layout."""
+    vision = data.get("vision")
+    if not isinstance(vision, dict):
+        return data  # the strict build names the problem
+    vision = dict(vision)
+    anyres, grid = vision.pop("anyres", None), vision.pop("patch_grid", None)
+    if anyres is not None and grid is not None:
+        raise BundleError("manifest field vision has both anyres and patch_grid")
+    vision["layout"] = anyres if anyres is not None else grid if grid is not None else {}
+    return {**data, "vision": vision, "schema_version": SCHEMA_VERSION}
+
+
 # -- strict construction from JSON ------------------------------------------------------------
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def build_strict(cls: type, data: Any, where: str) -> Any:
+    """The frozen dataclass `cls` from JSON data: unknown or missing keys and wrong types raise a
+    BundleError naming the field (`where` is the path so far, e.g. "manifest.vision")."""
     if not isinstance(data, dict):
         raise BundleError(f"manifest field {where} must be an object")
     hints = typing.get_type_hints(cls)
@@ -294,7 +294,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                 errors.append(err)
         raise errors[0]
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return build_strict(hint, value, where)
     if origin is tuple:
         if not isinstance(value, list):
             raise BundleError(f"manifest field {where} must be a list")
@@ -306,5 +306,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:
+        return value
+    if hint is Any:  # a JSON value another reader checks (a family's layout)
         return value
     raise BundleError(f"manifest field {where} must be {getattr(hint, '__name__', hint)}, got {value!r:.60}")

@@ -1,5 +1,5 @@
 """The `dyvte-rt` command line: one module per subcommand, each a config, a parser and a `run`
-(`dyvte_rt.cli.main` puts them together; `dyvte_rt.cli.commandline` holds what every entry point
+(`dyvte_rt.cli.commands` puts them together; `dyvte_rt.cli.commandline` holds what every entry point
 of the project shares)."""
 
 from __future__ import annotations
@@ -7,6 +7,6 @@ from __future__ import annotations
 
 def main(argv: list[str] | None = None) -> int:
     """The `dyvte-rt` console script."""
-    from dyvte_rt.cli.main import main as run
+    from dyvte_rt.cli.commands import main as run
 
     return run(argv)

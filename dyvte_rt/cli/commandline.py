@@ -30,11 +30,14 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only when it says something: not for None, False or help that names one."""
+    """Shows a default only when it says something: not for None, False, a flag (`--load-all`
+    storing False into a default-True field would read "default: True") or help that names one."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        flag = action.nargs == 0
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        quiet = flag or unset
         if quiet or "default" in text:
             return text
         return super()._get_help_string(action)
@@ -85,6 +88,15 @@ def run_command(body: Callable[[], int | None], interrupted: str = "interrupted"
         _finish_progress_bars()
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as err:  # an optional extra a lazy import found missing after all
+        from dyvte_rt.cli.extras import extra_of
+
+        extra = extra_of(err.name)
+        if extra is None:
+            raise
+        _finish_progress_bars()
+        print(f"error: {err.name} is not installed (hint: pip install 'dyvte-rt[{extra}]')", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:
         # the reader left early (`dyvte-rt inspect | head`): stop quietly, as a unix filter does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dyvte_rt.bundle.locations import resolve_bundle
-from dyvte_rt.bundle.manifest import Manifest, VisionInfo
+from dyvte_rt.bundle.manifest import Manifest
 from dyvte_rt.cli.commandline import HelpFormatter, use_config_defaults
 from dyvte_rt.cli.options import bundle_options, json_option
 from dyvte_rt.errors import InputError
+from dyvte_rt.families import family_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +111,7 @@ def summary(bundle: Path, m: Manifest, verified: bool) -> str:
         f"KV cache    {m.kv_flavour}",
         f"decoder     {m.dims.num_layers} layers, hidden {m.dims.hidden}, heads {m.dims.num_heads}/"
         f"{m.dims.num_kv_heads} kv, vocab {m.dims.vocab_size}, context {m.dims.max_positions}",
-        f"image       {image_line(m.vision)}",
+        f"image       {family_for(m).describe_image()}",
         f"exit layers {', '.join(map(str, ex.candidate_layers)) or 'none'}",
         f"policy      {ex.default_policy} (threshold {ex.threshold:g}; routers: {routers}",
         f"segments    {segments}",
@@ -119,21 +120,3 @@ def summary(bundle: Path, m: Manifest, verified: bool) -> str:
     ]
     lines += [f"  {name:<24} {info.bytes / 2**20:>9.2f} MiB" for name, info in m.files.items()]
     return "\n".join(lines)
-
-
-def image_line(vision: VisionInfo) -> str:
-    if vision.patch_grid is not None:
-        grid = vision.patch_grid
-        return (
-            f"any size: resized to {grid.min_pixels:,}-{grid.max_pixels:,} pixels, "
-            f"{grid.patch_size}px patches merged {grid.merge_size}x{grid.merge_size}; "
-            f"up to {vision.visual_tokens} visual tokens per image"
-            + (f"; windowed vision attention ({grid.window_size}px)" if grid.window_size else "")
-        )
-    if vision.anyres is None:
-        return f"{vision.image_height}x{vision.image_width}, {vision.visual_tokens} visual tokens"
-    canvases = ", ".join(f"{h}x{w}" for h, w in vision.anyres.grid_pinpoints)
-    return (
-        f"any resolution: {vision.anyres.tile_size}px tiles on canvases {canvases}; "
-        f"up to {vision.visual_tokens} visual tokens per image"
-    )

@@ -7,38 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyvte_rt.bundle.manifest import AnyResInfo, PatchGridInfo
 from dyvte_rt.cli.commandline import HelpFormatter, use_config_defaults
 from dyvte_rt.cli.options import bundle_options, json_option
 from dyvte_rt.errors import InputError
-from dyvte_rt.families import qwen2_vl as patch_grid
-from dyvte_rt.families.llava_next import most_visual_tokens
-from dyvte_rt.families.llava_next import visual_tokens as anyres_visual_tokens
+from dyvte_rt.families.presets import PRESETS
 from dyvte_rt.runtime.compute import DecoderDims, prefill_macs
-
-# LLaVA-1.5-7B, the default when neither --bundle nor sizes are given
-LLAVA_7B = {"hidden": 4096, "kv_width": 4096, "mlp": 11008, "layers": 32, "visual": 576}
-# LLaVA-NeXT-7B (Vicuna): LLaVA-1.5-7B's decoder; images tiled on five canvases of 336-pixel tiles
-LLAVA_NEXT_TILING = AnyResInfo(
-    grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
-    tile_size=336,
-    feature_side=24,
-    newline=True,
-)
-# Qwen2.5-VL-7B: 28 layers, hidden 3584, 4 KV heads of 128, SwiGLU 18944; its processor's budget
-QWEN25_VL_GRID = PatchGridInfo(
-    patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=3136, max_pixels=12845056, window_size=112
-)
-QWEN25_VL_7B = {"hidden": 3584, "kv_width": 512, "mlp": 18944, "layers": 28}
-QWEN25_VL_7B["visual"] = patch_grid.visual_tokens(
-    patch_grid.grid_for(720, 1280, QWEN25_VL_GRID), QWEN25_VL_GRID
-)
-# name -> (sizes, any-res tiling, patch grid)
-FAMILIES = {
-    "llava": (LLAVA_7B, None, None),
-    "llava-next": (LLAVA_7B, LLAVA_NEXT_TILING, None),
-    "qwen2.5-vl": (QWEN25_VL_7B, None, QWEN25_VL_GRID),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,8 +22,8 @@ class MacsConfig:
     mlp: int | None = None
     layers: int | None = None
     visual: int | None = None
-    family: str = "llava"  # LLaVA-1.5-7B, LLaVA-NeXT-7B or Qwen2.5-VL-7B sizes, where no --bundle is given
-    image: str | None = None  # WIDTHxHEIGHT: LLaVA-NeXT's and Qwen2-VL's visual tokens depend on it
+    family: str = "llava"  # the family's 7B preset's sizes (dyvte_rt/families/presets.py), without --bundle
+    image: str | None = None  # WIDTHxHEIGHT: some families' visual-token counts depend on it
     text: int = 60
     exit_layer: int | None = None
     as_json: bool = False
@@ -61,10 +34,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "macs",
         help="theoretical prefill multiply-adds with and without an exit",
         description="Prefill multiply-adds of a decoder with and without a visual-token exit, counted as in "
-        "docs/compute.md. Sizes come from --bundle when given, else from LLaVA-1.5-7B (hidden 4096, 32 "
-        "layers, SwiGLU 11008, 576 visual tokens) or, with --family llava-next, LLaVA-NeXT-7B (the same "
-        "decoder; 2,000-2,900 visual tokens, from --image) or, with --family qwen2.5-vl, Qwen2.5-VL-7B; "
-        "any size flag overrides either.",
+        "docs/compute.md. Sizes come from --bundle when given, else from the 7B checkpoint of --family ("
+        + "; ".join(f"{name}: {p.name}" for name, p in PRESETS.items())
+        + "); any size flag overrides them.",
         formatter_class=HelpFormatter,
         parents=[bundle_options(), json_option()],
     )
@@ -75,15 +47,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--visual", type=int, help="visual tokens V (overrides --image)")
     parser.add_argument(
         "--family",
-        choices=sorted(FAMILIES),
-        help="model sizes without --bundle: llava (LLaVA-1.5-7B, default), llava-next (LLaVA-NeXT-7B) or "
-        "qwen2.5-vl (Qwen2.5-VL-7B)",
+        choices=sorted(PRESETS),
+        help="whose 7B sizes to count without --bundle",
     )
     parser.add_argument(
         "--image",
         metavar="WxH",
-        help="image size for models whose visual-token count depends on it (LLaVA-NeXT, Qwen2-VL), e.g. "
-        "672x672 (default: the largest count any LLaVA-NeXT image can take; a 1280x720 image for qwen2.5-vl)",
+        help="image size, for families whose visual-token count depends on it, e.g. 672x672 (default: "
+        "the family's typical image where it has one, else the most visual tokens an image can take)",
     )
     parser.add_argument("--text", type=int, help="text tokens")
     parser.add_argument(
@@ -99,32 +70,29 @@ def make_config(args: argparse.Namespace) -> MacsConfig:
 
 
 def sizes(config: MacsConfig) -> dict[str, int]:
-    """Bundle (or --family's) sizes, overridden by the flags given."""
-    if config.family not in FAMILIES:
-        raise InputError(f"unknown --family {config.family!r}", hint=f"choose one of {', '.join(FAMILIES)}")
-    defaults, tiling, grid = FAMILIES[config.family]
-    base = dict(defaults)
-    if tiling is not None:
-        base["visual"] = most_visual_tokens(tiling)
+    """Bundle (or --family's preset's) sizes, overridden by the flags given."""
     if config.bundle is not None:
         from dyvte_rt.bundle.manifest import load_manifest
+        from dyvte_rt.families import family_for
 
-        m = load_manifest(config.bundle, verify_hashes=False)
-        tiling, grid = m.vision.anyres, m.vision.patch_grid
-        base = {
-            "hidden": m.dims.hidden,
-            "kv_width": m.dims.num_kv_heads * m.dims.head_dim,
-            "mlp": m.dims.mlp,
-            "layers": m.dims.num_layers,
-            "visual": m.vision.visual_tokens,
-        }
-    if config.image is not None and (tiling is not None or grid is not None):
-        width, height = image_size(config.image)
-        base["visual"] = (
-            anyres_visual_tokens(height, width, tiling)
-            if tiling is not None
-            else patch_grid.visual_tokens(patch_grid.grid_for(height, width, grid), grid)
-        )
+        manifest = load_manifest(config.bundle, verify_hashes=False)
+        dims, family, typical = manifest.dims, family_for(manifest), None
+    elif config.family in PRESETS:
+        preset = PRESETS[config.family]
+        dims, family, typical = preset.dims, preset.family_object(), preset.typical_image
+    else:
+        raise InputError(f"unknown --family {config.family!r}", hint=f"choose one of {', '.join(PRESETS)}")
+    base = {
+        "hidden": dims.hidden,
+        "kv_width": dims.num_kv_heads * dims.head_dim,
+        "mlp": dims.mlp,
+        "layers": dims.num_layers,
+        "visual": family.vision.visual_tokens,  # the most an image can take
+    }
+    image = image_size(config.image) if config.image is not None else typical
+    if image is not None:
+        width, height = image
+        base["visual"] = family.visual_tokens(height, width)
     for key in base:
         if getattr(config, key) is not None:
             base[key] = getattr(config, key)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from dyvte_rt.cli.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.cli.common import RunnerConfig, open_model
+from dyvte_rt.cli.extras import require
 from dyvte_rt.cli.options import bundle_options, device_options
-from dyvte_rt.errors import BackendUnavailableError, InputError
+from dyvte_rt.errors import InputError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,15 +68,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(config: ServeConfig) -> int:
-    try:
-        import uvicorn
+    require("serve", "dyvte-rt serve")
+    import uvicorn
 
-        from dyvte_rt.serving.app import ServerLimits, create_app
-        from dyvte_rt.serving.engine import BatchEngine
-    except ImportError as err:
-        raise BackendUnavailableError(
-            f"serving needs {err.name}", hint="pip install 'dyvte-rt[serve]'"
-        ) from None
+    from dyvte_rt.serving.app import ServerLimits, create_app
+    from dyvte_rt.serving.engine import BatchEngine
+
     if config.allow_local_images is not None and not config.allow_local_images.is_dir():
         raise InputError(f"--allow-local-images {config.allow_local_images} is not a directory")
     with open_model(config) as model:

@@ -1,4 +1,5 @@
-"""LLaVA-NeXT's any-resolution images, torch-free, step for step as Hugging Face does them.
+"""LLaVA-NeXT (`llava-next`): any-resolution images, torch-free, step for step as Hugging Face
+does them.
 
 Preprocessing (the PIL image processor): the image is resized, keeping its aspect ratio, onto the
 best-fitting canvas among the checkpoint's grid pinpoints, padded to it with black, and cut into
@@ -14,11 +15,59 @@ itself has no data-dependent shapes. `visual_tokens` gives the count the process
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from dyvte_rt.bundle.manifest import AnyResInfo, ImagePreprocess
+from dyvte_rt.bundle import io_names
+from dyvte_rt.bundle.manifest import ImagePreprocess
+from dyvte_rt.families.base import Family
+from dyvte_rt.inputs.preprocess import PreparedImage, preprocess, to_rgb
+
+
+@dataclass(frozen=True)
+class AnyResInfo:
+    """The manifest's `vision.layout` for LLaVA-NeXT: a base view of the whole image plus tiles of
+    it resized onto the best-fitting canvas."""
+
+    grid_pinpoints: tuple[tuple[int, int], ...]  # (height, width) canvases, multiples of tile_size
+    tile_size: int  # side of the base view and of every tile: the vision tower's input
+    feature_side: int  # visual tokens per tile side (tile_size // patch_size)
+    newline: bool  # an image_newline row closes each row of the unpadded tile map
+
+
+class LlavaNextFamily(Family):
+    """Images cut into a base view and tiles; the vision graph takes one image's views and the
+    packing index of its visual tokens (their count depends on the image's size)."""
+
+    layout_type = AnyResInfo
+    vision_per_image = True
+
+    def prepare_image(self, image: Image.Image) -> PreparedImage:
+        spec = self.vision.preprocess
+        rgb = to_rgb(image) if spec.convert_rgb else image
+        views = np.concatenate([preprocess(view, spec) for view in tile_views(rgb, self.layout, spec)])
+        index = pack_index(rgb.height, rgb.width, self.layout)
+        return PreparedImage(views, len(index), {io_names.PACK_INDEX: index})
+
+    def visual_tokens(self, height: int, width: int) -> int:
+        return visual_tokens(height, width, self.layout)
+
+    def profile_ranges(self, settings) -> dict:
+        """From the base view alone (nothing left after unpadding) to the largest canvas's count."""
+        from engines.tensorrt.profiles import phase_ranges
+
+        info = self.layout
+        views = max(tile_count(h, w, info) for h, w in info.grid_pinpoints)
+        return phase_ranges(self.vision.visual_tokens, settings, info.feature_side**2, views)
+
+    def describe_image(self) -> str:
+        canvases = ", ".join(f"{h}x{w}" for h, w in self.layout.grid_pinpoints)
+        return (
+            f"any resolution: {self.layout.tile_size}px tiles on canvases {canvases}; "
+            f"up to {self.vision.visual_tokens} visual tokens per image"
+        )
 
 
 def best_resolution(height: int, width: int, pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Prefill compute accounting (DESIGN §7), in multiply-adds.
+"""Prefill compute accounting (docs/compute.md), in multiply-adds.
 
 A measured latency ratio is judged against the theoretical ratio computed here.
 """

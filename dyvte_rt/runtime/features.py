@@ -1,4 +1,5 @@
-"""Which prompt positions the routers average over (DESIGN §3), shared by reference and runtime."""
+"""Which prompt positions the routers average over (docs/exit-semantics.md), for the reference and
+the runtime alike."""
 
 from __future__ import annotations
 

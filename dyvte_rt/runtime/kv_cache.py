@@ -42,6 +42,12 @@ class KVCache(ABC):
         """Rows held per layer (batch 1)."""
         return self.lengths[0].tolist()
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start..stop-1 (this flavour has no views: all rows or none)."""
+        if (start, stop) != (0, self.batch):
+            raise InputError("only the in-place KV flavour holds requests in rows of one cache")
+        return self
+
     def row_bytes(self) -> int:
         """Bytes of one token's keys and values in one layer."""
         return 2 * self.dims.num_kv_heads * self.dims.head_dim * self.dtype.itemsize
@@ -85,20 +91,23 @@ class InplaceKVCache(KVCache):
             self.position_offsets = position_offsets
         self.capacity = capacity
         shape = (batch, dims.num_kv_heads, capacity, dims.head_dim)
-        self.owns_buffers = buffers is None
         self.buffers = buffers or {
             (layer, kind): backend.empty(shape, self.dtype)
             for layer in range(dims.num_layers)
             for kind in ("key", "value")
         }
 
-    def row(self, index: int) -> InplaceKVCache:
-        """A batch-1 cache over row `index`'s buffers (a view, where the backend has views): a
-        request prefilled into it joins the batch without a copy."""
-        views = {key: self.backend.view_rows(value, index, index + 1) for key, value in self.buffers.items()}
-        lengths = self.lengths[index : index + 1]  # shared: what the row writes, the batch sees
-        offsets = self.position_offsets[index : index + 1]
-        return InplaceKVCache(self.backend, self.dims, 1, self.dtype, self.capacity, views, lengths, offsets)
+    def rows(self, start: int, stop: int) -> InplaceKVCache:
+        """A cache over rows start..stop-1 of this one's buffers, in the same memory (a view): requests
+        prefilled into it join the batch without a copy, and a decode step can leave out rows."""
+        if (start, stop) == (0, self.batch):
+            return self
+        views = {key: self.backend.view_rows(value, start, stop) for key, value in self.buffers.items()}
+        lengths = self.lengths[start:stop]  # shared: what the rows write, the whole cache sees
+        offsets = self.position_offsets[start:stop]
+        return InplaceKVCache(
+            self.backend, self.dims, stop - start, self.dtype, self.capacity, views, lengths, offsets
+        )
 
     def allocated_bytes(self) -> int:
         return (

@@ -25,14 +25,12 @@ import numpy as np
 
 from dyvte_rt.bundle import io_names as names
 from dyvte_rt.bundle.loaded import Bundle, as_runtime_error
-from dyvte_rt.bundle.manifest import SegmentInfo
 from dyvte_rt.errors import InputError, PolicyError
-from dyvte_rt.families import qwen2_vl as patch_grid
 from dyvte_rt.inputs.preprocess import PreparedImage
 from dyvte_rt.runtime.compute import DecoderDims, PrefillMacs, layer_macs, prefill_macs
-from dyvte_rt.runtime.features import router_pool
+from dyvte_rt.runtime.exit_switch import ExitGraphs, ExitSwitch
 from dyvte_rt.runtime.kv_cache import ConcatKVCache, InplaceKVCache, KVCache
-from dyvte_rt.runtime.policy import ExitPolicy, check_policy_fits, exit_probability
+from dyvte_rt.runtime.policy import ExitPolicy, check_policy_fits
 from engines import BackendError, Value
 
 
@@ -82,9 +80,10 @@ class Pipeline:
         self.sessions = bundle.sessions
         self._dtype = bundle.float_dtype
         self.inplace = manifest.kv_flavour == "inplace"
-        self._no_image = {}  # batch -> empty image features [B, 0, D] on the backend
-        self._spare: InplaceKVCache | None = None  # buffers of a finished request, reused by the next
-        self._patch_grid = manifest.vision.patch_grid
+        self.family = bundle.family
+        self._exit_graphs = ExitGraphs(
+            self.sessions, self.backend, self.candidates, self.image_token_id, bundle.float_dtype
+        )
 
     def check_policy(self, policy: ExitPolicy) -> None:
         check_policy_fits(policy, self.dims.num_layers, self.candidates)
@@ -95,8 +94,9 @@ class Pipeline:
             )
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        """A KV cache for `batch` requests of up to `capacity` positions each (prompt and generated
-        tokens); in-place buffers released by an earlier request are reused when large enough."""
+        """A new KV cache for `batch` rows of up to `capacity` positions each (prompt and generated
+        tokens). Batches of more than one row need the in-place flavour: each row keeps its own
+        lengths, which the concat flavour's graphs cannot express."""
         if capacity > self.dims.max_positions:
             raise InputError(f"{capacity} positions exceed the model's context of {self.dims.max_positions}")
         if not self.inplace:
@@ -106,18 +106,7 @@ class Pipeline:
                     hint="re-export with --kv inplace (the default)",
                 )
             return ConcatKVCache(self.backend, self.dims, batch, self._dtype)
-        spare, self._spare = self._spare, None
-        if spare is not None and spare.capacity >= capacity and spare.batch == batch:
-            spare.lengths[:] = 0
-            spare.position_offsets[:] = 0
-            return spare
         return InplaceKVCache(self.backend, self.dims, batch, self._dtype, capacity)
-
-    def release(self, cache: KVCache) -> None:
-        """`cache` is no longer used: keep its buffers for the next request (the largest one seen)."""
-        reusable = isinstance(cache, InplaceKVCache) and cache.batch == 1 and cache.owns_buffers
-        if reusable and (self._spare is None or cache.capacity > self._spare.capacity):
-            self._spare = cache
 
     # -- prefill ----------------------------------------------------------------------------------
 
@@ -166,7 +155,8 @@ class Pipeline:
             feeds = {names.INPUT_IDS: padded, names.IMAGE_FEATURES: features}
             hidden = self._run("embed", feeds)[names.INPUT_EMBEDS]
             positions = self._prompt_positions(requests, ids, padded.shape[1], cache)  # [B, S] or [3, B, S]
-            switch = ExitSwitch(self, requests, ids, valid) if any(n_visual) else None
+            policies = [r.policy for r in requests]
+            switch = ExitSwitch(self._exit_graphs, policies, ids, valid) if any(n_visual) else None
             hidden, positions, valid, padded_macs = self._segments(hidden, positions, valid, cache, switch)
             logits = self._head(hidden, valid)  # [B, vocab]
         except BackendError as err:
@@ -197,18 +187,16 @@ class Pipeline:
     def _prompt_positions(
         self, requests: list[PrefillRequest], ids: list[np.ndarray], length: int, cache: KVCache
     ) -> np.ndarray:
-        """Original position ids of the padded prompts: 0..S-1, or multimodal rotary positions
-        [3, B, S] (patch-grid models), whose offset to the token index each cache row keeps."""
-        plain = np.tile(np.arange(length), (len(ids), 1))  # [B, S]
-        if self.dims.position_sections == 1:
-            return plain
-        positions = np.repeat(plain[None], self.dims.position_sections, axis=0)  # padding rows count up
+        """Original position ids of the padded prompts as the family gives them: [B, S], or [3, B, S]
+        for multimodal rotary positions, whose offset to the token index each cache row keeps.
+        Padding positions count up from the prompt's length."""
+        sections = self.dims.position_sections
+        positions = np.tile(np.arange(length), (sections, len(ids), 1))  # [sections, B, S]
         for row, (request, sample) in enumerate(zip(requests, ids, strict=True)):
-            grids = [request.image.grid] if request.image is not None and request.image.grid else []
-            rope, offset = patch_grid.prompt_positions(sample, self.image_token_id, grids, self._patch_grid)
+            rope, offset = self.family.prompt_positions(sample, request.image)  # [sections or 1, N]
             positions[:, row, : len(sample)] = rope
             cache.position_offsets[row] = offset
-        return positions
+        return positions if sections > 1 else positions[0]
 
     # -- decoding ---------------------------------------------------------------------------------
 
@@ -268,9 +256,9 @@ class Pipeline:
             computed += len(layers) * rows * layer_macs(length, self.decoder_dims, int(held.max()) + length)
             hidden = out[names.HIDDEN_OUT]
             if switch is not None:
-                shape = positions.shape
+                before = positions
                 hidden, positions, valid = switch(segment, hidden, positions, valid)
-                if positions.shape != shape:
+                if positions is not before:  # a sample exited: its rows moved, whatever the padded length
                     position_value = self.backend.upload(positions)
         return hidden, positions, valid, computed
 
@@ -280,7 +268,7 @@ class Pipeline:
         if not any(n_visual):
             return self._empty_features(len(requests))
         images = [r.image if visual else None for r, visual in zip(requests, n_visual, strict=True)]
-        if any(image.per_image for image in images if image is not None):
+        if self.family.vision_per_image:
             return self._per_image_features(images)
         shapes = {image.pixel_values.shape for image in images if image is not None}
         if len(shapes) != 1 or len({v for v in n_visual if v}) != 1:
@@ -292,8 +280,8 @@ class Pipeline:
         return self._run("vision", {names.PIXEL_VALUES: pixels})[names.IMAGE_FEATURES]
 
     def _per_image_features(self, images: list[PreparedImage | None]) -> Value:
-        """Images whose graph inputs depend on their size (any-res views, patch grids): the vision
-        graph runs on each; a batch's rows are zero-padded to the longest."""
+        """Images whose graph inputs depend on their size (the family says so): the vision graph
+        runs on each; a batch's rows are zero-padded to the longest."""
         features = [
             self._run("vision", {names.PIXEL_VALUES: image.pixel_values.astype(self._dtype), **image.feeds})[
                 names.IMAGE_FEATURES
@@ -314,10 +302,8 @@ class Pipeline:
         return self.backend.upload(padded)
 
     def _empty_features(self, batch: int) -> Value:
-        if batch not in self._no_image:
-            empty = np.zeros((batch, 0, self.dims.hidden), dtype=self._dtype)
-            self._no_image[batch] = self.backend.upload(empty)
-        return self._no_image[batch]
+        """[B, 0, D]: no image features (a text-only prompt, a decode step); 0 bytes to upload."""
+        return self.backend.upload(np.zeros((batch, 0, self.dims.hidden), dtype=self._dtype))
 
     def _head(self, hidden: Value, valid: np.ndarray) -> np.ndarray:
         feeds = {names.HIDDEN_OUT: hidden, names.LAST_INDEX: np.asarray(valid, dtype=np.int64) - 1}
@@ -325,79 +311,3 @@ class Pipeline:
 
     def _run(self, graph: str, feeds: dict) -> dict[str, Value]:
         return self.sessions[graph].run(feeds)
-
-
-class ExitSwitch:
-    """Asks each sample's policy at each candidate layer, once, and drops the visual tokens of the
-    samples that exit, on the backend. Rows stay right-padded to the longest sample."""
-
-    def __init__(
-        self, pipeline: Pipeline, requests: list[PrefillRequest], ids: list[np.ndarray], valid: np.ndarray
-    ) -> None:
-        self.pipeline = pipeline
-        self.policies = [r.policy for r in requests]
-        batch = len(requests)
-        self.exit_layers: list[int | None] = [None] * batch
-        self.exit_probs: list[dict[int, float]] = [{} for _ in range(batch)]
-        self.ms = 0.0  # reading router outputs, deciding and dropping the visual tokens
-        self._visual = [bool((sample == pipeline.image_token_id).any()) for sample in ids]
-        self._text = [np.flatnonzero(sample != pipeline.image_token_id) for sample in ids]  # kept at an exit
-        self._pool = None
-        if any(p.needs_routers for p in self.policies):
-            dtype = pipeline.bundle.float_dtype
-            self._pool = np.zeros((batch, int(valid.max())), dtype=dtype)  # [B, S]
-            for row, sample in enumerate(ids):
-                self._pool[row, : len(sample)] = router_pool(sample, pipeline.image_token_id, dtype)[0]
-
-    def __call__(
-        self, segment: SegmentInfo, hidden: Value, positions: np.ndarray, valid: np.ndarray
-    ) -> tuple[Value, np.ndarray, np.ndarray]:
-        layer = segment.last_layer
-        undecided = [b for b in range(len(self.policies)) if self._visual[b] and self.exit_layers[b] is None]
-        if layer not in self.pipeline.candidates or not undecided:
-            return hidden, positions, valid
-        started = time.perf_counter()
-        keep_if_exit = self._keep(undecided, valid)  # the rows each sample keeps if every undecided one exits
-        probs, gathered = {}, None
-        if segment.router is not None and any(self.policies[b].needs_routers for b in undecided):
-            feeds = {
-                names.HIDDEN_OUT: hidden,
-                names.ROUTER_POOL: self._pool,
-                names.LAST_INDEX: valid - 1,
-                names.KEEP_INDEX: keep_if_exit,
-            }
-            out = self.pipeline.sessions[segment.router].run(feeds)
-            logits = self.pipeline.backend.download(out[names.ROUTER_LOGITS])  # [B, 2]
-            for b in undecided:
-                if self.policies[b].needs_routers:  # the others did not ask (a batch ran the router anyway)
-                    probs[b] = exit_probability(logits[b])
-                    self.exit_probs[b][layer] = probs[b]
-            gathered = out[names.HIDDEN_IN]  # the router graph also gathers, as if all exit
-        exiting = [b for b in undecided if self.policies[b].decide(layer, probs.get(b))]
-        if exiting:
-            for b in exiting:
-                self.exit_layers[b] = layer
-            keep = keep_if_exit if exiting == undecided else self._keep(exiting, valid)
-            if gathered is None or exiting != undecided:
-                feeds = {names.HIDDEN_OUT: hidden, names.KEEP_INDEX: keep}
-                gathered = self.pipeline.sessions["exit_gather"].run(feeds)[names.HIDDEN_IN]
-            hidden = gathered
-            valid = valid.copy()
-            for b in exiting:
-                valid[b] = len(self._text[b])
-            positions = np.take_along_axis(
-                positions, np.broadcast_to(keep, (*positions.shape[:-2], *keep.shape)), -1
-            )
-            if self._pool is not None:  # samples still undecided keep their rows, and so their pool
-                self._pool = np.take_along_axis(self._pool, keep, axis=1)
-        self.ms += 1e3 * (time.perf_counter() - started)
-        return hidden, positions, valid
-
-    def _keep(self, exiting: list[int], valid: np.ndarray) -> np.ndarray:
-        """[B, K] row indices to keep: the text rows of `exiting` samples, every valid row of the
-        others, right-padded with row 0 to the longest (padding rows are never attended)."""
-        rows = [self._text[b] if b in exiting else np.arange(valid[b]) for b in range(len(valid))]
-        keep = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
-        for b, r in enumerate(rows):
-            keep[b, : len(r)] = r
-        return keep

@@ -1,4 +1,4 @@
-"""Exit policies (DESIGN §3): when to drop all visual tokens.
+"""Exit policies (docs/exit-semantics.md): when to drop all visual tokens.
 
 A policy is asked once per candidate layer during prefill, in layer order, and answers whether
 the visual tokens leave after that layer. The same objects drive the PyTorch reference and the

@@ -11,7 +11,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from dyvte_rt.serving.engine import Completion, ServeRequest
+from dyvte_rt.api.answer import Answer
+from dyvte_rt.serving.engine import ServeRequest
 
 
 class ServerMetrics:
@@ -41,15 +42,24 @@ class ServerMetrics:
             "dyvte_queue_depth", "Requests waiting for a batch slot", registry=self.registry
         )
         self.active = Gauge("dyvte_active_requests", "Requests being decoded", registry=self.registry)
+        self.step_rows = Histogram(
+            "dyvte_decode_step_requests",
+            "Requests decoded together in one decode step",
+            buckets=[1, 2, 4, 8, 16, 32, 64],
+            registry=self.registry,
+        )
         self._last_layer = num_layers - 1
 
-    def finished(self, request: ServeRequest, done: Completion) -> None:
+    def finished(self, request: ServeRequest, done: Answer) -> None:
         self.requests.labels(outcome="ok").inc()
         self.tokens.inc(len(done.token_ids))
         self.prompt_tokens.inc(done.prompt_tokens)
         self.exit_layer.observe(self._last_layer if done.exit_layer is None else done.exit_layer)
-        self.ttft.observe(done.ttft_s)
-        self.latency.observe(done.latency_s)
+        self.ttft.observe(done.timings_ms["ttft"] / 1e3)
+        self.latency.observe(done.timings_ms["latency"] / 1e3)
+
+    def stepped(self, requests: int) -> None:
+        self.step_rows.observe(requests)
 
     def cancelled(self, request: ServeRequest) -> None:
         self.requests.labels(outcome="cancelled").inc()

@@ -2,7 +2,7 @@
 
 Policies run alternately (round-robin per input and run) so that drift in machine speed hits all
 of them alike. The measured prefill speed-up of each policy against the first is reported next to
-the theoretical one from prefill multiply-adds (DESIGN §7).
+the theoretical one from prefill multiply-adds (docs/compute.md).
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from dyvte_rt.bundle.manifest import Manifest
 from dyvte_rt.errors import InputError
-from dyvte_rt.families import llava_next as anyres
+from dyvte_rt.families import family_for
 from engines.tensorrt.buffers import plan_buffers
-from engines.tensorrt.profiles import PHASES, EngineSettings, PlanError, graph_profiles, phase_ranges
+from engines.tensorrt.profiles import PHASES, EngineSettings, PlanError, graph_profiles
 
 PREFILL_ONLY = ("prefill_visual",)  # routers and the exit gather run only while visual tokens are there
 
@@ -28,12 +28,12 @@ def default_settings(manifest: Manifest, **overrides: int | None) -> EngineSetti
 def plan_engines(manifest: Manifest, settings: EngineSettings) -> dict:
     """{"settings", "graphs": {graph: [profile...]}, "buffers"} as JSON-ready data."""
     try:
-        ranges = _ranges(manifest, settings)
-        tiling, grid = manifest.vision.anyres, manifest.vision.patch_grid
+        family = family_for(manifest)
+        ranges = family.profile_ranges(settings)
         graphs = {}
         for name, graph in manifest.graphs.items():
             prefill_only = name.startswith("router_") or name == "exit_gather"
-            prefill_only |= (tiling or grid) is not None and name == "vision"  # one image's own shapes
+            prefill_only |= family.vision_per_image and name == "vision"  # one image's own shapes
             phases = PREFILL_ONLY if prefill_only else PHASES
             inputs = {t.name: t.shape for t in graph.inputs}
             graphs[name] = [p.to_json() for p in graph_profiles(inputs, ranges, phases)]
@@ -51,23 +51,6 @@ def plan_engines(manifest: Manifest, settings: EngineSettings) -> dict:
         settings=settings,
     )
     return {"settings": dataclasses.asdict(settings), "graphs": graphs, "buffers": buffers.to_json()}
-
-
-def _ranges(manifest: Manifest, settings: EngineSettings) -> dict:
-    """Every axis's range per phase; images whose shapes depend on their size span the counts any
-    image can give."""
-    tiling, grid = manifest.vision.anyres, manifest.vision.patch_grid
-    most = manifest.vision.visual_tokens
-    if tiling is not None:  # from the base view alone (nothing left after unpadding) to the largest canvas
-        views = max(anyres.tile_count(h, w, tiling) for h, w in tiling.grid_pinpoints)
-        return phase_ranges(most, settings, tiling.feature_side**2, views)
-    if grid is not None:  # from the pixel budget's least to its most merged patches
-        ranges = phase_ranges(
-            most, settings, max(1, grid.min_pixels // (grid.patch_size * grid.merge_size) ** 2)
-        )
-        ranges["prefill_visual"]["merged"] = ranges["prefill_visual"]["visual"]
-        return ranges
-    return phase_ranges(most, settings)
 
 
 def tensorrt_readiness(bundle: Path, manifest: Manifest) -> list[str]:

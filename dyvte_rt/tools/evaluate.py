@@ -48,7 +48,7 @@ def evaluate(
     correct, exits, full, actual, same_exit, same_answer = 0, [], 0, 0, 0, 0
     for example in tqdm(examples, desc="eval", unit="q", disable=not progress, file=sys.stderr):
         answer = model.ask(example.image, example.question, exit=policy, max_new_tokens=max_new_tokens)
-        correct += normalize_answer(answer.answer) == normalize_answer(example.answer)
+        correct += normalize_answer(answer.text) == normalize_answer(example.answer)
         exits.append(answer.exit_layer)
         full += answer.prefill_macs["full"]
         actual += answer.prefill_macs["actual"]
@@ -57,7 +57,7 @@ def evaluate(
                 example.image, example.question, exit=policy.spec(), max_new_tokens=max_new_tokens
             )
             same_exit += other.exit_layer == answer.exit_layer
-            same_answer += normalize_answer(other.answer) == normalize_answer(answer.answer)
+            same_answer += normalize_answer(other.text) == normalize_answer(answer.text)
     histogram = Counter("none" if k is None else str(k) for k in exits)
     n = len(examples)
     return EvalReport(

@@ -1,5 +1,5 @@
 """TensorRT: one engine per bundle graph, with optimisation profiles for prefill with and without
-visual tokens and for decoding (DESIGN §8: written against TensorRT's real API, 10.3 as on
+visual tokens and for decoding (docs/tensorrt.md: written against TensorRT's real API, 10.3 as on
 JetPack 6 and 11.x, strongly typed networks; TensorRT itself runs on none of the machines this
 project is developed on, so everything that does not need it is tested without it).
 

@@ -8,7 +8,7 @@ segment's present keys and values go to the two buffers per layer it alternates 
 (`buffers.AlternatingBuffers`), sized once for the largest context its profiles allow.
 
 Written against TensorRT 10.x/11.x's Python API and never run: no machine this project is built on
-has TensorRT (DESIGN §8). What surrounds it — profiles, buffers, the engine record, the exit copy
+has TensorRT (docs/tensorrt.md). What surrounds it — profiles, buffers, the engine record, the exit copy
 on device buffers — is tested, the last on a real GPU by scripts/gpu_check.sh.
 """
 

@@ -1,7 +1,8 @@
 """The registry of model families: one adapter per Hugging Face architecture, listed here once.
 
-Adding a family (InternVL, LLaVA-NeXT, ...) is one adapter file and one line below, plus a tiny
-test model (a guard test fails if a registered family has none).
+Adding a family is one adapter file here, one runtime file under `dyvte_rt/families/`, a line in
+each registry and its tests (docs/adding-a-family.md); a guard test fails if a registered family
+has no tiny test checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ FAMILIES: dict[str, type[FamilyAdapter]] = {
     "Qwen2_5_VLForConditionalGeneration": Qwen25VLAdapter,
 }
 
+# --model alias -> Hugging Face repo id, from every family
+ALIASES: dict[str, str] = {alias: repo for a in FAMILIES.values() for alias, repo in a.ALIASES.items()}
+
 
 def adapter_class_for(architecture: str) -> type[FamilyAdapter]:
     try:
@@ -30,4 +34,14 @@ def adapter_class_for(architecture: str) -> type[FamilyAdapter]:
         ) from None
 
 
-__all__ = ["FAMILIES", "FamilyAdapter", "adapter_class_for"]
+def adapter_class_for_family(family: str) -> type[FamilyAdapter]:
+    """The adapter whose manifest key is `family` (e.g. "llava-next")."""
+    for adapter in FAMILIES.values():
+        if adapter.family == family:
+            return adapter
+    raise UnsupportedModelError(
+        f"unknown family {family!r}", hint=f"families: {', '.join(a.family for a in FAMILIES.values())}"
+    )
+
+
+__all__ = ["ALIASES", "FAMILIES", "FamilyAdapter", "adapter_class_for", "adapter_class_for_family"]

@@ -1,105 +1,39 @@
-"""The protocol a model family implements so that the reference and the exporter can use it.
+"""What a model family implements so that the reference, the exporter and the tests can use it.
 
-An adapter wraps one loaded Hugging Face model and exposes the parts DyVTE needs; everything
-family-specific (where the vision tower lives, how features are selected) stays behind it.
+An adapter wraps one loaded Hugging Face model and exposes the parts DyVTE needs. `FamilyAdapter`
+holds what every family shares — the dimensions, special ids and language-model parts of a
+transformers 5 multimodal model (its decoder under `model.model.language_model`) — and a family
+overrides the hooks that differ: its vision tower and graph, what its bundle's manifest says about
+images, its processor, positions, aliases and tiny test checkpoints (docs/adding-a-family.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from dyvte_rt.bundle.manifest import AnyResInfo, PatchGridInfo
+from dyvte_rt.bundle.manifest import VisionInfo
 from dyvte_rt.errors import UnsupportedModelError
 from dyvte_rt.runtime.compute import DecoderDims
 
+if TYPE_CHECKING:
+    from export.graph_plans import GraphPlan, RandomInputs
 
-class FamilyAdapter(Protocol):
+
+class FamilyAdapter:
     """One loaded multimodal model, seen through the parts DyVTE splits it into."""
 
-    family: str  # registry key written to the manifest, e.g. "llava"
-    tolerance: float  # max abs logit error accepted in fp32 parity checks
-
-    @classmethod
-    def num_layers_in(cls, config: dict) -> int:
-        """Decoder layer count read from config.json, before any weights load."""
-        ...
-
-    @property
-    def model(self) -> nn.Module: ...
-
-    @property
-    def dims(self) -> DecoderDims: ...
-
-    @property
-    def image_token_id(self) -> int: ...
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]: ...
-
-    @property
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        """Layers called as `layer(h, attention_mask=, position_embeddings=, cache=)`."""
-        ...
-
-    @property
-    def vision_modules(self) -> list[nn.Module]:
-        """The modules whose parameters the vision graph uses."""
-        ...
-
-    @property
-    def embed_module(self) -> nn.Module:
-        """The token embedding (the embed graph's only weights)."""
-        ...
-
-    @property
-    def head_modules(self) -> list[nn.Module]:
-        """The final norm and the LM head."""
-        ...
-
-    @staticmethod
-    def checkpoint_keys(name: str) -> tuple[str, ...]:
-        """Checkpoint tensor names parameter `name` may be stored under, preferred first."""
-        ...
-
-    @property
-    def anyres(self) -> AnyResInfo | None:
-        """Any-resolution tiling (LLaVA-NeXT); None: one fixed-size view per image."""
-        ...
-
-    def image_input(self, inputs) -> object:
-        """What `image_features` takes, picked from the processor's output for one image."""
-        ...
-
-    def image_features(self, image) -> torch.Tensor:
-        """An image (pixels [B, 3, H, W], or what `image_input` gives) -> [B, V, D] visual tokens."""
-        ...
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, N] ids -> [B, N, D] token embeddings (image placeholders still unfilled)."""
-        ...
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for `position_ids` [B, S], in the layout the decoder layers expect."""
-        ...
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head: [B, S, D] -> [B, S, vocab]."""
-        ...
-
-
-class DecoderAdapter:
-    """What every family shares: the dimensions, special ids and language-model parts of a
-    transformers 5 multimodal model (its decoder under `model.model.language_model`), and the
-    checkpoint names transformers 4 saved (`LEGACY_PREFIXES`: current prefix -> saved prefix)."""
-
-    family: str
-    tolerance = 1e-4  # max abs logit error accepted in fp32 parity checks
-    position_sections = 1  # position ids [B, S]; 3: multimodal rotary [3, B, S]
-    LEGACY_PREFIXES: tuple[tuple[str, str], ...] = ()
+    family: ClassVar[str]  # registry key written to the manifest, e.g. "llava"
+    ALIASES: ClassVar[dict[str, str]] = {}  # --model alias -> Hugging Face repo id
+    TINY_VARIANTS: ClassVar[tuple[str, ...]] = ()  # `build_tiny` variants (a guard test wants one)
+    tolerance: ClassVar[float] = 1e-4  # max abs logit error accepted in fp32 parity checks
+    position_sections: ClassVar[int] = 1  # position ids [B, S]; 3: multimodal rotary [3, B, S]
+    # checkpoint names transformers 4 saved: current prefix -> saved prefix
+    LEGACY_PREFIXES: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
@@ -113,13 +47,25 @@ class DecoderAdapter:
             num_layers=text.num_hidden_layers,
         )
 
+    # -- before any weights load ------------------------------------------------------------------
+
     @classmethod
     def num_layers_in(cls, config: dict) -> int:
+        """Decoder layer count read from config.json."""
         text = config.get("text_config") or config  # transformers 4 wrote some decoders' keys at the top
         try:
             return int(text["num_hidden_layers"])
         except (KeyError, TypeError, ValueError):
             raise UnsupportedModelError("config.json has no num_hidden_layers (nor text_config's)") from None
+
+    @classmethod
+    def head_dim_in(cls, config: dict) -> int | None:
+        """The decoder's attention head size from config.json (None where it cannot be read)."""
+        text = config.get("text_config") or config
+        try:
+            return int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
 
     @classmethod
     def checkpoint_keys(cls, name: str) -> tuple[str, ...]:
@@ -129,6 +75,22 @@ class DecoderAdapter:
             if name.startswith(current):
                 keys.append(legacy + name.removeprefix(current))
         return tuple(keys)
+
+    @classmethod
+    def load_processor(cls, path: Path, trust_remote_code: bool = False) -> Any:
+        """The checkpoint's processor (image processor, tokenizer, chat template)."""
+        import transformers
+
+        return transformers.AutoProcessor.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+
+    @classmethod
+    def build_tiny(cls, variant: str, out: Path, seed: int = 0, **options: Any) -> Path:
+        """Write a tiny random-weight checkpoint of this family (`TINY_VARIANTS`) to `out`."""
+        raise NotImplementedError(f"family {cls.family!r} has no tiny checkpoints")
+
+    # -- the loaded model -------------------------------------------------------------------------
 
     @property
     def model(self) -> nn.Module:
@@ -152,43 +114,71 @@ class DecoderAdapter:
         return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
 
     @property
-    def anyres(self) -> AnyResInfo | None:
-        """Any-resolution tiling (LLaVA-NeXT); None: not tiled."""
-        return None
-
-    @property
-    def patch_grid(self) -> PatchGridInfo | None:
-        """Patch-grid images (Qwen2-VL); None: fixed-size views."""
-        return None
-
-    @property
     def _language_model(self) -> nn.Module:
         return self._model.model.language_model
 
     @property
     def decoder_layers(self) -> Sequence[nn.Module]:
+        """Layers called as `layer(h, attention_mask=, position_embeddings=, cache=)`."""
         return self._language_model.layers
 
     @property
     def embed_module(self) -> nn.Module:
+        """The token embedding (the embed graph's only weights)."""
         return self._language_model.embed_tokens
 
     @property
     def head_modules(self) -> list[nn.Module]:
+        """The final norm and the LM head."""
         return [self._language_model.norm, self._model.lm_head]
 
-    def prompt_positions(self, input_ids: torch.Tensor, image) -> tuple[torch.Tensor, int]:
-        """Position ids [1, N] of a prompt (0..N-1) and the offset decoding continues at (0)."""
-        return torch.arange(input_ids.shape[1], device=input_ids.device)[None], 0
-
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, N] ids -> [B, N, D] token embeddings (image placeholders still unfilled)."""
         return self._language_model.embed_tokens(input_ids)
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for `position_ids` [B, S], in the layout the decoder layers expect."""
         return self._language_model.rotary_emb(hidden, position_ids=position_ids)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: [B, S, D] -> [B, S, vocab]."""
         return self._model.lm_head(self._language_model.norm(hidden))
+
+    def prompt_positions(self, input_ids: torch.Tensor, image: Any) -> tuple[torch.Tensor, int]:
+        """Position ids [1, N] of a prompt (0..N-1) and the offset decoding continues at (0)."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None], 0
+
+    # -- images: each family's own ------------------------------------------------------------------
+
+    @property
+    def vision_modules(self) -> list[nn.Module]:
+        """The modules whose parameters the vision graph uses."""
+        raise NotImplementedError
+
+    def image_input(self, inputs) -> Any:
+        """What `image_features` takes, picked from the processor's output for one image."""
+        raise NotImplementedError
+
+    def image_features(self, image: Any) -> torch.Tensor:
+        """An image (what `image_input` gives) -> [B, V, D] visual tokens."""
+        raise NotImplementedError
+
+    def vision_graph(self, pixel_values: torch.Tensor, *per_image: torch.Tensor) -> torch.Tensor:
+        """The vision graph's computation from its inputs (`vision_plan` names them)."""
+        return self.image_features(pixel_values)
+
+    def vision_plan(self, rand: RandomInputs, tolerance: float) -> GraphPlan:
+        """The vision graph: its inputs, tracing sample, dynamic axes and verification cases."""
+        raise NotImplementedError
+
+    @property
+    def traced_visual_tokens(self) -> int:
+        """Visual tokens in the prompts the embed and segment graphs are traced and checked on."""
+        raise NotImplementedError
+
+    def vision_info(self, processor) -> VisionInfo:
+        """What the bundle's manifest says about images: size, preprocessing, layout."""
+        raise NotImplementedError
 
 
 def check_full_attention(text_config) -> None:

@@ -6,7 +6,7 @@ tower's inputs: the patches plus each patch's row and column, and for Qwen2.5-VL
 and windows of its windowed attention, all computed by the runtime in numpy:
 `dyvte_rt/patch_grid.py`), so the vision graph is run per image with dynamic shapes. And the
 decoder's rotary positions have three sections (temporal, height, width): segment graphs take
-position ids [3, B, S]; after an exit the text tokens keep theirs (DESIGN §3, generalised).
+position ids [3, B, S]; after an exit the text tokens keep theirs (docs/exit-semantics.md).
 
 The vision tower's blocks are called here with one attention over the image (windowed where
 Qwen2.5-VL windows it, as a mask) instead of transformers' per-window Python loop, which an
@@ -15,19 +15,32 @@ exported graph cannot hold; tests compare the result with transformers' own towe
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
-from dyvte_rt.bundle.manifest import PatchGridInfo
+from dyvte_rt.bundle import io_names
+from dyvte_rt.bundle.manifest import ImagePreprocess, VisionInfo
+from dyvte_rt.errors import UnsupportedModelError
 from dyvte_rt.families import qwen2_vl as patch_grid
-from export.families.base import DecoderAdapter
+from dyvte_rt.families.presets import QWEN25_VL_7B
+from dyvte_rt.families.qwen2_vl import PatchGridInfo
+from export.families.base import FamilyAdapter
+from export.graph_plans import GraphPlan, RandomInputs
+from export.manifest_builder import pixel_steps
+from export.parts import VisionPart
+from export.tiny_models import TINY_WORDS, TinySpec, fast_word_tokenizer
+
+TRACED_GRID = (4, 6)  # merged patches (rows, columns) of the image in traced prompts: 24 visual tokens
 
 
 class PatchImage(NamedTuple):
@@ -40,8 +53,10 @@ class PatchImage(NamedTuple):
         return PatchImage(self.pixel_values.to(*args, **kwargs), self.grid)
 
 
-class Qwen2VLAdapter(DecoderAdapter):
+class Qwen2VLAdapter(FamilyAdapter):
     family = "qwen2-vl"
+    ALIASES: ClassVar[dict[str, str]] = {"qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct"}
+    TINY_VARIANTS = ("tiny",)
     processor_class = "Qwen2VLProcessor"
     position_sections = 3  # the rotary embedding takes [3, B, S] (or [B, S]: all sections equal)
     LEGACY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))  # the Hub's repos
@@ -60,7 +75,7 @@ class Qwen2VLAdapter(DecoderAdapter):
         )
 
     @classmethod
-    def load_processor(cls, path: Path):
+    def load_processor(cls, path: Path, trust_remote_code: bool = False):
         """The checkpoint's processor without its video processor, which transformers builds only
         with torchvision (not installable beside the CPU torch used here)."""
         import transformers
@@ -146,9 +161,92 @@ class Qwen2VLAdapter(DecoderAdapter):
         positions, offset = patch_grid.prompt_positions(ids, self.image_token_id, grids, self._grid)
         return torch.from_numpy(np.ascontiguousarray(positions))[:, None].to(input_ids.device), offset
 
+    @classmethod
+    def build_tiny(cls, variant: str, out: Path, seed: int = 0, **options: Any) -> Path:
+        """`tiny`, or (Qwen2.5-VL) `qwen2.5-vl-7b-slice` with `layers` decoder layers; fp32 weights,
+        written whole."""
+        if variant not in cls.TINY_VARIANTS:
+            raise ValueError(f"{cls.family} has no tiny variant {variant!r}")
+        if options.get("streamed") or options.get("dtype", torch.float32) != torch.float32:
+            raise ValueError(f"{cls.family} checkpoints are written whole, in fp32")
+        layers = None if variant == "tiny" else options.get("layers")
+        if variant != "tiny" and layers is None:
+            raise ValueError(f"the {variant} needs a number of decoder layers")
+        return build_tiny_qwen_vl(cls.family, out, seed, slice_layers=layers)
+
+    @property
+    def traced_visual_tokens(self) -> int:
+        return TRACED_GRID[0] * TRACED_GRID[1]
+
+    def vision_plan(self, rand: RandomInputs, tolerance: float) -> GraphPlan:
+        """One image's patches with their positions (and Qwen2.5-VL's windows). Traced on one grid;
+        checked on grids of other sizes and aspect ratios."""
+        info = self._grid
+        m = info.merge_size
+        width = 3 * info.temporal_patch_size * info.patch_size**2
+
+        def image(rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+            grid = (1, rows * m, cols * m)
+            pixels = rand.randn(rows * cols * m * m, width)
+            return self.vision_inputs(pixels, grid)
+
+        names = [io_names.PIXEL_VALUES, io_names.VISION_POSITIONS]
+        merged = Dim("merged", min=1, max=1 << 14)
+        per_image: tuple = ({0: m * m * merged},)
+        if info.window_size is not None:
+            names += [io_names.WINDOW_INDEX, io_names.WINDOW_IDS]
+            per_image = (*per_image, {0: merged}, {0: m * m * merged})
+        return GraphPlan(
+            "vision",
+            "vision",
+            VisionPart(self),
+            names,
+            [io_names.IMAGE_FEATURES],
+            sample=image(*TRACED_GRID),
+            dynamic_shapes=({0: m * m * merged}, per_image),  # VisionPart(pixel_values, *per_image)
+            dtype=rand.dtype,
+            tolerance=tolerance,
+            cases=lambda: [image(1, 1), image(5, 3), image(9, 10)],
+        )
+
+    def vision_info(self, processor) -> VisionInfo:
+        """No fixed size: the processor's pixel budget bounds the patch grid."""
+        proc = processor.image_processor
+        size = dict(proc.size or {})
+        if "shortest_edge" not in size or "longest_edge" not in size:
+            raise UnsupportedModelError(
+                f"image size {size} is not a pixel budget (shortest_edge, longest_edge)"
+            )
+        ours = (self._grid.patch_size, self._grid.temporal_patch_size, self._grid.merge_size)
+        theirs = (proc.patch_size, proc.temporal_patch_size, proc.merge_size)
+        if ours != theirs:
+            raise UnsupportedModelError(
+                f"the image processor's patch sizes {theirs} differ from the model's {ours}"
+            )
+        grid = dataclasses.replace(
+            self._grid, min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"])
+        )
+        preprocess = ImagePreprocess(
+            resize_shortest_edge=None, crop_height=None, crop_width=None, **pixel_steps(proc)
+        )
+        factor = grid.patch_size * grid.merge_size
+        side = math.isqrt(grid.max_pixels) // factor * factor  # the largest square the budget allows
+        return VisionInfo(
+            image_height=side,
+            image_width=side,
+            visual_tokens=grid.max_pixels // factor**2,
+            preprocess=preprocess,
+            layout=dataclasses.asdict(grid),
+        )
+
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2.5-vl"
+    ALIASES: ClassVar[dict[str, str]] = {
+        "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+        "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    }
+    TINY_VARIANTS = ("tiny", "qwen2.5-vl-7b-slice")
     processor_class = "Qwen2_5_VLProcessor"
 
 
@@ -178,3 +276,141 @@ def image_only_processor(base: type) -> type:
 
     ImageOnlyProcessor.__name__ = base.__name__
     return ImageOnlyProcessor
+
+
+# Qwen2-VL's chat format (without its default system turn), as its processor renders it.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIALS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Tiny Qwen VL images: 14-pixel patches merged 2 x 2 (as the real models), 4 to 64 visual tokens
+QWEN_TINY_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}
+
+
+# Qwen2.5-VL-7B's true sizes (dyvte_rt/families/presets.py) for a random slice of a few decoder
+# layers. The vocabulary stays the word tokenizer's: prefill runs the head on the last token only,
+# so the exit's timing does not depend on it, and the slice fits on this machine's disk.
+def _slice_text(preset=QWEN25_VL_7B) -> dict:
+    dims = preset.dims
+    return {
+        "hidden_size": dims.hidden,
+        "intermediate_size": dims.mlp,
+        "num_attention_heads": dims.num_heads,
+        "num_key_value_heads": dims.num_kv_heads,
+        "max_position_embeddings": dims.max_positions,
+        "initializer_range": 0.02,
+        **preset.text_config,
+    }
+
+
+def _slice_pixels(preset=QWEN25_VL_7B) -> dict:
+    layout = preset.vision.layout
+    return {"shortest_edge": layout["min_pixels"], "longest_edge": layout["max_pixels"]}
+
+
+def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0, *, slice_layers: int | None = None) -> Path:
+    """A tiny random Qwen2-VL (`variant` "qwen2-vl") or Qwen2.5-VL ("qwen2.5-vl", windowed vision
+    attention in its first block) checkpoint with its image processor, tokenizer and chat template
+    (no video processor: transformers builds those only with torchvision). With `slice_layers`, a
+    Qwen2.5-VL-7B-shaped slice instead: true sizes and pixel budget, that many decoder layers."""
+    import transformers
+
+    if slice_layers is not None and variant != "qwen2.5-vl":
+        raise ValueError(f"the 7B-shaped slice is a qwen2.5-vl model, not {variant}")
+
+    tokenizer = fast_word_tokenizer(
+        TINY_WORDS, QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    )
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(list(QWEN_SPECIALS)), strict=True))
+    spec = TinySpec(kv_heads=2)
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.mlp,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "max_position_embeddings": spec.max_positions,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "initializer_range": spec.init_std,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+    }
+    common = {
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "depth": 2,
+    }
+    if variant == "qwen2-vl":
+        vision = {**common, "embed_dim": 32, "hidden_size": spec.hidden, "num_heads": 4, "mlp_ratio": 2}
+        config_class, model_class, processor_class = (
+            transformers.Qwen2VLConfig,
+            transformers.Qwen2VLForConditionalGeneration,
+            transformers.Qwen2VLProcessor,
+        )
+    elif variant == "qwen2.5-vl":
+        vision = {
+            **common,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 4,
+            "out_hidden_size": spec.hidden,
+            "window_size": 56,  # 2 x 2 merged patches per window
+            "fullatt_block_indexes": [1],
+        }
+        config_class, model_class, processor_class = (
+            transformers.Qwen2_5_VLConfig,
+            transformers.Qwen2_5_VLForConditionalGeneration,
+            transformers.Qwen2_5_VLProcessor,
+        )
+    else:
+        raise ValueError(f"unknown Qwen VL variant {variant!r}")
+    vision["initializer_range"] = spec.init_std
+    pixels, head_std = dict(QWEN_TINY_PIXELS), spec.head_std
+    if slice_layers is not None:
+        text = {**text, **_slice_text(), "num_hidden_layers": slice_layers}
+        vision = {**vision, **QWEN25_VL_7B.tower, "initializer_range": 0.02}
+        pixels, head_std = _slice_pixels(), 0.02
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, head_std)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = transformers.Qwen2VLImageProcessorPil(size=pixels)
+    processor = image_only_processor(processor_class)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(processor.chat_template)
+    return out

@@ -1,4 +1,4 @@
-"""PyTorch reference of DyVTE (DESIGN §3): the ground truth every other component is tested against."""
+"""PyTorch reference of DyVTE (docs/exit-semantics.md): the ground truth the rest is tested against."""
 
 from export.reference.cache import KVCache
 from export.reference.model import DyVTEReference, GenerationResult, PrefillResult, merge_image_features

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dyvte_rt.cli.commandline import config_from, new_parser, run_command, use_config_defaults
+from dyvte_rt.cli.extras import require
 from dyvte_rt.cli.options import json_option
 from dyvte_rt.errors import InputError
 from dyvte_rt.runtime.policy import DEFAULT_THRESHOLD, parse_policy
@@ -113,6 +114,7 @@ def run(config: ReferenceConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
+        require("export", "python -m export.reference")
         config = parse_args(argv)
         show(run(config), config)
 

@@ -1,7 +1,7 @@
 """A small, visible KV cache whose layers may hold different lengths.
 
 After an exit at layer k, layers 0..k hold keys/values of all N prompt tokens and layers k+1..
-hold N−V (DESIGN §3). Nothing is copied or gathered at exit time. The object is duck-typed to
+hold N−V (docs/exit-semantics.md). Nothing is copied or gathered at exit time. The object is duck-typed to
 what Hugging Face attention modules call (`update(key, value, layer_idx, ...)`), so decoder
 layers are used exactly as transformers ships them.
 """

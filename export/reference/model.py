@@ -1,4 +1,4 @@
-"""The PyTorch reference of DyVTE's exit semantics (DESIGN §3) over a Hugging Face model.
+"""The PyTorch reference of DyVTE's exit semantics (docs/exit-semantics.md) over a Hugging Face model.
 
 Everything else (ONNX graphs, the numpy runtime, calibration) is tested against this module,
 and this module is tested against the plain Hugging Face model with policy `never`.
@@ -9,6 +9,7 @@ Shapes: B = 1 (batch 1 is the first target), N prompt tokens, V visual tokens, D
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,10 +17,12 @@ from torch import nn
 from dyvte_rt.errors import InputError
 from dyvte_rt.runtime.compute import PrefillMacs, prefill_macs
 from dyvte_rt.runtime.policy import ExitPolicy, check_policy_fits, exit_probability
-from export.families import FamilyAdapter
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask
 from export.reference.routers import RouterBank, feature_positions, router_features
+
+if TYPE_CHECKING:
+    from export.families import FamilyAdapter
 
 
 @dataclass

@@ -105,7 +105,7 @@ def constant_routers(
 
 
 def feature_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """Indices averaged by the router features (DESIGN §3), for a batch-1 prompt [1, N]."""
+    """Indices averaged by the router features (docs/exit-semantics.md), for a batch-1 prompt [1, N]."""
     return torch.from_numpy(text_feature_positions(input_ids[0].cpu().numpy(), image_token_id))
 
 

@@ -7,8 +7,8 @@ import pytest
 from calibrate.routers import RoutersConfig, calibrate_routers
 from calibrate.shapes import write_dataset
 from dyvte_rt.cli import main as cli_main
-from export.build import BuildConfig, build_bundle
 from export.reference import RouterBank
+from tests.artefacts import export
 from tests.helpers import eval_json
 
 
@@ -54,7 +54,7 @@ def test_routers_beat_the_majority_baseline_on_held_out_features(calibrated):
 def test_calibrated_bundle_exits_early_and_keeps_its_answers(calibrated, capsys):
     root, out, _ = calibrated
     bundle = root / "bundle"
-    build_bundle(BuildConfig(model="demo", out=bundle, routers=out / "routers.safetensors", quiet=True))
+    export("demo", bundle, routers=out / "routers.safetensors")  # only the router graphs are new
     fresh = write_dataset(root / "fresh", 60, seed=9090)
     results = {policy: eval_json(capsys, bundle, fresh, "--exit", policy) for policy in ("never", "router")}
     assert results["router"]["prefill_macs_saved"] > 0.2

@@ -1,4 +1,4 @@
-"""The label rule (DESIGN §6) and the sweep that computes it."""
+"""The label rule (docs/calibration.md) and the sweep that computes it."""
 
 import shutil
 

@@ -1,5 +1,5 @@
 """`dyvte-rt build-engines` and `inspect --tensorrt-ready` on real bundles of both KV flavours.
-TensorRT is not installed here (DESIGN §8): building stops with one line; everything before the
+TensorRT is not installed here (docs/tensorrt.md): building stops with one line; everything before the
 build (readiness, profiles, the plan file) runs."""
 
 import importlib.util

@@ -83,7 +83,7 @@ def test_bench_needs_one_input_source(bundles):
 
 def _all_parsers():
     from calibrate import fixed_layer, routers, shapes, train_demo
-    from dyvte_rt.cli import build_parser
+    from dyvte_rt.cli.commands import build_parser
     from export import build, tiny_models
     from export.reference import __main__ as reference
 

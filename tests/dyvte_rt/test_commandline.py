@@ -9,6 +9,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import pytest
+
 from dyvte_rt.cli.commandline import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -120,3 +122,42 @@ def test_interrupted_is_a_line_of_its_own_when_a_bar_is_cut_in_its_first_drawing
 
     assert run_command(body) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+
+
+def test_a_missing_extra_stops_a_command_before_its_work_in_one_line(monkeypatch, capsys, tmp_path):
+    import time
+
+    import dyvte_rt.cli.extras as extras
+    from calibrate import routers
+
+    real = extras._installed
+    monkeypatch.setattr(extras, "_installed", lambda name: name != "matplotlib" and real(name))
+    monkeypatch.setattr(routers, "calibrate_routers", lambda config: pytest.fail("the work started"))
+    started = time.perf_counter()
+    code = routers.main(
+        ["--model", "demo", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and time.perf_counter() - started < 5
+    assert (
+        "needs the [calibrate] extra (matplotlib not installed)" in err
+        and "pip install 'dyvte-rt[calibrate]'" in err
+    )
+
+
+def test_an_extra_found_missing_later_is_one_line_too(capsys):
+    from dyvte_rt.cli.commandline import run_command
+
+    def body():
+        raise ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
+
+    assert run_command(body) == 1
+    assert (
+        capsys.readouterr().err == "error: uvicorn is not installed (hint: pip install 'dyvte-rt[serve]')\n"
+    )
+
+    def bug():
+        raise ModuleNotFoundError("No module named 'dyvte_rt.nothing'", name="dyvte_rt.nothing")
+
+    with pytest.raises(ModuleNotFoundError):  # not an optional extra: a bug keeps its traceback
+        run_command(bug)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from dyvte_rt.api.model import DyvteModel
-from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit, RouterExit
-from export.reference import DyVTEReference, RouterBank
+from dyvte_rt.runtime.policy import FixedLayerExit
+from export.reference import DyVTEReference
 
 
 @pytest.mark.parametrize("flavour", ["inplace", "concat"])
@@ -16,8 +16,8 @@ def test_a_decode_step_moves_only_ids_positions_lengths_and_logits(
     path = (bundles if flavour == "inplace" else concat_bundles)["llama-gqa"]
     with DyvteModel.load(path) as model:
         vocab = model.manifest.dims.vocab_size
-        short = model.ask(sample_image, "what?", max_new_tokens=6, stop_at_eos=False)
-        long = model.ask(sample_image, "what " * 120, max_new_tokens=6, stop_at_eos=False)
+        short = model.ask(sample_image, "what?", max_new_tokens=6, ignore_eos=True)
+        long = model.ask(sample_image, "what " * 120, max_new_tokens=6, ignore_eos=True)
         for answer in (short, long):
             assert answer.host_bytes["per_decode_token"] <= 4 * vocab + 1024
         # independent of the context: the KV cache never crosses
@@ -56,16 +56,16 @@ def _count_calls(model, graphs):
 def test_routers_run_in_prefill_only_and_only_until_the_exit(router_bundle, sample_image):
     with DyvteModel.load(router_bundle[0]) as model:
         calls = _count_calls(model, ["router_01", "router_02", "exit_gather", "segment_02"])
-        model.ask(sample_image, "what?", exit="router", max_new_tokens=5, stop_at_eos=False)
+        model.ask(sample_image, "what?", exit="router", max_new_tokens=5, ignore_eos=True)
         # the router graph gathers the text rows itself: no separate exit_gather call
         assert calls == {"router_01": 1, "router_02": 1, "exit_gather": 0, "segment_02": 5}
         for name in calls:
             calls[name] = 0
-        model.ask(sample_image, "what?", exit="layer:1", max_new_tokens=5, stop_at_eos=False)
+        model.ask(sample_image, "what?", exit="layer:1", max_new_tokens=5, ignore_eos=True)
         assert calls == {"router_01": 0, "router_02": 0, "exit_gather": 1, "segment_02": 5}
         for name in calls:
             calls[name] = 0
-        model.ask(sample_image, "what?", exit="never", max_new_tokens=5, stop_at_eos=False)
+        model.ask(sample_image, "what?", exit="never", max_new_tokens=5, ignore_eos=True)
         assert calls == {"router_01": 0, "router_02": 0, "exit_gather": 0, "segment_02": 5}
 
 
@@ -95,25 +95,3 @@ def test_inplace_buffers_are_written_where_they_are_and_hold_the_reference_cache
             held = cache.buffers[layer, "key"].numpy()[:, :, :rows]
             assert np.abs(held - expected.cache.keys[layer].numpy()).max() <= 1e-5, layer
         assert cache.layer_lengths() == [30 + 1, 30 + 1, 14 + 1, 14 + 1]
-
-
-def test_router_bundle_in_both_flavours_equals_the_reference(
-    router_bundle, loaded_models, prompt_factory, tmp_path
-):
-    from export.build import BuildConfig, build_bundle
-
-    path, routers = router_bundle
-    loaded = loaded_models["llama-gqa"]
-    concat = tmp_path / "concat"
-    build_bundle(BuildConfig(model=str(loaded.path), out=concat, routers=routers, kv="concat", quiet=True))
-    prompt = prompt_factory(loaded)
-    reference = DyVTEReference(loaded.adapter, routers=RouterBank.load(routers), candidate_layers=(1, 2))
-    for policy in (RouterExit(0.5), NeverExit()):
-        expected = reference.generate(prompt.input_ids, prompt.pixel_values, policy, max_new_tokens=6)
-        for bundle in (path, concat):
-            with DyvteModel.load(bundle) as model:
-                prefill = model.pipeline.prefill(
-                    prompt.input_ids.numpy(), prompt.pixel_values.numpy(), policy
-                )
-                assert prefill.exit_layer == expected.exit_layer
-                assert np.abs(prefill.logits - expected.prefill.logits[:, -1].numpy()).max() <= 1e-4

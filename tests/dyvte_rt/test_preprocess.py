@@ -4,12 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from transformers import CLIPImageProcessorPil
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from dyvte_rt.bundle.manifest import ImagePreprocess
-from dyvte_rt.cli.macs import QWEN25_VL_GRID
-from dyvte_rt.families import qwen2_vl as patch_grid
-from dyvte_rt.inputs.preprocess import grid_patches, normalized, preprocess, shortest_edge_size
+from dyvte_rt.inputs.preprocess import preprocess, shortest_edge_size
 from export.manifest_builder import image_preprocess
 
 # LLaVA-1.5's processor settings (llava-hf/llava-1.5-7b-hf preprocessor_config.json)
@@ -53,27 +49,3 @@ def test_matches_the_tiny_checkpoint_processor(loaded_models):
 def test_shortest_edge_truncates_the_long_side_like_hf():
     assert shortest_edge_size(333, 501, 336) == (336, 505)  # 336 * 501 / 333 = 505.5
     assert shortest_edge_size(400, 17, 336) == (7905, 336)
-
-
-@pytest.mark.parametrize(
-    "size",
-    [(1280, 720), (640, 480), (3000, 2000), (333, 517), (90, 1400), (29, 31)],
-    ids=["720p-up", "both-down", "big-down", "wide-up-tall-down", "tall", "tiny-up"],
-)
-def test_band_threads_equal_one_rgb_resize(size):
-    """The per-band, threaded patch path is the plain one: RGB resize, patchify, normalise.
-    Pillow picks the order of its two passes from the sizes; resizing band by band keeps it."""
-    info = QWEN25_VL_GRID
-    spec = ImagePreprocess(
-        None, None, None, 3, 1 / 255, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD), True
-    )
-    image = _image("RGB", *size)
-    height, width = patch_grid.smart_resize(image.height, image.width, info)
-    pixels = np.moveaxis(np.asarray(image.resize((width, height), Image.Resampling.BICUBIC)), -1, 0)
-    p, m = info.patch_size, info.merge_size
-    blocks = normalized(pixels, spec).reshape(3, height // p // m, m, p, width // p // m, m, p)
-    blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6).reshape(-1, 3, 1, p, p)
-    expected = np.repeat(blocks, info.temporal_patch_size, axis=2).reshape(len(blocks), -1)
-    got, grid = grid_patches(image, info, spec)
-    assert grid == patch_grid.grid_for(image.height, image.width, info)
-    assert got.shape == expected.shape and np.abs(got - expected).max() <= 5e-7

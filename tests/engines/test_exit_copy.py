@@ -51,7 +51,7 @@ def test_the_plan_gives_the_runtimes_gather_on_every_row_that_is_attended(router
             (sample_image, "how many?"),
             (None, "hi"),
         ]
-        model.ask_batch(items, exit=["layer:1", "never", "layer:1"], max_new_tokens=2, stop_at_eos=False)
+        model.ask_batch(items, exit=["layer:1", "never", "layer:1"], max_new_tokens=2, ignore_eos=True)
     assert len(seen) == 1
     hidden, keep, gathered = seen[0]
     assert hidden.ndim == 3 and keep.shape[0] == 3

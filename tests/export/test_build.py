@@ -78,7 +78,7 @@ def test_each_segment_holds_only_its_own_layers_weights(bundles):
     import onnx
 
     sizes = {}
-    for path in bundles["llama-mha"].glob("segment_*.onnx"):
+    for path in bundles["llama-gqa"].glob("segment_*.onnx"):
         model = onnx.load(str(path))
         sizes[path.stem] = sum(int(__import__("numpy").prod(t.dims)) for t in model.graph.initializer)
     per_layer = sizes["segment_01"]
@@ -155,7 +155,7 @@ def test_a_failed_export_leaves_no_output(tiny_checkpoints, tmp_path, monkeypatc
 def test_an_interrupted_overwrite_keeps_the_old_bundle(bundles, tiny_checkpoints, tmp_path, monkeypatch):
     import export.onnx_export as onnx_export
 
-    out = shutil.copytree(bundles["llama-mha"], tmp_path / "bundle")
+    out = shutil.copytree(bundles["llama-gqa"], tmp_path / "bundle")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def interrupt(plan, path, tolerance=None, release_weights=None):
@@ -272,3 +272,57 @@ def test_cli_bad_exit_layers_is_one_line(tmp_path, tiny_checkpoints):
 def test_cli_help_shows_defaults(tmp_path):
     done = _run_build(["--help"], tmp_path)
     assert done.returncode == 0 and "default: fp32" in done.stdout and "--exit-layers" in done.stdout
+
+
+def test_a_head_size_group_query_attention_cannot_take_exports_the_concat_flavour(tmp_path, capsys):
+    from tests.conftest import tiny_checkpoint
+
+    checkpoint = tiny_checkpoint("llava", "llama-head12", 3)  # head size 12
+    with pytest.raises(InputError, match="head size is 12") as refused:
+        build_bundle(BuildConfig(model=str(checkpoint), out=tmp_path / "inplace", kv="inplace", quiet=True))
+    assert "--kv concat" in refused.value.one_line() and not (tmp_path / "inplace").exists()
+    from export.validation import kv_flavour
+
+    assert kv_flavour(None, 12) == "concat" and "not a multiple of 8" in capsys.readouterr().err
+    assert kv_flavour(None, 16) == "inplace" and kv_flavour("concat", 16) == "concat"
+
+
+def test_a_schema_3_manifest_is_read_with_its_image_layout_moved(bundles):
+    from dyvte_rt.bundle.manifest import SCHEMA_VERSION
+
+    data = json.loads((bundles["llama-gqa"] / MANIFEST_FILE).read_text())
+    old = json.loads(json.dumps(data))
+    old["schema_version"] = 3
+    old["vision"].pop("layout")
+    old["vision"]["anyres"] = None  # as schema 3 wrote a one-view model
+    upgraded = Manifest.from_json(json.dumps(old))
+    assert upgraded.schema_version == SCHEMA_VERSION and upgraded.vision.layout == {}
+    tiled = json.loads(json.dumps(old))
+    tiled["vision"]["anyres"] = {
+        "grid_pinpoints": [[32, 64]],
+        "tile_size": 32,
+        "feature_side": 4,
+        "newline": True,
+    }
+    assert Manifest.from_json(json.dumps(tiled)).vision.layout["tile_size"] == 32
+    both = json.loads(json.dumps(tiled))
+    both["vision"]["patch_grid"] = {"patch_size": 14}
+    with pytest.raises(BundleError, match="both anyres and patch_grid"):
+        Manifest.from_json(json.dumps(both))
+
+
+def test_a_layout_the_family_cannot_read_is_refused_naming_the_field(bundles, tmp_path):
+    copy = shutil.copytree(bundles["llama-gqa"], tmp_path / "bundle")
+    data = json.loads((copy / MANIFEST_FILE).read_text())
+    data["vision"]["layout"] = {"tile_size": 32}  # a tiling on a one-view family
+    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"vision\.layout must be empty"):
+        load_manifest(copy)
+    data["source"]["family"] = "llava-next"  # the family that tiles, with a layout missing fields
+    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"vision\.layout\.grid_pinpoints is missing"):
+        load_manifest(copy)
+    data["source"]["family"] = "internvl-9"
+    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="family 'internvl-9' is unknown"):
+        load_manifest(copy)

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from dyvte_rt.errors import ModelNotFoundError, UnsupportedModelError
-from export.loading import ALIASES, load_checkpoint, resolve_checkpoint
+from export.families import ALIASES
+from export.loading import load_checkpoint, resolve_checkpoint
 
 
 def _offline_env(hf_home) -> dict[str, str]:

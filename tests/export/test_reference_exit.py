@@ -1,4 +1,4 @@
-"""Exit semantics of the reference (DESIGN §3)."""
+"""Exit semantics of the reference (docs/exit-semantics.md)."""
 
 import pytest
 import torch

@@ -71,15 +71,23 @@ def test_a_missing_or_misshaped_tensor_is_one_line_naming_it(tiny_checkpoints, t
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
 
 
-def test_a_streamed_random_checkpoint_is_written_in_shards_and_exports(tmp_path):
+def test_a_streamed_random_checkpoint_is_written_in_shards_and_exports(tmp_path, monkeypatch):
     import dataclasses
 
-    from export.tiny_models import TINY_BACKBONES, _llama, write_random_llava_streamed
+    import export.families.llava as llava
+    from export.families.llava import TINY_BACKBONES, llama_decoder, write_random_llava_streamed
 
+    monkeypatch.setattr(llava, "SHARD_BYTES", 100_000)  # a 7B model's 2 GB shards, scaled to this one
     spec = dataclasses.replace(TINY_BACKBONES["llama-gqa"].spec, layers=3)
-    checkpoint = write_random_llava_streamed(_llama, spec, tmp_path / "checkpoint", dtype=torch.float16)
+    checkpoint = write_random_llava_streamed(
+        llama_decoder, spec, tmp_path / "checkpoint", dtype=torch.float16
+    )
     index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(p.name for p in checkpoint.glob("*.safetensors")) == shards
+    sizes = [(checkpoint / s).stat().st_size for s in shards]
+    assert max(sizes[:-1]) < 100_000 + 70_000  # each shard closes once it reaches the size
     assert any(
         key.startswith("language_model.model.layers.") for key in index["weight_map"]
     )  # the saved layout

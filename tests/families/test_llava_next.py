@@ -1,14 +1,17 @@
-"""Any-resolution tiling arithmetic (dyvte_rt.families.llava_next) against Hugging Face's own functions, at
-LLaVA-NeXT-7B's true sizes (336-pixel tiles, 14-pixel patches, its five canvases)."""
+"""LLaVA-NeXT's own arithmetic (dyvte_rt/families/llava_next.py): tiling and token counts against
+Hugging Face's functions at LLaVA-NeXT-7B's true sizes (336-pixel tiles, 14-pixel patches, its five
+canvases), for many more image sizes than the conformance suite exports."""
 
 import numpy as np
 import pytest
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 
-from dyvte_rt.cli.macs import LLAVA_NEXT_TILING
 from dyvte_rt.families import llava_next as anyres
+from dyvte_rt.families.presets import LLAVA_NEXT_7B
 from export.tiny_models import fast_word_tokenizer
+
+TILING = LLAVA_NEXT_7B.family_object().layout
 
 SIZES = [(h, w) for h, w in np.random.RandomState(0).randint(1, 2500, size=(300, 2))] + [
     (672, 672),
@@ -19,7 +22,7 @@ SIZES = [(h, w) for h, w in np.random.RandomState(0).randint(1, 2500, size=(300,
     (4000, 3),
     (337, 1009),
 ]
-PINPOINTS = [list(p) for p in LLAVA_NEXT_TILING.grid_pinpoints]
+PINPOINTS = [list(p) for p in TILING.grid_pinpoints]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def hf_processor():
 def test_canvas_choice_and_fitted_size_match_hugging_face():
     for height, width in SIZES:
         height, width = int(height), int(width)
-        canvas = anyres.best_resolution(height, width, LLAVA_NEXT_TILING.grid_pinpoints)
+        canvas = anyres.best_resolution(height, width, TILING.grid_pinpoints)
         assert canvas == select_best_resolution((height, width), PINPOINTS), (height, width)
         image = np.zeros((3, height, width), dtype=np.uint8)
         assert anyres.fitted_size(height, width, canvas) == get_patch_output_size(
@@ -52,18 +55,18 @@ def test_visual_token_counts_match_the_processor(hf_processor):
     for height, width in SIZES:
         height, width = int(height), int(width)
         expected = hf_processor._get_number_of_features(height, width, 336, 336) - 1  # "default": no CLS
-        assert anyres.visual_tokens(height, width, LLAVA_NEXT_TILING) == expected, (height, width)
-        assert len(anyres.pack_index(height, width, LLAVA_NEXT_TILING)) == expected
+        assert anyres.visual_tokens(height, width, TILING) == expected, (height, width)
+        assert len(anyres.pack_index(height, width, TILING)) == expected
 
 
 def test_llava_next_7b_counts():
-    assert anyres.visual_tokens(672, 672, LLAVA_NEXT_TILING) == 2928  # 576 base + 48 rows of 48 + newline
-    assert anyres.most_visual_tokens(LLAVA_NEXT_TILING) == 2928
-    assert anyres.tile_count(672, 672, LLAVA_NEXT_TILING) == 5
+    assert anyres.visual_tokens(672, 672, TILING) == 2928  # 576 base + 48 rows of 48 + newline
+    assert anyres.most_visual_tokens(TILING) == 2928
+    assert anyres.tile_count(672, 672, TILING) == 5
 
 
 def test_pack_index_reads_the_base_view_then_unpadded_rows_with_newlines():
-    info = LLAVA_NEXT_TILING
+    info = TILING
     side = info.feature_side
     index = anyres.pack_index(250, 900, info)  # wide: canvas 336x1008, 1 x 3 tiles, rows cut above/below
     views = anyres.tile_count(250, 900, info)

@@ -1,0 +1,65 @@
+"""Qwen2-VL's and Qwen2.5-VL's own arithmetic (dyvte_rt/families/qwen2_vl.py) at Qwen2.5-VL-7B's
+true sizes: the threaded per-band patching against the plain one, and the vision graph's patch
+positions and windows against transformers' own helpers, for many more grids than the conformance
+suite exports."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+from dyvte_rt.bundle.manifest import ImagePreprocess
+from dyvte_rt.families import qwen2_vl as patch_grid
+from dyvte_rt.families.presets import QWEN25_VL_7B
+from dyvte_rt.families.qwen2_vl import grid_patches
+from dyvte_rt.inputs.preprocess import normalized
+
+INFO = QWEN25_VL_7B.family_object().layout
+
+
+def _image(width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(1280, 720), (640, 480), (3000, 2000), (333, 517), (90, 1400), (29, 31)],
+    ids=["720p-up", "both-down", "big-down", "wide-up-tall-down", "tall", "tiny-up"],
+)
+def test_band_threads_equal_one_rgb_resize(size):
+    """The per-band, threaded patch path is the plain one: RGB resize, patchify, normalise.
+    Pillow picks the order of its two passes from the sizes; resizing band by band keeps it."""
+    info = INFO
+    spec = ImagePreprocess(
+        None, None, None, 3, 1 / 255, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD), True
+    )
+    image = _image(*size)
+    height, width = patch_grid.smart_resize(image.height, image.width, info)
+    pixels = np.moveaxis(np.asarray(image.resize((width, height), Image.Resampling.BICUBIC)), -1, 0)
+    p, m = info.patch_size, info.merge_size
+    blocks = normalized(pixels, spec).reshape(3, height // p // m, m, p, width // p // m, m, p)
+    blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6).reshape(-1, 3, 1, p, p)
+    expected = np.repeat(blocks, info.temporal_patch_size, axis=2).reshape(len(blocks), -1)
+    got, grid = grid_patches(image, info, spec)
+    assert grid == patch_grid.grid_for(image.height, image.width, info)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 5e-7
+
+
+@pytest.mark.parametrize("size", [(1280, 720), (720, 1280), (224, 224), (97, 131), (3000, 500), (28, 28)])
+def test_vision_positions_and_windows_equal_transformers(size):
+    grid = patch_grid.grid_for(size[1], size[0], INFO)
+    grid_thw = torch.tensor([grid])
+    positions = patch_grid.vision_positions(grid, INFO)
+    assert (positions == get_vision_position_ids(grid_thw, INFO.merge_size).numpy()).all()
+    index, cu = get_vision_window_index(grid_thw, INFO.merge_size, INFO.window_size, INFO.patch_size)
+    window_index, window_ids = patch_grid.vision_windows(grid, INFO)
+    assert (window_index == index.numpy()).all()
+    starts = np.r_[0, np.flatnonzero(np.diff(window_ids)) + 1, len(positions)]
+    assert list(starts) == cu.tolist()
+
+
+def test_qwen25_vl_7b_takes_1196_visual_tokens_for_a_720p_image():
+    assert patch_grid.smart_resize(720, 1280, INFO) == (728, 1288)
+    assert patch_grid.visual_tokens(patch_grid.grid_for(720, 1280, INFO), INFO) == 1196

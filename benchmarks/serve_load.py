@@ -88,6 +88,7 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
         "max_tokens": args.max_tokens,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
         **({"exit": args.exit} if args.exit else {}),
     }
     # warm-up at the largest client count, so the batch's buffers exist before memory is read
@@ -152,15 +153,17 @@ def _request(url: str, body: dict) -> dict:
         headers={"Content-Type": "application/json"},
     )
     started = time.perf_counter()
-    first, last = None, None
+    first, last, extras = None, None, {}
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             for line in response:
                 if line.startswith(b"data: {"):
                     chunk = json.loads(line[6:])
-                    if first is None and chunk["choices"][0]["delta"].get("content"):
+                    choices = chunk.get("choices") or [{}]
+                    if first is None and choices[0].get("delta", {}).get("content"):
                         first = time.perf_counter()
-                    if "usage" in chunk:
+                    extras = chunk.get("dyvte") or extras  # on the chunk that finishes the answer
+                    if "usage" in chunk:  # the last chunk (stream_options.include_usage)
                         last = chunk
     except OSError:
         return {"ok": False}
@@ -168,10 +171,10 @@ def _request(url: str, body: dict) -> dict:
     return {
         "ok": last is not None,
         "tokens": last["usage"]["completion_tokens"] if last else 0,
-        "ttft_ms": last["dyvte"]["ttft_ms"] if last else None,  # the server's: random models may
+        "ttft_ms": extras.get("ttft_ms") if last else None,  # the server's: random models may
         "first_content_ms": 1e3 * ((first or done) - started),  # hold text back until the end
         "latency_ms": 1e3 * (done - started),
-        "exit_layer": last["dyvte"]["exit_layer"] if last else None,
+        "exit_layer": extras.get("exit_layer") if last else None,
     }
 
 

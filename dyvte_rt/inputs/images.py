@@ -20,6 +20,10 @@ from dyvte_rt.errors import InputError
 
 ImageInput = str | Path | Image.Image | bytes
 MAX_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000; larger images are refused before decoding
+# Models resize the short side to their input size and the long side follows: a 10000x1 image would
+# become 640000x64 before it is cropped (about 400 MB and a second of work for 89 bytes of PNG). A
+# panorama is 4-8:1; 20:1 bounds the resized image to 20 views' worth of pixels.
+MAX_ASPECT_RATIO = 20
 SUPPORTED = "PNG, JPEG, GIF, BMP, TIFF or WebP"
 IMAGE_SUFFIXES = (
     ".png",
@@ -36,6 +40,7 @@ IMAGE_SUFFIXES = (
 def load_image(image: ImageInput) -> Image.Image:
     """A path, the bytes of an image file, or a PIL image -> an upright image (checked, decoded)."""
     if isinstance(image, Image.Image):
+        check_size(image.size, "the image")
         return normalize_image(image)
     if isinstance(image, bytes):
         if not image:
@@ -80,6 +85,12 @@ def check_size(size: tuple[int, int], name: str) -> None:
         raise InputError(
             f"{name} is {width}x{height} = {width * height:,} pixels, above the limit of {MAX_PIXELS:,}",
             hint="downscale it first",
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InputError(
+            f"{name} is {width}x{height}, more than {MAX_ASPECT_RATIO} times wider than high or higher "
+            "than wide: resizing it for the model would cost out of all proportion",
+            hint=f"crop it to at most {MAX_ASPECT_RATIO}:1",
         )
 
 

@@ -6,8 +6,10 @@
     GET  /metrics               Prometheus text format
 
 Extension fields: `exit` (never, router, layer:K) and `ignore_eos` (as vLLM names it) in the
-request, `dyvte` in the response ({exit_layer, prefill_macs}). Errors are OpenAI-shaped:
-{"error": {"message", "type", "code"}}.
+request, `dyvte` in the response ({exit_layer, prefill_macs}). Every error, for every status
+(unknown routes and methods, and a failure inside the server, included), is OpenAI-shaped JSON:
+{"error": {"message", "type", "param", "code"}}; a client's mistake is a 4xx, a failure of ours a
+500 that ends only the request it hit, a stopped engine a 503 (and /health says so).
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ from pathlib import Path
 
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dyvte_rt.api.answer import Answer
 from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.errors import DyvteError, InputError
 from dyvte_rt.inputs.images import load_image
-from dyvte_rt.inputs.preprocess import prepare_image
 from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
-from dyvte_rt.serving.engine import BatchEngine, Completion, QueueFullError, ServeRequest
+from dyvte_rt.serving.engine import BatchEngine, EngineDown, QueueFullError, RequestFailed, ServeRequest
 from dyvte_rt.serving.metrics import ServerMetrics
+from dyvte_rt.serving.schema import ChatRequest, Message, parse_chat_request
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,37 @@ class ApiError(Exception):
         body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=headers)
 
+    @classmethod
+    def serving(cls, err: DyvteError) -> ApiError:
+        """The error a request ended with, as the status it deserves."""
+        if isinstance(err, EngineDown):
+            return cls(503, err.one_line(), "server_error", "engine_down")
+        if isinstance(err, RequestFailed):
+            return cls(500, err.one_line(), "server_error", "internal_error")
+        return cls(400, err.one_line())
+
+
+async def _http_error(request: Request, err: HTTPException) -> Response:
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    message = {
+        404: f"no route {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }
+    text = message.get(err.status_code, str(err.detail))
+    return ApiError(err.status_code, text, kind).response(dict(err.headers or {}))
+
+
+async def _server_error(request: Request, err: Exception) -> Response:
+    return ApiError(500, f"internal error: {type(err).__name__}", "server_error", "internal_error").response()
+
 
 def create_app(model: DyvteModel, engine: BatchEngine, model_name: str, limits: ServerLimits) -> Starlette:
     metrics = ServerMetrics(model.manifest.dims.num_layers)
-    engine.on_finished, engine.on_cancelled = metrics.finished, metrics.cancelled
+    engine.on_finished, engine.on_cancelled, engine.on_step = (
+        metrics.finished,
+        metrics.cancelled,
+        metrics.stepped,
+    )
     api = _Api(model, engine, model_name, limits, metrics)
     routes = [
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
@@ -66,7 +97,8 @@ def create_app(model: DyvteModel, engine: BatchEngine, model_name: str, limits: 
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+    handlers = {HTTPException: _http_error, Exception: _server_error}
+    return Starlette(routes=routes, exception_handlers=handlers)
 
 
 class _Api:
@@ -80,6 +112,9 @@ class _Api:
         )
 
     async def health(self, request: Request) -> Response:
+        if self.engine.failure is not None:
+            body = {"status": "error", "reason": f"the engine has stopped ({self.engine.failure})"}
+            return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok", "active": self.engine.active, "queued": self.engine.queued})
 
     async def metrics(self, request: Request) -> Response:
@@ -93,16 +128,12 @@ class _Api:
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def chat_completions(self, request: Request) -> Response:
-        try:
-            raw = await self._read_body(request)  # read first: a client still sending sees the answer
-        except ApiError as err:
-            self.metrics_.rejected(err.status)
-            return err.response()
-        if (denied := self._check_key(request)) is not None:
+        if (denied := self._check_key(request)) is not None:  # before a byte of the body is read
             return denied
         try:
-            body = self._parse_json(raw)
-            serve_request, stream, events = self._build(body)
+            raw = await self._read_body(request)  # read first: a client still sending sees the answer
+            chat = self._parse(raw)
+            serve_request, events = await self._build(chat)
             self.engine.submit(serve_request)
         except ApiError as err:
             self.metrics_.rejected(err.status)
@@ -113,12 +144,14 @@ class _Api:
                 {"Retry-After": "1"}
             )
         except DyvteError as err:
-            self.metrics_.rejected(400)
-            return ApiError(400, err.one_line()).response()
+            failure = ApiError.serving(err)
+            self.metrics_.rejected(failure.status)
+            return failure.response()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if stream:
+        if chat.stream:
             return StreamingResponse(
-                self._stream(completion_id, serve_request, events), media_type="text/event-stream"
+                self._stream(completion_id, serve_request, events, chat.include_usage),
+                media_type="text/event-stream",
             )
         return await self._complete(request, completion_id, serve_request, events)
 
@@ -156,51 +189,45 @@ class _Api:
         return b"".join(chunks)
 
     @staticmethod
-    def _parse_json(raw: bytes) -> dict:
+    def _parse(raw: bytes) -> ChatRequest:
         try:
             body = json.loads(raw)
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate cannot be encoded
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON: {err}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+        except UnicodeEncodeError:
+            raise ApiError(
+                400, "the request holds text that is not valid Unicode (a lone surrogate)"
+            ) from None
+        except (RecursionError, ValueError) as err:
+            raise ApiError(400, f"the request body cannot be read: {type(err).__name__}") from None
+        chat, problem = parse_chat_request(body)
+        if chat is None:
+            raise ApiError(400, problem or "bad request")
+        return chat
 
-    def _build(self, body: dict) -> tuple[ServeRequest, bool, asyncio.Queue]:
-        model_name = body.get("model", self.name)
-        if model_name != self.name:
+    async def _build(self, chat: ChatRequest) -> tuple[ServeRequest, asyncio.Queue]:
+        if chat.model is not None and chat.model != self.name:
             raise ApiError(
                 404,
-                f"the model {model_name!r} does not exist; this server has {self.name!r}",
+                f"the model {chat.model!r} does not exist; this server has {self.name!r}",
                 code="model_not_found",
             )
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list")
-        turns, image = self._conversation(messages)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ApiError(400, "max_tokens must be a positive integer")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-            raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings")
         try:
             sampling = SamplingConfig(
-                temperature=float(body.get("temperature", 0.0) or 0.0),
-                top_p=float(body.get("top_p", 1.0) or 1.0),
-                seed=body.get("seed"),
+                temperature=chat.temperature or 0.0,
+                top_p=1.0 if chat.top_p is None else chat.top_p,
+                seed=chat.seed,
             )
-            policy = self.model.policy(body.get("exit"))
+            policy = self.model.policy(chat.exit)
             self.model.pipeline.check_policy(policy)
-        except (TypeError, ValueError) as err:
-            raise ApiError(400, f"bad sampling parameters: {err}") from None
         except DyvteError as err:
             raise ApiError(400, err.one_line()) from None
-        prompts = self.model.prompts
+        # decoding the image, preparing it and tokenising run on a worker thread: the event loop
+        # (other streams, /health) carries on meanwhile
+        ids, prepared, preprocess_ms = await asyncio.to_thread(self._prepare, chat.messages)
         try:
-            prepared = None if image is None else prepare_image(image, self.model.manifest.vision)
-            visual = None if prepared is None else prepared.visual_tokens
-            ids = prompts.encode_turns(turns, with_image=image is not None, visual_tokens=visual)
+            rule = self.model.stop_rule(chat.new_tokens, chat.stops, chat.ignore_eos)
         except DyvteError as err:
             raise ApiError(400, err.one_line()) from None
         loop = asyncio.get_running_loop()
@@ -209,20 +236,31 @@ class _Api:
         def emit(kind: str, payload: object) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
-        serve = ServeRequest(ids[0], prepared, policy, max_tokens, Sampler(sampling), tuple(stop), emit)
-        serve.ignore_eos = bool(body.get("ignore_eos", False))  # an extension, as vLLM names it
-        return serve, bool(body.get("stream", False)), events
+        return ServeRequest(ids[0], prepared, policy, rule, Sampler(sampling), emit, preprocess_ms), events
 
-    def _conversation(self, messages: list) -> tuple[list[tuple[str, str | None]], Image.Image | None]:
+    def _prepare(self, messages: list[Message]):
+        """Messages -> (prompt ids, prepared image or None, preparation ms), on a worker thread."""
+        turns, image = self._conversation(messages)
+        try:
+            started = time.perf_counter()
+            prepared = None if image is None else self.model.family.prepare_image(image)
+            preprocess_ms = 1e3 * (time.perf_counter() - started)
+            visual = None if prepared is None else prepared.visual_tokens
+            ids = self.model.prompts.encode_turns(turns, with_image=image is not None, visual_tokens=visual)
+        except DyvteError as err:
+            raise ApiError(400, err.one_line()) from None
+        return ids, prepared, preprocess_ms
+
+    def _conversation(
+        self, messages: list[Message]
+    ) -> tuple[list[tuple[str, str | None]], Image.Image | None]:
         """OpenAI messages -> (question, answer) turns with at most one image, in the first question."""
         turns: list[tuple[str, str | None]] = []
         image = None
         system = []
         for index, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise ApiError(400, f"messages[{index}] must have a role of system, user or assistant")
-            text, images = self._content(message.get("content"), index)
-            role = message["role"]
+            text, images = self._content(message.content, index)
+            role = message.role
             if role == "system":
                 system.append(text)
             elif role == "user":
@@ -243,23 +281,15 @@ class _Api:
     def _content(self, content, index: int) -> tuple[str, list[Image.Image]]:
         if isinstance(content, str):
             return content, []
-        if not isinstance(content, list):
-            raise ApiError(400, f"messages[{index}].content must be a string or a list of parts")
         texts, images = [], []
         for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind == "image_url":
-                url = part.get("image_url", {})
-                url = url.get("url") if isinstance(url, dict) else url
-                if len(images) or not isinstance(url, str):
-                    raise ApiError(400, f"messages[{index}]: one image_url with a url per message")
-                images.append(self._image(url))
-            else:
-                raise ApiError(400, f"messages[{index}]: content parts must be text or image_url")
-        if len(images) > 1:
-            raise ApiError(400, "one image per conversation")
+            if part.type == "text":
+                texts.append(part.text)
+                continue
+            url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+            if images:
+                raise ApiError(400, f"messages[{index}]: one image_url per message")
+            images.append(self._image(url))
         return " ".join(texts), images
 
     def _image(self, url: str) -> Image.Image:
@@ -280,7 +310,10 @@ class _Api:
         path = Path(url.removeprefix("file://"))
         if root is None or "://" in url.removeprefix("file://"):
             raise ApiError(400, "image URLs must be data: URIs (local files only with --allow-local-images)")
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+            raise ApiError(400, "the image path is not a valid file name") from None
         if not resolved.is_relative_to(root.resolve()):
             raise ApiError(403, "the image file is outside the folder --allow-local-images allows")
         return self._open(resolved)
@@ -290,6 +323,8 @@ class _Api:
             return load_image(source)  # size limits, decompression bombs and bad files: one InputError
         except InputError as err:
             raise ApiError(400, err.one_line()) from None
+        except (OSError, ValueError) as err:  # the path names no readable file
+            raise ApiError(400, f"the image cannot be read: {type(err).__name__}") from None
 
     # -- responding -------------------------------------------------------------------------------
 
@@ -297,20 +332,22 @@ class _Api:
         pieces = []
         while True:
             try:
-                kind, payload = await asyncio.wait_for(events.get(), timeout=0.5)
+                kind, payload = await asyncio.wait_for(events.get(), timeout=0.1)
             except TimeoutError:
-                if await request.is_disconnected():
-                    serve.cancelled.set()
-                    return Response(status_code=499)
+                kind = None
+            if await request.is_disconnected():  # looked at every token: cancelled within a step
+                serve.cancelled.set()
+                return Response(status_code=499)
+            if kind is None:
                 continue
             if kind == "piece":
                 pieces.append(payload)
             elif kind == "error":
-                return ApiError(400, payload.one_line()).response()
+                return ApiError.serving(payload).response()
             else:
                 return JSONResponse(self._completion_body(completion_id, payload))
 
-    async def _stream(self, completion_id: str, serve: ServeRequest, events):
+    async def _stream(self, completion_id: str, serve: ServeRequest, events, include_usage: bool = False):
         created = int(time.time())
 
         def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
@@ -331,17 +368,26 @@ class _Api:
                 if kind == "piece":
                     yield chunk({"content": payload})
                 elif kind == "error":
-                    error = {"error": {"message": payload.one_line(), "type": "server_error"}}
+                    failure = ApiError.serving(payload)
+                    error = {
+                        "error": {"message": failure.message, "type": failure.kind, "code": failure.code}
+                    }
                     yield f"data: {json.dumps(error)}\n\n"
                     return
                 else:
-                    yield chunk({}, payload.finish_reason, self._extras(payload))
+                    extras = self._extras(payload)
+                    usage = extras.pop("usage")
+                    yield chunk({}, payload.finish_reason, extras)
+                    if include_usage:  # as OpenAI sends it: a last chunk with no choices
+                        final = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                 "model": self.name, "choices": [], "usage": usage}  # fmt: skip
+                        yield f"data: {json.dumps(final)}\n\n"
                     yield "data: [DONE]\n\n"
                     return
         finally:
             serve.cancelled.set()  # a client that leaves frees its slot (a finished request ignores it)
 
-    def _completion_body(self, completion_id: str, done: Completion) -> dict:
+    def _completion_body(self, completion_id: str, done: Answer) -> dict:
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -358,7 +404,7 @@ class _Api:
         }
 
     @staticmethod
-    def _extras(done: Completion) -> dict:
+    def _extras(done: Answer) -> dict:
         tokens = len(done.token_ids)
         return {
             "usage": {
@@ -369,7 +415,8 @@ class _Api:
             "dyvte": {
                 "exit_layer": done.exit_layer,
                 "prefill_macs": done.prefill_macs,
-                "ttft_ms": round(1e3 * done.ttft_s, 3),  # from joining the queue to the first token
-                "latency_ms": round(1e3 * done.latency_s, 3),
+                # from the image's preparation (queueing included) to the first and the last token
+                "ttft_ms": round(done.timings_ms["ttft"], 3),
+                "latency_ms": round(done.timings_ms["latency"], 3),
             },
         }

@@ -1,13 +1,20 @@
 """Continuous batching: many requests decoded together, each joining between decode steps.
 
-One thread owns the model. A batch KV cache has `max_batch` slots (rows); a new request is
-prefilled alone into a free slot's rows — deciding its own exit, as a single request does — and
-then decodes with every other active slot in one graph call per step. A finished, cancelled or
-disconnected request frees its slot at once. Every slot's tokens equal what the request would get
-alone: padding rows never reach a sample's attention (each row has its own KV lengths).
+One thread owns the model and a `DecodeBatch` of `max_batch` slots (rows of one KV cache). Requests
+waiting when slots are free are prefilled into them — each deciding its own exit, as a single
+request does; requests that start together share one prefill call — and then decode with every
+other active slot in one graph call per step. A finished, cancelled or disconnected request frees
+its slot at once. Every slot's tokens equal what the request would get alone.
 
 Events go back to the caller through `emit(kind, payload)`, called on the engine thread: ("piece",
-text), then ("done", Completion) or ("error", DyvteError).
+text), then ("done", Answer) or ("error", DyvteError).
+
+Faults stay with the requests they touch: a request whose prefill fails gets an error event (an
+`InputError` for what the client can fix, a `RequestFailed` for anything else) and the others go
+on; a decode step that fails ends the requests in that step and frees their slots, and the engine
+serves the next ones. Only a failure outside any request (the engine's own bookkeeping) stops it:
+`failure` then says why, every waiting request gets an error and new ones are refused with
+`EngineDown`, which the server answers 503 and reports on /health.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dyvte_rt.api.model import FINISH_LENGTH, FINISH_STOP, DyvteModel
+from dyvte_rt.api.answer import Answer
+from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.errors import DyvteError, InputError
 from dyvte_rt.inputs.preprocess import PreparedImage
-from dyvte_rt.runtime.pipeline import PrefillRequest, PrefillResult
+from dyvte_rt.runtime.batch import DecodeBatch
+from dyvte_rt.runtime.decoding import FINISH_CANCELLED, DecodeState, StopRule
+from dyvte_rt.runtime.pipeline import PrefillRequest
 from dyvte_rt.runtime.policy import ExitPolicy
 from dyvte_rt.runtime.sampling import Sampler
-from dyvte_rt.runtime.streaming import AnswerPieces
 
 _ids = itertools.count(1)
 
@@ -36,16 +45,18 @@ class QueueFullError(DyvteError):
     """More requests are waiting than the server accepts (HTTP 503)."""
 
 
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # stop | length
-    prompt_tokens: int
-    exit_layer: int | None
-    prefill_macs: dict[str, int]
-    ttft_s: float
-    latency_s: float
+class RequestFailed(DyvteError):
+    """Serving one request failed for a reason that is not the client's (HTTP 500)."""
+
+
+class EngineDown(DyvteError):
+    """The engine thread has stopped and cannot serve (HTTP 503)."""
+
+
+def _failed(err: BaseException, during: str) -> DyvteError:
+    if isinstance(err, DyvteError):
+        return err
+    return RequestFailed(f"{during} failed: {type(err).__name__}: {err}"[:500])
 
 
 @dataclass
@@ -53,24 +64,13 @@ class ServeRequest:
     prompt_ids: np.ndarray  # [N]
     image: PreparedImage | None
     policy: ExitPolicy
-    max_tokens: int
+    rule: StopRule
     sampler: Sampler
-    stop: tuple[str, ...]
     emit: Callable[[str, object], None]
-    ignore_eos: bool = False  # decode max_tokens tokens whatever the model says (benchmarks, tests)
+    preprocess_ms: float = 0.0  # image decoding and preparation before the request was queued
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=lambda: next(_ids))
     queued_at: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _Active:
-    request: ServeRequest
-    prefill: PrefillResult
-    tokens: list[int]
-    text: str
-    detokenizer: AnswerPieces
-    first_token_at: float
 
 
 class BatchEngine:
@@ -83,15 +83,16 @@ class BatchEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.context = min(context or 2048, model.manifest.dims.max_positions)
-        self.cache = model.pipeline.new_cache(self.context, batch=max_batch)
-        self.rows = [self.cache.row(i) for i in range(max_batch)]
-        self.slots: list[_Active | None] = [None] * max_batch
+        self.batch = DecodeBatch(model.pipeline, model.pipeline.new_cache(self.context, batch=max_batch))
+        self.requests: dict[int, ServeRequest] = {}  # slot -> request
         self.queue: collections.deque[ServeRequest] = collections.deque()
-        self._eos = set(model.manifest.tokens.eos)
         self._wake = threading.Condition()
         self._stopping = False
-        self.on_finished: Callable[[ServeRequest, Completion], None] | None = None  # metrics hooks
+        self._starting = 0  # taken off the queue, being prefilled: they count against the bound
+        self.failure: str | None = None  # why the engine thread stopped, if it did
+        self.on_finished: Callable[[ServeRequest, Answer], None] | None = None  # metrics hooks
         self.on_cancelled: Callable[[ServeRequest], None] | None = None
+        self.on_step: Callable[[int], None] | None = None  # requests decoded in one step
         self._thread = threading.Thread(target=self._loop, name="dyvte-engine", daemon=True)
         self._thread.start()
 
@@ -101,16 +102,25 @@ class BatchEngine:
 
     @property
     def active(self) -> int:
-        return sum(slot is not None for slot in self.slots)
+        return len(self.requests)
 
     def submit(self, request: ServeRequest) -> None:
-        if request.prompt_ids.shape[0] + 1 > self.context:
+        room = self.context - request.prompt_ids.shape[0]
+        if room < 1:
             raise InputError(
                 f"the prompt has {request.prompt_ids.shape[0]} tokens, more than the server's context"
             )
+        if request.rule.max_new_tokens > room:  # the answer stops at the context's end ("length")
+            request.rule = StopRule(room, request.rule.eos, request.rule.stop, request.rule.ignore_eos)
         with self._wake:
-            if len(self.queue) >= self.max_queue and self.active >= self.max_batch:
-                raise QueueFullError(f"{len(self.queue)} requests are already waiting", hint="retry later")
+            if self.failure is not None:
+                raise EngineDown(f"the engine has stopped ({self.failure})", hint="restart the server")
+            held = len(self.queue) + self._starting + self.active
+            if held >= self.max_queue + self.max_batch:
+                raise QueueFullError(
+                    f"{self.active + self._starting} requests are being served and {len(self.queue)} wait",
+                    hint="retry later",
+                )
             self.queue.append(request)
             self._wake.notify()
 
@@ -124,95 +134,119 @@ class BatchEngine:
     # -- the engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._wake:
+                    while not self.queue and not self.active and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping and not self.queue and not self.active:
+                        return
+                self._admit()
+                self._cancel_departed()
+                if self.batch.active:
+                    if self.on_step is not None:
+                        self.on_step(self.batch.active)
+                    self._step()
+        except BaseException as err:  # the engine itself broke: say so, fail everyone, refuse more
             with self._wake:
-                while not self.queue and not self.active and not self._stopping:
-                    self._wake.wait()
-                if self._stopping and not self.queue and not self.active:
-                    return
-            self._admit()
-            if self.active:
-                self._step()
-
-    def _admit(self) -> None:
-        while True:
-            with self._wake:
-                free = next((i for i, slot in enumerate(self.slots) if slot is None), None)
-                if free is None or not self.queue:
-                    return
-                request = self.queue.popleft()
-            if request.cancelled.is_set():
-                continue
-            try:
-                self._start(free, request)
-            except DyvteError as err:
-                request.emit("error", err)
-
-    def _start(self, slot: int, request: ServeRequest) -> None:
-        room = self.context - request.prompt_ids.shape[0]
-        request.max_tokens = min(request.max_tokens, room)
-        row = self.rows[slot]
-        row.lengths[:] = 0
-        result = self.model.pipeline.prefill_batch(
-            [PrefillRequest(request.prompt_ids, request.image, request.policy)], row
-        ).results[0]
-        active = _Active(
-            request, result, [], "", AnswerPieces(self.model.prompts.tokenizer), time.perf_counter()
-        )
-        self.slots[slot] = active
-        self._advance(slot, result.logits)
+                self.failure = f"{type(err).__name__}: {err}"[:300]
+                waiting, self.queue = list(self.queue), collections.deque()
+            down = EngineDown(f"the engine has stopped ({self.failure})", hint="restart the server")
+            for request in [*self.requests.values(), *waiting]:
+                request.emit("error", down)
+            self.requests.clear()
 
     def _step(self) -> None:
-        """One decode step for every slot (free ones carry a padding token and are reset after)."""
-        tokens = np.zeros((self.max_batch, 1), dtype=np.int64)
-        positions = np.zeros((self.max_batch, 1), dtype=np.int64)
-        for slot, active in enumerate(self.slots):
-            if active is not None:
-                tokens[slot, 0] = active.tokens[-1]
-                positions[slot, 0] = active.prefill.n_tokens + len(active.tokens) - 1
-        logits = self.model.pipeline.forward_tokens(tokens, positions, self.cache)
-        for slot, active in enumerate(self.slots):
-            if active is None:
-                self.cache.lengths[slot] = 0  # the padding row leaves nothing behind
-            else:
-                self._advance(slot, logits[slot : slot + 1])
+        """One decode step; if it fails, the requests in it end with the error and free their slots."""
+        try:
+            finished = self.batch.step()
+        except Exception as err:
+            failure = _failed(err, "a decode step")
+            for slot, request in list(self.requests.items()):
+                del self.requests[slot]
+                self._release_if_taken(slot)
+                request.emit("error", failure)
+            return
+        self._report(finished)
 
-    def _advance(self, slot: int, logits: np.ndarray) -> None:
-        active = self.slots[slot]
-        request = active.request
-        token = request.sampler(logits)
-        active.tokens.append(token)
-        piece = active.detokenizer.step(token)
-        finish = None
-        if token in self._eos and not request.ignore_eos:
-            finish, piece = FINISH_STOP, ""
-        text = active.text + piece
-        stopped_at = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
-        if stopped_at >= 0:
-            piece, text, finish = text[len(active.text) : stopped_at], text[:stopped_at], FINISH_STOP
-        active.text = text
-        if piece:
-            request.emit("piece", piece)
-        if finish is None and len(active.tokens) >= request.max_tokens:
-            finish = FINISH_LENGTH
-        if finish is None and request.cancelled.is_set():
-            finish = "cancelled"
-        if finish is not None:
-            self.slots[slot] = None
-            self.cache.lengths[slot] = 0
-            if finish == "cancelled" and self.on_cancelled is not None:
-                self.on_cancelled(request)
-            if finish != "cancelled":
-                done = Completion(
-                    text=active.text.strip(),
-                    token_ids=active.tokens,
-                    finish_reason=finish,
-                    prompt_tokens=active.prefill.n_tokens,
-                    exit_layer=active.prefill.exit_layer,
-                    prefill_macs={"full": active.prefill.macs.full, "actual": active.prefill.macs.actual},
-                    ttft_s=active.first_token_at - request.queued_at,
-                    latency_s=time.perf_counter() - request.queued_at,
-                )
-                if self.on_finished is not None:
-                    self.on_finished(request, done)
-                request.emit("done", done)
+    def _admit(self) -> None:
+        """Prefill the waiting requests that fit into free slots, together."""
+        with self._wake:
+            starting = []
+            for slot in self.batch.free_slots():
+                while self.queue and self.queue[0].cancelled.is_set():
+                    self.queue.popleft()
+                if not self.queue:
+                    break
+                starting.append((slot, self.queue.popleft()))
+            self._starting = len(starting)
+        if not starting:
+            return
+        try:
+            entries = [(slot, self._prefill_request(r), self._state(r)) for slot, r in starting]
+            self.batch.prefill(entries)
+            self.requests.update(dict(starting))
+        except Exception as err:
+            for slot, _ in starting:
+                self._release_if_taken(slot)
+            if len(starting) == 1:
+                starting[0][1].emit("error", _failed(err, "the prefill"))
+            else:
+                for slot, request in starting:  # one at a time: only the request at fault fails
+                    self._start_alone(slot, request)
+        finally:
+            with self._wake:
+                self._starting = 0
+        self._report([])
+
+    def _start_alone(self, slot: int, request: ServeRequest) -> None:
+        try:
+            self.batch.prefill([(slot, self._prefill_request(request), self._state(request))])
+        except Exception as err:
+            self._release_if_taken(slot)
+            request.emit("error", _failed(err, "the prefill"))
+            return
+        self.requests[slot] = request
+
+    def _prefill_request(self, request: ServeRequest) -> PrefillRequest:
+        return PrefillRequest(request.prompt_ids, request.image, request.policy)
+
+    def _state(self, request: ServeRequest) -> DecodeState:
+        return DecodeState(
+            self.model.prompts.tokenizer,
+            request.sampler,
+            request.rule,
+            request.prompt_ids.shape[0],
+            started_at=request.queued_at,
+            preprocess_ms=request.preprocess_ms,
+        )
+
+    def _cancel_departed(self) -> None:
+        for slot, request in list(self.requests.items()):
+            if request.cancelled.is_set():
+                self.batch.cancel(slot)
+        self._report([])
+
+    def _report(self, finished: list[int]) -> None:
+        """Emit every active request's new text; finish and free the slots that ended."""
+        for slot, request in list(self.requests.items()):
+            entry = self.batch.slots[slot]
+            text = entry.state.take_text()
+            if text:
+                request.emit("piece", text)
+            if not entry.state.finished:
+                continue
+            del self.requests[slot]
+            done = self.batch.release(slot)
+            if done.state.finish_reason == FINISH_CANCELLED:
+                if self.on_cancelled is not None:
+                    self.on_cancelled(request)
+                continue
+            answer = Answer.from_slot(done, request.policy.spec())
+            if self.on_finished is not None:
+                self.on_finished(request, answer)
+            request.emit("done", answer)
+
+    def _release_if_taken(self, slot: int) -> None:
+        if self.batch.slots[slot] is not None:
+            self.batch.release(slot)

@@ -136,12 +136,23 @@ def test_32_requests_from_8_clients_each_equal_their_single_answer(server, demo_
         question = QUESTIONS[index % len(QUESTIONS)]
         return question, _post(server, {"messages": _messages(question), "max_tokens": 16})[1]
 
+    before = _step_counts(server)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(ask, range(32)))
     assert len(results) == 32
     for question, body in results:
         assert body["choices"][0]["message"]["content"] == expected[question]["answer"], question
         assert body["dyvte"]["exit_layer"] == expected[question]["exit_layer"]
+    alone, steps = (after - earlier for after, earlier in zip(_step_counts(server), before, strict=True))
+    assert steps > alone  # some decode steps served several requests at once: a serial engine fails here
+
+
+def _step_counts(url: str) -> tuple[float, float]:
+    """(decode steps that served one request, all decode steps) from /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    value = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line[:1] != "#"}
+    return value['dyvte_decode_step_requests_bucket{le="1.0"}'], value["dyvte_decode_step_requests_count"]
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[bytes | dict, str | None, int]]:
@@ -199,7 +210,8 @@ def test_metrics_and_models(server):
 
 
 def _stream_request(url: str, max_tokens: int, key: str | None = None, ignore_eos: bool = False):
-    body = {"messages": _messages(QUESTIONS[0]), "max_tokens": max_tokens, "stream": True}
+    body = {"messages": _messages(QUESTIONS[0]), "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     body = json.dumps({**body, "ignore_eos": True} if ignore_eos else body).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers, method="POST")

@@ -1,0 +1,312 @@
+"""The server against bad input and faults, as a client or an attacker would send them, in-process
+(Starlette's TestClient over the demo bundle): JSON for every status, a 4xx for every client
+mistake, no request that stops the engine, images bounded by what they cost, limits that hold."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = ROOT / "examples/three_shapes.png"
+QUESTION = "what color is the shape in the top left?"
+
+
+def _png(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _messages(question: str = QUESTION, url: str | None = None) -> list[dict]:
+    url = url or "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model(demo_bundle):
+    from dyvte_rt import DyvteModel
+
+    with DyvteModel.load(demo_bundle) as loaded:
+        yield loaded
+
+
+def _client(model, api_key=None, max_batch=2, max_queue=4):
+    from starlette.testclient import TestClient
+
+    from dyvte_rt.serving.app import ServerLimits, create_app
+    from dyvte_rt.serving.engine import BatchEngine
+
+    engine = BatchEngine(model, max_batch=max_batch, max_queue=max_queue, context=256)
+    app = create_app(model, engine, "demo", ServerLimits(max_body_bytes=1 << 20, api_key=api_key))
+    return TestClient(app, raise_server_exceptions=False), engine
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    client, engine = _client(model)
+    yield client, engine
+    engine.stop()
+
+
+def _post(client, body, **headers):
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    return client.post(
+        "/v1/chat/completions", content=data, headers={"content-type": "application/json", **headers}
+    )
+
+
+def _good(client) -> str:
+    reply = _post(client, {"messages": _messages(), "max_tokens": 8})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["message"]["content"]
+
+
+BAD_REQUESTS = {  # body -> what the one-line message names
+    "temperature below 0": ({"temperature": -1}, "temperature"),
+    "temperature above 2": ({"temperature": 2.5}, "temperature"),
+    "temperature as text": ({"temperature": "0.5"}, "temperature"),
+    "top_p above 1": ({"top_p": 1.5}, "top_p"),
+    "seed as text": ({"seed": "abc"}, "seed"),
+    "negative seed": ({"seed": -1}, "seed"),
+    "exit as a number": ({"exit": 123}, "exit"),
+    "exit unknown": ({"exit": "sometimes"}, "exit policy"),
+    "stream as text": ({"stream": "false"}, "stream"),
+    "n of 2": ({"n": 2}, "n must be 1"),
+    "logprobs": ({"logprobs": True}, "logprobs"),
+    "logit_bias": ({"logit_bias": {"5": 100}}, "logit_bias"),
+    "json mode": ({"response_format": {"type": "json_object"}}, "response_format"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "a penalty": ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    "max_tokens 0": ({"max_tokens": 0}, "max_tokens"),
+    "max_tokens as float": ({"max_tokens": 4.5}, "max_tokens"),
+    "five stops": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    "include_usage as text": ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
+    "a role of robot": ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+    "no messages": ({"messages": []}, "messages"),
+    "content a number": ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    "unknown part": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages"),
+    "wide image": ({"messages": _messages(url=_png(2000, 10))}, "20 times wider than high"),
+    "tall image": ({"messages": _messages(url=_png(3, 300))}, "crop it to at most 20:1"),
+}
+
+
+def test_every_bad_field_is_a_400_naming_it_and_the_engine_serves_on(served):
+    client, engine = served
+    for name, (fields, named) in BAD_REQUESTS.items():
+        body = {"messages": _messages(), "max_tokens": 4, **fields}
+        reply = _post(client, body)
+        assert reply.status_code == 400, (name, reply.status_code, reply.text)
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and "\n" not in error["message"], name
+        assert named in error["message"], (name, error["message"])
+    assert engine.failure is None and _good(client)
+
+
+def test_text_and_paths_that_are_not_text_are_refused_as_json(model, tmp_path):
+    from starlette.testclient import TestClient
+
+    from dyvte_rt.serving.app import ServerLimits, create_app
+    from dyvte_rt.serving.engine import BatchEngine
+
+    engine = BatchEngine(model, max_batch=1, context=256)
+    limits = ServerLimits(allow_local_images=tmp_path)
+    client = TestClient(create_app(model, engine, "demo", limits), raise_server_exceptions=False)
+    try:
+        surrogate = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}], "max_tokens": 2}'
+        for body, status, named in (
+            (surrogate, 400, "Unicode"),
+            ({"messages": _messages(url=str(tmp_path / "a\x00b.png"))}, 400, "not a valid file name"),
+            ({"messages": _messages(url=str(tmp_path / ("x" * 5000)))}, 400, "image"),
+            (b"[" * 100_000, 400, "cannot be read"),
+            (b"\xff\xfe", 400, "not valid JSON"),
+        ):
+            reply = _post(client, body)
+            assert reply.status_code == status and named in reply.json()["error"]["message"], reply.text
+    finally:
+        engine.stop()
+
+
+def test_unknown_routes_and_methods_answer_json(served):
+    client, _ = served
+    for method, path, status in (("get", "/nowhere", 404), ("get", "/v1/chat/completions", 405),
+                                 ("delete", "/v1/models", 405)):  # fmt: skip
+        reply = getattr(client, method)(path)
+        assert reply.status_code == status and reply.json()["error"]["message"], (path, reply.text)
+
+
+def test_a_tiny_temperature_is_answered_and_equals_greedy(served):
+    """1e-320 once turned the logits into NaN inside the engine thread, which died silently."""
+    client, engine = served
+    greedy = _good(client)
+    reply = _post(client, {"messages": _messages(), "max_tokens": 8, "temperature": 1e-320, "seed": 3})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == greedy
+    reply = _post(client, {"messages": _messages(), "max_tokens": 8, "temperature": 1.0, "top_p": 0})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == greedy
+    assert engine.failure is None and client.get("/health").json()["status"] == "ok"
+
+
+def test_a_failure_inside_a_decode_step_ends_only_that_request(model, monkeypatch):
+    """An exception in a step is a 500 for the request it hit; the engine serves the next one."""
+    from dyvte_rt.runtime.batch import DecodeBatch
+
+    client, engine = _client(model)
+    try:
+        real, calls = DecodeBatch.step, {"n": 0}
+
+        def flaky(self):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("simulated kernel failure")
+            return real(self)
+
+        monkeypatch.setattr(DecodeBatch, "step", flaky)
+        failed = _post(client, {"messages": _messages(), "max_tokens": 8, "ignore_eos": True})
+        assert failed.status_code == 500, failed.text
+        assert (
+            failed.json()["error"]["type"] == "server_error"
+            and "simulated" in failed.json()["error"]["message"]
+        )
+        assert engine.failure is None and client.get("/health").status_code == 200
+        assert _good(client)
+    finally:
+        engine.stop()
+
+
+def test_a_stopped_engine_is_503_on_health_and_on_new_requests(model, monkeypatch):
+    from dyvte_rt.serving.engine import BatchEngine
+
+    client, engine = _client(model)
+    try:
+        monkeypatch.setattr(BatchEngine, "_admit", lambda self: (_ for _ in ()).throw(MemoryError("boom")))
+        reply = _post(client, {"messages": _messages(), "max_tokens": 4})
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "engine_down", reply.text
+        health = client.get("/health")
+        assert health.status_code == 503 and "MemoryError" in health.json()["reason"]
+        again = _post(client, {"messages": _messages(), "max_tokens": 4})
+        assert again.status_code == 503 and "stopped" in again.json()["error"]["message"]
+    finally:
+        engine.stop(timeout=5)
+
+
+def test_a_burst_admits_slots_plus_queue_and_refuses_the_rest_with_retry_after(model, monkeypatch):
+    """Requests being prefilled count against the bound (they once did not, and 16 queued)."""
+    from dyvte_rt.runtime.batch import DecodeBatch
+
+    client, engine = _client(model, max_batch=2, max_queue=2)
+    gate = threading.Event()
+    real = DecodeBatch.prefill
+    monkeypatch.setattr(DecodeBatch, "prefill", lambda self, entries: (gate.wait(30), real(self, entries))[1])
+    replies = []
+    try:
+
+        def ask():
+            replies.append(_post(client, {"messages": _messages(), "max_tokens": 2}))
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        deadline = __import__("time").time() + 30
+        while sum(r.status_code == 503 for r in replies) < 4 and __import__("time").time() < deadline:
+            __import__("time").sleep(0.02)
+        gate.set()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        gate.set()
+        engine.stop()
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [200] * 4 + [503] * 4, codes
+    refused = next(r for r in replies if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "queue_full"
+
+
+def test_the_api_key_is_checked_before_the_body_is_read(model):
+    client, engine = _client(model, api_key="k")
+    try:
+        reply = _post(client, b"not even json")
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+        assert (
+            _post(client, {"messages": _messages(), "max_tokens": 2}, authorization="Bearer k").status_code
+            == 200
+        )
+    finally:
+        engine.stop()
+
+
+def test_streamed_text_equals_the_answer_and_usage_comes_as_openai_sends_it(served):
+    client, _ = served
+    whole = _good(client)
+    words = whole.split()
+    stop = " ".join(words[1:3]) if len(words) >= 3 else whole[1:]  # a stop string of several tokens
+    body = {"messages": _messages(), "max_tokens": 8, "stop": stop, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+        events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == whole[: whole.index(stop)] and stop not in text
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
+    assert all("usage" not in e for e in events[:-1])
+    plain = {**body, "stream_options": None}
+    with client.stream("POST", "/v1/chat/completions", json=plain) as reply:
+        events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: {")]
+    assert all("usage" not in e for e in events)
+
+
+def test_images_are_bounded_in_the_cli_and_the_api_too(model, tmp_path):
+    from dyvte_rt.errors import InputError
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (10000, 1)).save(wide)
+    with pytest.raises(InputError, match="wider than high"):
+        model.ask(wide, QUESTION)
+    with pytest.raises(InputError, match="crop it"):
+        model.ask(Image.new("RGB", (1, 64)), QUESTION)
+    assert model.ask(Image.new("RGB", (400, 20)), QUESTION, max_new_tokens=2).token_ids  # 20:1 is fine
+
+
+FIELDS = st.sampled_from(["temperature", "top_p", "seed", "max_tokens", "stop", "stream", "exit", "n",
+                          "messages", "model", "ignore_eos", "stream_options", "logprobs"])  # fmt: skip
+VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(FIELDS, VALUES, max_size=4))
+def test_any_request_body_gets_a_json_status_and_never_a_500_for_a_client_mistake(served, fields):
+    client, engine = served
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+    try:
+        data = json.dumps(body, allow_nan=True)
+    except (TypeError, ValueError):
+        return
+    reply = _post(client, data.encode())
+    assert reply.headers["content-type"].startswith(("application/json", "text/event-stream")), reply.text
+    assert reply.status_code in (200, 400, 404, 413), (body, reply.status_code, reply.text)
+    if reply.status_code != 200:
+        assert reply.json()["error"]["message"]
+    assert engine.failure is None
+
+
+def test_after_the_fuzz_a_good_request_is_answered_as_before(served):
+    client, _ = served
+    first, second = _good(client), _good(client)
+    assert first == second and first
+    assert np.isfinite(client.get("/health").json()["active"])

@@ -26,6 +26,9 @@ class ServeConfig(RunnerConfig):
     allow_local_images: Path | None = None
     max_body_mb: float = 20.0
     model_name: str | None = None  # None: the bundle directory's name
+    drain_seconds: int = 10  # SIGTERM: how long requests in flight may take to finish
+    idle_timeout: int = 30  # seconds an idle keep-alive connection stays open
+    metrics_public: bool = False  # /metrics without the API key
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -63,6 +66,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model-name", metavar="NAME", help="the model id clients use (default: the bundle's folder)"
     )
+    parser.add_argument(
+        "--drain-seconds",
+        type=int,
+        metavar="S",
+        help="on SIGTERM, stop accepting and give requests in flight S seconds to finish, then exit 0",
+    )
+    parser.add_argument(
+        "--idle-timeout", type=int, metavar="S", help="close a keep-alive connection idle for S seconds"
+    )
+    parser.add_argument(
+        "--metrics-public", action="store_true", help="serve /metrics without the API key (--api-key)"
+    )
     use_config_defaults(parser, ServeConfig)
     parser.set_defaults(make_config=partial(config_from, ServeConfig), run=run)
 
@@ -82,6 +97,7 @@ def run(config: ServeConfig) -> int:
             max_body_bytes=int(config.max_body_mb * 2**20),
             allow_local_images=config.allow_local_images,
             api_key=config.api_key,
+            metrics_public=config.metrics_public,
         )
         name = config.model_name or model.bundle.path.resolve().name
         app = create_app(model, engine, name, limits)
@@ -89,13 +105,43 @@ def run(config: ServeConfig) -> int:
             f"serving {name} on http://{config.host}:{config.port}/v1 (batch {config.max_batch})",
             file=sys.stderr,
         )
-        server = uvicorn.Server(
+        server = draining_server()(
             uvicorn.Config(
-                app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=60
+                app,
+                host=config.host,
+                port=config.port,
+                log_level="warning",
+                timeout_graceful_shutdown=config.drain_seconds,
+                timeout_keep_alive=config.idle_timeout,
             )
         )
         try:
             server.run()
         finally:
-            engine.stop()
+            engine.stop(timeout=config.drain_seconds)
     return 0
+
+
+def draining_server() -> type:
+    """uvicorn's Server that exits 0 after draining a SIGTERM (made on first use: uvicorn is an
+    optional extra)."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn re-raises a captured signal after its graceful shutdown, so a drained SIGTERM
+        ended the process by signal; here it is a clean exit (0). SIGINT still ends as Ctrl-C does."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    captured = getattr(self, "_captured_signals", [])
+                    captured[:] = [s for s in captured if s != signal.SIGTERM]
+
+    return DrainingServer
+

@@ -46,6 +46,7 @@ class ServerLimits:
     max_image_bytes: int = 15 << 20  # one decoded image file
     allow_local_images: Path | None = None  # image URLs may name files under this folder
     api_key: str | None = None
+    metrics_public: bool = False  # /metrics without the key
 
 
 class ApiError(Exception):
@@ -118,6 +119,8 @@ class _Api:
         return JSONResponse({"status": "ok", "active": self.engine.active, "queued": self.engine.queued})
 
     async def metrics(self, request: Request) -> Response:
+        if not self.limits.metrics_public and (denied := self._check_key(request)) is not None:
+            return denied
         body, content_type = self.metrics_.render(self.engine.queued, self.engine.active)
         return Response(body, media_type=content_type)
 

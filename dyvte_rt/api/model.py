@@ -147,21 +147,16 @@ class DyvteModel:
         overrides the bundle's router threshold; `stop`: strings the answer ends before (not part
         of it); `ignore_eos=True` decodes exactly `max_new_tokens` (benchmarks).
         """
-        policy = self.policy(exit, threshold)
-        self.pipeline.check_policy(policy)
         rule = self.stop_rule(max_new_tokens, stop, ignore_eos, stop_at_eos)
-        started = time.perf_counter()
-        input_ids, prepared = self._prepare(image, question, max_new_tokens)
-        preprocess_ms = 1e3 * (time.perf_counter() - started)
-        sampler = Sampler(sampling or SamplingConfig())
+        request, state = self._request(image, question, exit, threshold, rule, sampling)
 
         def produce(generation: Generation):
-            prompt = input_ids.shape[1]
-            batch = DecodeBatch(self.pipeline, self.pipeline.new_cache(prompt + max_new_tokens))
-            state = DecodeState(self.prompts.tokenizer, sampler, rule, prompt, preprocess_ms=preprocess_ms)
-            (slot,) = batch.prefill([(0, PrefillRequest(input_ids[0], prepared, policy), state)])
+            state.started_at = time.perf_counter()  # a lazy generation is timed from its first read
+            capacity = len(request.input_ids) + max_new_tokens
+            batch = DecodeBatch(self.pipeline, self.pipeline.new_cache(capacity))
+            (slot,) = batch.prefill([(0, request, state)])
             yield from batch.stream(0)
-            generation.answer = Answer.from_slot(slot, policy.spec())
+            generation.answer = Answer.from_slot(slot, request.policy.spec())
 
         return Generation(produce)
 
@@ -190,19 +185,10 @@ class DyvteModel:
         if len(specs) != len(questions):
             raise InputError(f"{len(specs)} exit policies for {len(questions)} questions")
         rule = self.stop_rule(max_new_tokens, stop, ignore_eos, stop_at_eos)
-        entries, policies = [], []
-        for slot, ((image, question), spec) in enumerate(zip(questions, specs, strict=True)):
-            policy = self.policy(spec, threshold)
-            self.pipeline.check_policy(policy)
-            started = time.perf_counter()
-            ids, prepared = self._prepare(image, question, max_new_tokens)
-            preprocess_ms = 1e3 * (time.perf_counter() - started)
-            sampler = Sampler(sampling or SamplingConfig())
-            state = DecodeState(
-                self.prompts.tokenizer, sampler, rule, ids.shape[1], preprocess_ms=preprocess_ms
-            )
-            entries.append((slot, PrefillRequest(ids[0], prepared, policy), state))
-            policies.append(policy)
+        entries = [
+            (slot, *self._request(image, question, spec, threshold, rule, sampling))
+            for slot, ((image, question), spec) in enumerate(zip(questions, specs, strict=True))
+        ]
         capacity = max(len(request.input_ids) for _, request, _ in entries) + max_new_tokens
         batch = DecodeBatch(self.pipeline, self.pipeline.new_cache(capacity, batch=len(entries)))
         slots = batch.prefill(entries)
@@ -213,7 +199,10 @@ class DyvteModel:
             if not batch.active:
                 break
             finished = batch.step()
-        return [Answer.from_slot(slot, p.spec()) for slot, p in zip(slots, policies, strict=True)]
+        return [
+            Answer.from_slot(slot, request.policy.spec())
+            for slot, (_, request, _) in zip(slots, entries, strict=True)
+        ]
 
     def chat(
         self,
@@ -235,6 +224,28 @@ class DyvteModel:
     def prepare_image(self, image: ImageInput) -> PreparedImage:
         """An image (a path, bytes or a PIL image) opened safely and prepared for the vision graph."""
         return self.family.prepare_image(load_image(image))
+
+    def _request(
+        self,
+        image: ImageInput | None,
+        question: str,
+        exit: str | ExitPolicy | None,
+        threshold: float | None,
+        rule: StopRule,
+        sampling: SamplingConfig | None,
+    ) -> tuple[PrefillRequest, DecodeState]:
+        """One question checked and prepared -> what to prefill and its decode state (every way
+        to ask starts a request this way)."""
+        policy = self.policy(exit, threshold)
+        self.pipeline.check_policy(policy)
+        started = time.perf_counter()
+        input_ids, prepared = self._prepare(image, question, rule.max_new_tokens)
+        preprocess_ms = 1e3 * (time.perf_counter() - started)
+        sampler = Sampler(sampling or SamplingConfig())
+        state = DecodeState(
+            self.prompts.tokenizer, sampler, rule, input_ids.shape[1], preprocess_ms=preprocess_ms
+        )
+        return PrefillRequest(input_ids[0], prepared, policy), state
 
     def _prepare(
         self, image: ImageInput | None, question: str, max_new_tokens: int

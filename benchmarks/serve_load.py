@@ -10,6 +10,14 @@ every client streams requests back to back (`ignore_eos`, exactly --max-tokens t
 TTFT (as the server reports it: from joining its queue to the first token, which a random model's
 byte tokens may keep out of the text until the end) and request latency p50/p99, and the server's
 resident memory after warm-up (two requests per client at the largest client count) and at the end.
+
+    python benchmarks/serve_load.py --bundle ~/.cache/dyvte-rt/demo-bundle --clients 8 --seconds 60 \
+        --bad-per-second 1
+
+--bad-per-second R also sends R bad requests a second from one more client, in turn from a battery
+(broken JSON, wrong types, out-of-range values, unknown routes, images too wide, too big or not
+images, a lone surrogate, a tiny temperature) and counts those not answered as they should be
+(a JSON 4xx, or a 200 where the request is valid) beside the good clients' errors.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -44,6 +53,8 @@ def main() -> int:
     parser.add_argument("--image", type=Path, default=ROOT / "examples/three_shapes.png")
     parser.add_argument("--question", default="what shape is in the top left?")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--warmup-seconds", type=float, default=15.0)
+    parser.add_argument("--bad-per-second", type=float, default=0.0, help="bad requests a second, too")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
     if (args.seconds is None) == (args.requests is None):
@@ -91,18 +102,30 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
         "stream_options": {"include_usage": True},
         **({"exit": args.exit} if args.exit else {}),
     }
-    # warm-up at the largest client count, so the batch's buffers exist before memory is read
+    # warm-up at the largest client count (and the bad requests, if any) for --warmup-seconds, so
+    # the batch's buffers, the allocator's arenas and every path's first use are behind us before
+    # memory is read (two requests a client left 8 clients 8% short of their plateau)
     most = max(int(c) for c in args.clients.split(","))
-    _load(url, body, most, seconds=None, requests=2)
+    with _BadClient(url, args.bad_per_second):
+        _load(url, body, most, seconds=args.warmup_seconds, requests=2)
     report = {"warm_rss_mb": _rss_mb(server.pid), "runs": {}}
-    for clients in (int(c) for c in args.clients.split(",")):
-        report["runs"][clients] = _load(url, body, clients, args.seconds, args.requests)
-        run = report["runs"][clients]
+    for run_index, clients in enumerate(int(c) for c in args.clients.split(",")):
+        with _BadClient(url, args.bad_per_second) as bad:
+            report["runs"][f"{run_index}:{clients}"] = _load(url, body, clients, args.seconds, args.requests)
+        run = report["runs"][f"{run_index}:{clients}"]
+        run["bad"] = bad.report()
+        run["rss_mb"] = _rss_mb(server.pid)
         print(
-            f"{clients} clients: {run['requests']} requests, {run['errors']} errors, "
+            f"{clients} clients: {run['rss_mb']:.0f} MB resident after {run['requests']} requests, "
+            f"{run['errors']} errors, "
             f"{run['tokens_per_s']:.1f} tok/s together; TTFT p50 {run['ttft_ms_p50']:.0f} ms "
             f"p99 {run['ttft_ms_p99']:.0f} ms; latency p50 {run['latency_ms_p50']:.0f} ms p99 "
-            f"{run['latency_ms_p99']:.0f} ms",
+            f"{run['latency_ms_p99']:.0f} ms"
+            + (
+                f"; {run['bad']['sent']} bad requests, {run['bad']['wrong']} answered wrongly"
+                if args.bad_per_second
+                else ""
+            ),
             flush=True,
         )
     report["end_rss_mb"] = _rss_mb(server.pid)
@@ -176,6 +199,102 @@ def _request(url: str, body: dict) -> dict:
         "latency_ms": 1e3 * (done - started),
         "exit_layer": extras.get("exit_layer") if last else None,
     }
+
+
+def _png_uri(width: int, height: int, mode: str = "RGB") -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bad_requests() -> list[tuple[str, str, bytes, set[int]]]:
+    """(name, path, body, statuses that are right)."""
+
+    def chat(**fields) -> bytes:
+        body = {"messages": [{"role": "user", "content": "what?"}], "max_tokens": 2, **fields}
+        return json.dumps(body).encode()
+
+    def image(url: str) -> bytes:
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]
+        return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 2}).encode()
+
+    client_error = set(range(400, 500))
+    return [
+        ("broken JSON", "/v1/chat/completions", b'{"messages": [', client_error),
+        ("seed as text", "/v1/chat/completions", chat(seed="abc"), client_error),
+        ("stream as text", "/v1/chat/completions", chat(stream="false"), client_error),
+        ("n = 2", "/v1/chat/completions", chat(n=2), client_error),
+        ("temperature 3", "/v1/chat/completions", chat(temperature=3.0), client_error),
+        ("tiny temperature", "/v1/chat/completions", chat(temperature=1e-320), {200}),
+        (
+            "lone surrogate",
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+            client_error,
+        ),
+        ("logit_bias", "/v1/chat/completions", chat(logit_bias={"1": 5}), client_error),
+        ("no messages", "/v1/chat/completions", chat(messages=[]), client_error),
+        ("10000x1 image", "/v1/chat/completions", image(_png_uri(10000, 1)), client_error),
+        ("8000x8000 RGBA image", "/v1/chat/completions", image(_png_uri(8000, 8000, "RGBA")), client_error),
+        ("not an image", "/v1/chat/completions", image("data:image/png;base64,aGVsbG8="), client_error),
+        ("bad base64", "/v1/chat/completions", image("data:image/png;base64,@@@"), client_error),
+        ("a web URL", "/v1/chat/completions", image("http://example.com/cat.png"), client_error),
+        ("unknown route", "/v1/completions", chat(), {404}),
+    ]
+
+
+class _BadClient:
+    """One more client, sending bad requests at a steady rate while the good ones run."""
+
+    def __init__(self, url: str, per_second: float) -> None:
+        self.url, self.per_second = url, per_second
+        self.battery = _bad_requests() if per_second > 0 else []
+        self.sent, self.wrong = 0, []
+        self._stop = None
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if self.per_second > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0 / self.per_second):
+            name, path, body, right = self.battery[self.sent % len(self.battery)]
+            self.sent += 1
+            request = urllib.request.Request(
+                self.url + path, data=body, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    status, payload = response.status, response.read()
+            except urllib.error.HTTPError as err:
+                status, payload = err.code, err.read()
+            except OSError as err:
+                self.wrong.append(f"{name}: {err}")
+                continue
+            try:
+                json.loads(payload)
+            except ValueError:
+                self.wrong.append(f"{name}: {status} not JSON")
+                continue
+            if status not in right:
+                self.wrong.append(f"{name}: {status}")
+
+    def report(self) -> dict:
+        return {"sent": self.sent, "wrong": len(self.wrong), "examples": self.wrong[:5]}
 
 
 def _wait(url: str, server: subprocess.Popen, log) -> None:

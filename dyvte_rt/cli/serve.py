@@ -25,9 +25,12 @@ class ServeConfig(RunnerConfig):
     api_key: str | None = None
     allow_local_images: Path | None = None
     max_body_mb: float = 20.0
+    max_image_mb: float | None = None  # None: 40% of the server's resident memory once loaded, >= 32
     model_name: str | None = None  # None: the bundle directory's name
     drain_seconds: int = 10  # SIGTERM: how long requests in flight may take to finish
     idle_timeout: int = 30  # seconds an idle keep-alive connection stays open
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive
+    body_timeout: float = 60.0  # seconds for its body to arrive after them
     metrics_public: bool = False  # /metrics without the API key
 
 
@@ -64,6 +67,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-body-mb", type=float, metavar="MB", help="largest request body accepted")
     parser.add_argument(
+        "--max-image-mb",
+        type=float,
+        metavar="MB",
+        help="memory one image may take decoded and converted to RGB; a JPEG over it is decoded at "
+        "1/2, 1/4 or 1/8 size, other images are refused (default: 40%% of the server's resident memory "
+        "once the model is loaded, at least 32 MB, so no image costs more than the model itself)",
+    )
+    parser.add_argument(
         "--model-name", metavar="NAME", help="the model id clients use (default: the bundle's folder)"
     )
     parser.add_argument(
@@ -74,6 +85,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--idle-timeout", type=int, metavar="S", help="close a keep-alive connection idle for S seconds"
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="S",
+        help="answer 408 and close a connection whose request headers take longer than S seconds",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="S",
+        help="answer 408 to a request whose body takes longer than S seconds to arrive (raise it for "
+        "big images over slow links)",
     )
     parser.add_argument(
         "--metrics-public", action="store_true", help="serve /metrics without the API key (--api-key)"
@@ -88,16 +112,22 @@ def run(config: ServeConfig) -> int:
 
     from dyvte_rt.serving.app import ServerLimits, create_app
     from dyvte_rt.serving.engine import BatchEngine
+    from dyvte_rt.serving.timeouts import header_timeout_protocol
 
+    for name in ("idle_timeout", "header_timeout", "body_timeout", "drain_seconds"):
+        if getattr(config, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(config, name)}")
     if config.allow_local_images is not None and not config.allow_local_images.is_dir():
         raise InputError(f"--allow-local-images {config.allow_local_images} is not a directory")
     with open_model(config) as model:
         engine = BatchEngine(model, config.max_batch, config.max_queue, config.context)
         limits = ServerLimits(
             max_body_bytes=int(config.max_body_mb * 2**20),
+            max_image_memory=image_budget(config.max_image_mb),
             allow_local_images=config.allow_local_images,
             api_key=config.api_key,
             metrics_public=config.metrics_public,
+            body_timeout=config.body_timeout,
         )
         name = config.model_name or model.bundle.path.resolve().name
         app = create_app(model, engine, name, limits)
@@ -113,6 +143,7 @@ def run(config: ServeConfig) -> int:
                 log_level="warning",
                 timeout_graceful_shutdown=config.drain_seconds,
                 timeout_keep_alive=config.idle_timeout,
+                http=header_timeout_protocol(config.header_timeout),
             )
         )
         try:
@@ -120,6 +151,30 @@ def run(config: ServeConfig) -> int:
         finally:
             engine.stop(timeout=config.drain_seconds)
     return 0
+
+
+def image_budget(max_image_mb: float | None) -> int:
+    """The memory one image may take, in bytes: as asked, or 40% of what the process holds now
+    (the model and the KV cache loaded), and at least 32 MB."""
+    if max_image_mb is not None:
+        if max_image_mb <= 0:
+            raise InputError(f"--max-image-mb must be positive, not {max_image_mb}")
+        return int(max_image_mb * 2**20)
+    return max(32 << 20, int(0.4 * resident_bytes()))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux: /proc; elsewhere its peak so far, which on Linux
+    would still hold the parent's from before exec)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def draining_server() -> type:
@@ -144,4 +199,3 @@ def draining_server() -> type:
                     captured[:] = [s for s in captured if s != signal.SIGTERM]
 
     return DrainingServer
-

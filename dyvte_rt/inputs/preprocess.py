@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from dyvte_rt.bundle.manifest import ImagePreprocess
+from dyvte_rt.inputs.images import STRIP_PIXELS
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,28 @@ class PreparedImage:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as HF converts it: transparency is composited onto white, everything else converted."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+    """RGB as HF converts it: transparency is composited onto white, everything else converted.
+    Both are per pixel, so a big image is converted a strip of rows at a time into one RGB image:
+    the same pixels, without three full-size RGBA intermediates."""
+    transparent = "A" in image.getbands() or image.info.get("transparency") is not None
+    if image.mode == "RGB" and not transparent:
+        return image  # read only: no copy needed
+    if image.width * image.height <= STRIP_PIXELS:
+        return _rgb(image, transparent)
+    rgb = Image.new("RGB", image.size)
+    rows = max(1, STRIP_PIXELS // image.width)
+    for top in range(0, image.height, rows):
+        box = (0, top, image.width, min(top + rows, image.height))
+        rgb.paste(_rgb(image.crop(box), transparent), box[:2])
+    return rgb
+
+
+def _rgb(image: Image.Image, transparent: bool) -> Image.Image:
+    if transparent:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")  # read only: no copy needed
+    return image.convert("RGB")
 
 
 def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:

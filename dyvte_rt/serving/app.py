@@ -20,6 +20,7 @@ import binascii
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from starlette.routing import Route
 from dyvte_rt.api.answer import Answer
 from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.errors import DyvteError, InputError
-from dyvte_rt.inputs.images import load_image
+from dyvte_rt.inputs.images import MAX_IMAGE_BYTES, load_image
 from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
 from dyvte_rt.serving.engine import BatchEngine, EngineDown, QueueFullError, RequestFailed, ServeRequest
 from dyvte_rt.serving.metrics import ServerMetrics
@@ -43,22 +44,32 @@ from dyvte_rt.serving.schema import ChatRequest, Message, parse_chat_request
 @dataclass(frozen=True)
 class ServerLimits:
     max_body_bytes: int = 20 << 20  # a request body, base64 images included
-    max_image_bytes: int = 15 << 20  # one decoded image file
+    max_image_bytes: int = 15 << 20  # one image file, as sent
+    max_image_memory: int = MAX_IMAGE_BYTES  # one image decoded and converted (images.decoded_bytes)
     allow_local_images: Path | None = None  # image URLs may name files under this folder
     api_key: str | None = None
     metrics_public: bool = False  # /metrics without the key
+    body_timeout: float = 60.0  # seconds for the whole body to arrive once the headers have
 
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.headers = headers
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(
+            body, status_code=self.status, headers={**(self.headers or {}), **(headers or {})}
+        )
 
     @classmethod
     def serving(cls, err: DyvteError) -> ApiError:
@@ -68,6 +79,21 @@ class ApiError(Exception):
         if isinstance(err, RequestFailed):
             return cls(500, err.one_line(), "server_error", "internal_error")
         return cls(400, err.one_line())
+
+
+def _check_unicode(value) -> None:
+    """UnicodeEncodeError for a lone surrogate anywhere in a parsed JSON value (JSON's escapes allow
+    one; UTF-8 cannot hold it). ASCII strings, data URIs among them, are passed without a copy."""
+    if isinstance(value, str):
+        if not value.isascii():
+            value.encode("utf-8")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
 
 
 async def _http_error(request: Request, err: HTTPException) -> Response:
@@ -111,6 +137,9 @@ class _Api:
             limits,
             metrics,
         )
+        # images are decoded and prepared one at a time, off the event loop: a burst of big images
+        # costs the memory of one
+        self.preparer = ThreadPoolExecutor(1, thread_name_prefix="dyvte-prepare")
 
     async def health(self, request: Request) -> Response:
         if self.engine.failure is not None:
@@ -170,32 +199,45 @@ class _Api:
             ).response()
         return None
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytearray:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise ApiError(
                 413, f"the request body is over {self.limits.max_body_bytes} bytes", code="body_too_large"
             )
-        chunks, size = [], 0
+        try:
+            return await asyncio.wait_for(self._receive_body(request), self.limits.body_timeout)
+        except asyncio.TimeoutError:  # a client sending slowly, or not at all, holds nothing for long
+            raise ApiError(
+                408,
+                f"the request body did not arrive within {self.limits.body_timeout:g} s",
+                code="timeout",
+                headers={"Connection": "close"},
+            ) from None
+
+    async def _receive_body(self, request: Request) -> bytearray:
+        body = bytearray()  # one buffer, not chunks and their join
         try:
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.limits.max_body_bytes:
+                if len(body) + len(chunk) > self.limits.max_body_bytes:
                     raise ApiError(
                         413,
                         f"the request body is over {self.limits.max_body_bytes} bytes",
                         code="body_too_large",
                     )
-                chunks.append(chunk)
+                body += chunk
         except ClientDisconnect:
             raise ApiError(400, "the client went away") from None
-        return b"".join(chunks)
+        return body
 
     @staticmethod
-    def _parse(raw: bytes) -> ChatRequest:
+    def _parse(raw: bytearray) -> ChatRequest:
         try:
-            body = json.loads(raw)
-            json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate cannot be encoded
+            text = raw.decode("utf-8-sig")  # JSON is UTF-8 (RFC 8259); a BOM is allowed
+            raw.clear()  # one copy of the body at a time: bytes, then text, then the parsed request
+            body = json.loads(text)
+            del text
+            _check_unicode(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON: {err}") from None
         except UnicodeEncodeError:
@@ -228,12 +270,12 @@ class _Api:
             raise ApiError(400, err.one_line()) from None
         # decoding the image, preparing it and tokenising run on a worker thread: the event loop
         # (other streams, /health) carries on meanwhile
-        ids, prepared, preprocess_ms = await asyncio.to_thread(self._prepare, chat.messages)
+        loop = asyncio.get_running_loop()
+        ids, prepared, preprocess_ms = await loop.run_in_executor(self.preparer, self._prepare, chat.messages)
         try:
             rule = self.model.stop_rule(chat.new_tokens, chat.stops, chat.ignore_eos)
         except DyvteError as err:
             raise ApiError(400, err.one_line()) from None
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(kind: str, payload: object) -> None:
@@ -289,15 +331,17 @@ class _Api:
             if part.type == "text":
                 texts.append(part.text)
                 continue
-            url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
             if images:
                 raise ApiError(400, f"messages[{index}]: one image_url per message")
-            images.append(self._image(url))
+            images.append(self._image(part))
         return " ".join(texts), images
 
-    def _image(self, url: str) -> Image.Image:
+    def _image(self, part) -> Image.Image:
+        url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+        part.image_url = None  # held here alone, the data URI's text goes once it is decoded
         if url.startswith("data:"):
             header, _, data = url.partition(",")
+            del url
             if ";base64" not in header:
                 raise ApiError(400, "image data: URIs must be base64-encoded")
             if len(data) * 3 // 4 > self.limits.max_image_bytes:
@@ -308,6 +352,7 @@ class _Api:
                 raw = base64.b64decode(data, validate=True)
             except (binascii.Error, ValueError):
                 raise ApiError(400, "the image is not valid base64") from None
+            del data
             return self._open(raw)
         root = self.limits.allow_local_images
         path = Path(url.removeprefix("file://"))
@@ -323,7 +368,8 @@ class _Api:
 
     def _open(self, source: bytes | Path) -> Image.Image:
         try:
-            return load_image(source)  # size limits, decompression bombs and bad files: one InputError
+            # size and memory limits, decompression bombs and bad files: one InputError
+            return load_image(source, self.limits.max_image_memory)
         except InputError as err:
             raise ApiError(400, err.one_line()) from None
         except (OSError, ValueError) as err:  # the path names no readable file

@@ -228,27 +228,9 @@ def _health(url: str) -> dict:
         return json.load(response)
 
 
-def test_a_client_leaving_mid_stream_frees_its_slot(demo_bundle):
-    process, url = _start(demo_bundle, "--max-batch", "2", "--context", "256")
-    try:
-        # the demo answers in a few tokens; ignore_eos keeps it talking until max_tokens
-        response = _stream_request(url, 170, ignore_eos=True)
-        response.readline()  # the first chunk: the request holds a slot
-        response.close()
-        deadline = time.time() + 30
-        while _health(url)["active"] and time.time() < deadline:
-            time.sleep(0.05)
-        assert _health(url)["active"] == 0
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as metrics:
-            assert 'dyvte_requests_total{outcome="cancelled"} 1.0' in metrics.read().decode()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-
-
-def test_sigterm_finishes_requests_in_flight_and_exits_0_despite_a_stalled_upload(demo_bundle):
+def test_sigterm_finishes_4_requests_in_flight_and_exits_0_despite_a_stalled_upload(demo_bundle):
     process, url = _start(
-        demo_bundle, "--max-batch", "2", "--context", "256", "--drain-seconds", "5", "--idle-timeout", "1"
+        demo_bundle, "--max-batch", "4", "--context", "256", "--drain-seconds", "5", "--idle-timeout", "1"
     )
     host, port = url.removeprefix("http://").split(":")
     idle = socket.create_connection((host, int(port)), timeout=30)  # keep-alive, then silence
@@ -262,19 +244,53 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0_despite_a_stalled_uploa
     idle.close()
     stalled = socket.create_connection((host, int(port)), timeout=30)  # sends half a request, then waits
     stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
-    response = _stream_request(url, 170, ignore_eos=True)
-    first = response.readline()
+    responses = [_stream_request(url, 170, ignore_eos=True) for _ in range(4)]  # 4 in flight
+    firsts = [response.readline() for response in responses]
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    chunks = [
-        json.loads(line[6:]) for line in response.read().decode().splitlines() if line.startswith("data: {")
-    ]
-    assert (
-        first.startswith(b"data: ") and chunks[-1]["usage"]["completion_tokens"] == 170
-    )  # it ran to the end
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        bodies = list(pool.map(lambda response: response.read().decode(), responses))
+    for first, body in zip(firsts, bodies, strict=True):
+        chunks = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+        assert first.startswith(b"data: ") and chunks[-1]["usage"]["completion_tokens"] == 170  # all ran out
     assert process.wait(timeout=60) == 0  # a drained SIGTERM is a clean exit
     assert time.monotonic() - started < 5 + 10  # the drain bound, and the process's own teardown
     stalled.close()
     if os.name == "posix":
         with pytest.raises(OSError):
             _health(url)  # no longer accepting
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    reply = b""
+    while chunk := sock.recv(4096):
+        reply += chunk
+    return reply
+
+
+def test_slow_headers_and_slow_bodies_get_a_json_408_and_the_connection_closed(demo_bundle):
+    process, url = _start(demo_bundle, "--header-timeout", "1", "--body-timeout", "1.5")
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        silent = socket.create_connection((host, int(port)), timeout=10)  # opens, sends nothing
+        trickle = socket.create_connection((host, int(port)), timeout=10)  # half a header, then waits
+        trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+        stalled = socket.create_connection((host, int(port)), timeout=10)  # headers, 1 of 1000 bytes
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        started = time.monotonic()
+        replies = [_read_all(sock) for sock in (silent, trickle, stalled)]  # each ends with a close
+        assert time.monotonic() - started < 6
+        for reply in replies:
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "timeout"
+        assert b"body did not arrive within 1.5 s" in replies[2]
+        busy = socket.create_connection((host, int(port)), timeout=10)  # slow but in time: answered
+        busy.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.5)
+        busy.sendall(b"Connection: close\r\n\r\n")
+        assert _read_all(busy).startswith(b"HTTP/1.1 200")
+        status, answer = _post(url, {"messages": _messages(QUESTIONS[0]), "max_tokens": 8}, key=None)
+        assert status == 200 and answer["choices"][0]["message"]["content"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)

@@ -7,7 +7,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import threading
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +45,15 @@ def model(demo_bundle):
         yield loaded
 
 
-def _client(model, api_key=None, max_batch=2, max_queue=4):
+def _client(model, api_key=None, max_batch=2, max_queue=4, image_memory=64 << 20):
     from starlette.testclient import TestClient
 
     from dyvte_rt.serving.app import ServerLimits, create_app
     from dyvte_rt.serving.engine import BatchEngine
 
     engine = BatchEngine(model, max_batch=max_batch, max_queue=max_queue, context=256)
-    app = create_app(model, engine, "demo", ServerLimits(max_body_bytes=1 << 20, api_key=api_key))
+    limits = ServerLimits(max_body_bytes=1 << 20, api_key=api_key, max_image_memory=image_memory)
+    app = create_app(model, engine, "demo", limits)
     return TestClient(app, raise_server_exceptions=False), engine
 
 
@@ -203,7 +208,7 @@ def test_a_burst_admits_slots_plus_queue_and_refuses_the_rest_with_retry_after(m
     """Requests being prefilled count against the bound (they once did not, and 16 queued)."""
     from dyvte_rt.runtime.batch import DecodeBatch
 
-    client, engine = _client(model, max_batch=2, max_queue=2)
+    client, engine = _client(model, max_batch=4, max_queue=4)
     gate = threading.Event()
     real = DecodeBatch.prefill
     monkeypatch.setattr(DecodeBatch, "prefill", lambda self, entries: (gate.wait(30), real(self, entries))[1])
@@ -213,12 +218,12 @@ def test_a_burst_admits_slots_plus_queue_and_refuses_the_rest_with_retry_after(m
         def ask():
             replies.append(_post(client, {"messages": _messages(), "max_tokens": 2}))
 
-        threads = [threading.Thread(target=ask) for _ in range(8)]
+        threads = [threading.Thread(target=ask) for _ in range(16)]
         for thread in threads:
             thread.start()
-        deadline = __import__("time").time() + 30
-        while sum(r.status_code == 503 for r in replies) < 4 and __import__("time").time() < deadline:
-            __import__("time").sleep(0.02)
+        deadline = time.time() + 30
+        while sum(r.status_code == 503 for r in replies) < 8 and time.time() < deadline:
+            time.sleep(0.02)
         gate.set()
         for thread in threads:
             thread.join(60)
@@ -226,9 +231,74 @@ def test_a_burst_admits_slots_plus_queue_and_refuses_the_rest_with_retry_after(m
         gate.set()
         engine.stop()
     codes = sorted(r.status_code for r in replies)
-    assert codes == [200] * 4 + [503] * 4, codes
+    assert codes == [200] * 8 + [503] * 8, codes  # 4 in slots + 4 queued; the rest refused
     refused = next(r for r in replies if r.status_code == 503)
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "queue_full"
+
+
+@contextmanager
+def _live(model):
+    """The app on a real socket (uvicorn in a thread), for what a test client cannot show: a
+    client that goes away."""
+    import uvicorn
+
+    from dyvte_rt.serving.app import ServerLimits, create_app
+    from dyvte_rt.serving.engine import BatchEngine
+
+    engine = BatchEngine(model, max_batch=2, max_queue=4, context=256)
+    app = create_app(model, engine, "demo", ServerLimits(max_body_bytes=1 << 20))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.stop()
+
+
+def _cancelled(url: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as metrics:
+        for line in metrics.read().decode().splitlines():
+            if line.startswith('dyvte_requests_total{outcome="cancelled"}'):
+                return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_frees_its_slot_within_a_step(model, monkeypatch, stream):
+    """Each step slowed to 20 ms, so 170 tokens would take 3.4 s: the slot must be free long before."""
+    from dyvte_rt.runtime.batch import DecodeBatch
+
+    real = DecodeBatch.step
+    monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.02), real(self))[1])
+    with _live(model) as (url, engine):
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"messages": _messages(), "max_tokens": 170, "ignore_eos": True, "stream": stream})
+        client = socket.create_connection((host, int(port)), timeout=30)
+        client.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        deadline = time.time() + 10
+        while engine.active == 0 and time.time() < deadline:  # generating
+            time.sleep(0.01)
+        if stream:
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")  # the first chunk has come
+        time.sleep(0.1)
+        client.close()
+        left = time.time()
+        while engine.active and time.time() < left + 10:
+            time.sleep(0.01)
+        assert engine.active == 0 and time.time() - left < 1.5  # not the 3.4 s the answer would take
+        assert _cancelled(url) == 1
 
 
 def test_the_api_key_is_checked_before_the_body_is_read(model):
@@ -273,6 +343,22 @@ def test_images_are_bounded_in_the_cli_and_the_api_too(model, tmp_path):
     with pytest.raises(InputError, match="crop it"):
         model.ask(Image.new("RGB", (1, 64)), QUESTION)
     assert model.ask(Image.new("RGB", (400, 20)), QUESTION, max_new_tokens=2).token_ids  # 20:1 is fine
+
+
+def test_an_image_over_the_servers_memory_budget_is_a_400_and_a_big_jpeg_is_answered(model):
+    client, engine = _client(model, image_memory=8 << 20)
+    try:
+        refused = _post(client, {"messages": _messages(url=_png(1500, 1500)), "max_tokens": 2})
+        assert refused.status_code == 400
+        assert "1500x1500 RGB" in refused.json()["error"]["message"]
+        buffer = io.BytesIO()
+        Image.new("RGB", (3000, 2000), (200, 30, 30)).save(buffer, format="JPEG")  # 24 MB decoded
+        jpeg = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+        answered = _post(client, {"messages": _messages(url=jpeg), "max_tokens": 2})
+        assert answered.status_code == 200, answered.text
+        assert _good(client)
+    finally:
+        engine.stop()
 
 
 FIELDS = st.sampled_from(["temperature", "top_p", "seed", "max_tokens", "stop", "stream", "exit", "n",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dyvte_rt.bundle.manifest import BundleError, Dims, Manifest, VisionInfo
 from dyvte_rt.families.base import Family
+from dyvte_rt.families.internvl import InternVLFamily
 from dyvte_rt.families.llava import LlavaFamily
 from dyvte_rt.families.llava_next import LlavaNextFamily
 from dyvte_rt.families.qwen2_vl import Qwen2VLFamily
@@ -14,6 +15,7 @@ FAMILIES: dict[str, type[Family]] = {
     "llava-next": LlavaNextFamily,
     "qwen2-vl": Qwen2VLFamily,
     "qwen2.5-vl": Qwen2VLFamily,  # the same images and positions; its windows are in the layout
+    "internvl": InternVLFamily,
 }
 
 

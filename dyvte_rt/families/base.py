@@ -49,6 +49,11 @@ class Family:
         """Visual tokens an image of this size takes (the same for every size here)."""
         return self.vision.visual_tokens
 
+    def image_text(self, placeholder: str, count: int) -> str:
+        """The text an image's placeholder in the rendered prompt becomes: one placeholder per visual
+        token (families that wrap them in markers, as InternVL's <img> ... </img>, say so here)."""
+        return placeholder * count
+
     def prompt_positions(self, input_ids: np.ndarray, image: PreparedImage | None) -> tuple[np.ndarray, int]:
         """Original position ids [sections or 1, N] of a prompt ([N] ids), and the offset decoding
         adds to a token's index to get its position (0: positions are indices)."""

@@ -13,7 +13,7 @@ from typing import Any
 from dyvte_rt.bundle.manifest import Dims, ImagePreprocess, VisionInfo
 from dyvte_rt.families import Family, make_family
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, which all three use
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (not InternVL's)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL's filter id
 
@@ -137,4 +137,56 @@ QWEN25_VL_7B = ModelPreset(
     typical_image=(1280, 720),
 )
 
-PRESETS: dict[str, ModelPreset] = {p.family: p for p in (LLAVA_15_7B, LLAVA_NEXT_7B, QWEN25_VL_7B)}
+INTERNVL3_8B = ModelPreset(
+    name="internvl3-8b",
+    family="internvl",
+    dims=Dims(  # Qwen2.5-7B
+        hidden=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        mlp=18944,
+        vocab_size=151674,
+        max_positions=32768,
+    ),
+    vision=VisionInfo(
+        448,
+        448,
+        256 * 13,  # the most any image takes: 12 tiles and the thumbnail
+        ImagePreprocess(
+            resize_shortest_edge=None,
+            crop_height=None,
+            crop_width=None,
+            resample=BICUBIC,
+            rescale_factor=1 / 255,
+            mean=(0.485, 0.456, 0.406),  # ImageNet's, not CLIP's
+            std=(0.229, 0.224, 0.225),
+            convert_rgb=True,
+        ),
+        layout={
+            "tile_size": 448,
+            "min_tiles": 1,
+            "max_tiles": 12,
+            "thumbnail": True,
+            "tokens_per_tile": 256,
+            "image_start": "<img>",
+            "image_end": "</img>",
+        },
+    ),
+    tower={  # InternViT-300M-448px-V2.5
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 448,
+        "patch_size": 14,
+        "layer_norm_eps": 1e-6,
+    },
+    text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "rms_norm_eps": 1e-6},
+    typical_image=(1344, 1008),  # 4:3, 12 tiles and the thumbnail: 3,328 visual tokens
+)
+
+PRESETS: dict[str, ModelPreset] = {
+    p.family: p for p in (LLAVA_15_7B, LLAVA_NEXT_7B, QWEN25_VL_7B, INTERNVL3_8B)
+}

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from dyvte_rt.bundle.manifest import Manifest
 from dyvte_rt.errors import InputError
+from dyvte_rt.families import family_for
 
 
 class _GenerationTag(Extension):
@@ -58,6 +59,7 @@ class PromptBuilder:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.template = _environment().from_string(manifest.chat_template)
         self.tokens = manifest.tokens
+        self.image_text = family_for(manifest).image_text  # how the image's placeholder expands
         self.visual_tokens = manifest.vision.visual_tokens
         self.max_positions = manifest.dims.max_positions
         self._special = {
@@ -108,7 +110,7 @@ class PromptBuilder:
         count = self.visual_tokens if visual_tokens is None else visual_tokens
         text = self.render_turns(turns, with_image)
         placeholder = self.tokens.image_placeholder
-        text = text.replace(placeholder, placeholder * count)
+        text = text.replace(placeholder, self.image_text(placeholder, count))
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)[None]
         if with_image and int((ids == self.tokens.image).sum()) != count:
             raise InputError("the rendered prompt does not hold the image placeholder the model expects")

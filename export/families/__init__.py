@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dyvte_rt.errors import UnsupportedModelError
 from export.families.base import FamilyAdapter
+from export.families.internvl import InternVLAdapter
 from export.families.llava import LlavaAdapter
 from export.families.llava_next import LlavaNextAdapter
 from export.families.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
@@ -18,6 +19,7 @@ FAMILIES: dict[str, type[FamilyAdapter]] = {
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
     "Qwen2_5_VLForConditionalGeneration": Qwen25VLAdapter,
+    "InternVLForConditionalGeneration": InternVLAdapter,
 }
 
 # --model alias -> Hugging Face repo id, from every family

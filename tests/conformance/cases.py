@@ -32,6 +32,11 @@ def _qwen_features(loaded, inputs):
     return pooled[0] if isinstance(pooled, list | tuple) else pooled
 
 
+def _internvl_features(loaded, inputs):
+    pooled = loaded.model.model.get_image_features(inputs["pixel_values"]).pooler_output  # [T, V/T, D]
+    return pooled.reshape(-1, pooled.shape[-1])
+
+
 def _qwen_positions(loaded, inputs) -> tuple[np.ndarray, int]:
     positions, delta = loaded.model.model.get_rope_index(
         inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
@@ -67,6 +72,10 @@ TILED = {"square": (64, 64), "wide": (30, 100), "tall": (100, 40), "odd": (45, 6
 # Qwen: wide, tall, tiny (scaled up to the minimum), huge (scaled down to the budget), odd
 PATCHES = {"wide": (90, 160), "tall": (150, 60), "tiny": (20, 30), "huge": (400, 700), "odd": (97, 131)}
 
+# InternVL's tiny tiles (28 px, up to 6 and a thumbnail): small (1 tile, no thumbnail), square
+# (2x2: a tie between grids broken by the image's area), wide (3x1), tall (1x3), big (3x2: the most)
+TILES = {"small": (20, 20), "square": (40, 40), "wide": (30, 100), "tall": (100, 40), "big": (90, 120)}
+
 CASES = (
     Case("llava", "llama-gqa", 1, FIXED, _llava_features),
     Case("llava", "llama-mha", 0, FIXED, _llava_features, primary=False, kv_flavours=("inplace",)),
@@ -84,6 +93,7 @@ CASES = (
     ),
     Case("qwen2-vl", "tiny", 2, PATCHES, _qwen_features, hf_positions=_qwen_positions),
     Case("qwen2.5-vl", "tiny", 2, PATCHES, _qwen_features, hf_positions=_qwen_positions),
+    Case("internvl", "tiny", 4, TILES, _internvl_features),
 )
 PRIMARY = tuple(c for c in CASES if c.primary)  # what depends on the family, not on its decoder
 # the API's paths: every family, and a checkpoint whose bundles are concat only (no batches)

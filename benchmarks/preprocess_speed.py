@@ -2,11 +2,14 @@
 
     python benchmarks/preprocess_speed.py --family qwen2.5-vl --image 1280x720 --runs 20
     python benchmarks/preprocess_speed.py --family llava-next --image 672x672 --runs 20
+    python benchmarks/preprocess_speed.py --family internvl --image 1280x720 --runs 20
+    python benchmarks/preprocess_speed.py --family qwen3-vl --image 1280x720 --runs 20
 
 For an image of the given size (random pixels): the runtime's `prepare_image` (resize, normalise,
 patchify or tile, vision positions / windows / packing index) plus, for Qwen, the prompt's
 multimodal rotary positions — against Hugging Face's PIL image processor with the same settings
-(Qwen2.5-VL-7B's pixel budget; LLaVA-NeXT-7B's canvases), each timed alternately, medians.
+(the 7B/8B presets': Qwen2.5-VL-7B's and Qwen3-VL-8B's pixel budgets, LLaVA-NeXT-7B's canvases,
+InternVL3-8B's tiles), each timed alternately, medians.
 """
 
 from __future__ import annotations
@@ -29,9 +32,28 @@ def family_and_hf(family: str):
 
     preset = PRESETS[family]
     layout = preset.vision.layout
-    if family == "qwen2.5-vl":
+    if family in ("qwen2.5-vl", "qwen3-vl"):
         size = {"shortest_edge": layout["min_pixels"], "longest_edge": layout["max_pixels"]}
-        return preset.family_object(), transformers.Qwen2VLImageProcessorPil(size=size)
+        pre = preset.vision.preprocess
+        hf = transformers.Qwen2VLImageProcessorPil(
+            size=size,
+            patch_size=layout["patch_size"],
+            merge_size=layout["merge_size"],
+            image_mean=list(pre.mean),
+            image_std=list(pre.std),
+        )
+        return preset.family_object(), hf
+    if family == "internvl":
+        pre = preset.vision.preprocess
+        hf = transformers.GotOcr2ImageProcessorPil(
+            size={"height": layout["tile_size"], "width": layout["tile_size"]},
+            crop_to_patches=True,
+            min_patches=layout["min_tiles"],
+            max_patches=layout["max_tiles"],
+            image_mean=list(pre.mean),
+            image_std=list(pre.std),
+        )
+        return preset.family_object(), hf
     hf = transformers.LlavaNextImageProcessorPil(
         size={"shortest_edge": 336},
         crop_size={"height": 336, "width": 336},
@@ -44,7 +66,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--family", choices=("qwen2.5-vl", "llava-next"), default="qwen2.5-vl")
+    parser.add_argument(
+        "--family", choices=("qwen2.5-vl", "qwen3-vl", "internvl", "llava-next"), default="qwen2.5-vl"
+    )
     parser.add_argument("--image", default="1280x720", help="WIDTHxHEIGHT")
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask
-from export.reference.model import DyVTEReference
+from export.reference.model import DyVTEReference, add_deepstack
 from export.reference.routers import feature_positions, router_features
 
 AGREEMENT = 0.99  # label rule: argmax agreement on answer tokens ...
@@ -51,14 +51,16 @@ def sweep(
     n, a = prompt_ids.shape[1], answer_ids.shape[0]
     ids = torch.cat([prompt_ids, answer_ids[None].to(prompt_ids.device)], dim=1)  # [1, T]
     device = ids.device
-    hidden = reference.embed(ids, pixel_values)  # [1, T, D]
+    hidden, deepstack = reference.embed_with_deepstack(ids, pixel_values)  # [1, T, D]
     t = ids.shape[1]
     positions, _ = reference.adapter.prompt_positions(ids, pixel_values)  # [1, T] or [3, 1, T]
     mask = causal_mask(t, 0, hidden.dtype, device)
     kept: dict[int, torch.Tensor] = {}
     cache = KVCache(reference.num_layers)
+    is_visual = ids[0] == reference.adapter.image_token_id
     for index in range(reference.num_layers):
         hidden = reference.run_layer(index, hidden, positions, cache, mask)
+        hidden = add_deepstack(hidden, index, is_visual, deepstack)
         if index in layers:
             kept[index] = hidden
     full = reference.adapter.head(hidden)[0, n - 1 : t - 1].float()  # [A, vocab] predicts the answer
@@ -66,7 +68,6 @@ def sweep(
     full_pick = full.argmax(-1)
     full_logp = F.log_softmax(full[0], -1)
 
-    is_visual = ids[0] == reference.adapter.image_token_id
     keep = ~is_visual
     n_visual = int(is_visual[:n].sum())
     mean_at = feature_positions(prompt_ids, reference.adapter.image_token_id).to(device)

@@ -15,13 +15,13 @@ from torch import nn
 from torch.export import Dim
 
 from dyvte_rt.bundle import io_names
-from export.parts import EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart
+from export.parts import DeepstackAddPart, EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart
 
 if TYPE_CHECKING:
     from export.families import FamilyAdapter
     from export.reference.routers import RouterBank
 
-ROLES = ("vision", "embed", "segment", "router", "exit_gather", "head")
+ROLES = ("vision", "embed", "segment", "router", "exit_gather", "deepstack_add", "head")
 
 BATCH = Dim("batch", min=1, max=256)
 SEQ = Dim("seq", min=1, max=1 << 16)
@@ -56,9 +56,12 @@ class GraphPlan:
         return f"{self.name}.onnx"
 
 
-def plan_segments(candidates: tuple[int, ...], num_layers: int) -> list[tuple[int, int]]:
-    """Consecutive layer ranges, each ending at a candidate exit layer or at the last layer."""
-    ends = sorted(set(candidates) | {num_layers - 1})
+def plan_segments(
+    candidates: tuple[int, ...], num_layers: int, boundaries: tuple[int, ...] = ()
+) -> list[tuple[int, int]]:
+    """Consecutive layer ranges, each ending at a candidate exit layer, at a layer the family needs
+    a boundary after (DeepStack's), or at the last layer."""
+    ends = sorted(set(candidates) | set(boundaries) | {num_layers - 1})
     starts = [0, *(end + 1 for end in ends[:-1])]
     return list(zip(starts, ends, strict=True))
 
@@ -115,7 +118,9 @@ def build_plans(
         ),
     ]
     head_dim = dims.kv_width // text.num_key_value_heads
-    for index, (first, last) in enumerate(plan_segments(candidates, dims.num_layers)):
+    for index, (first, last) in enumerate(
+        plan_segments(candidates, dims.num_layers, adapter.segment_boundaries)
+    ):
         segment = SegmentPart(adapter, first, last, kv)
         plans.append(
             _segment_plan(f"segment_{index:02d}", segment, n_prompt, rand, text.num_key_value_heads, head_dim)
@@ -141,6 +146,8 @@ def build_plans(
             ],
         )
     )
+    if adapter.deepstack_layers:
+        plans.append(_deepstack_plan(adapter.deepstack_layers, v_tokens, n_prompt, dims.hidden, rand))
     plans.append(
         GraphPlan(
             "head",
@@ -223,6 +230,33 @@ def _segment_plan(
             inputs(2, 1, 6),  # (GroupQueryAttention takes several new tokens after a past at batch 1 only)
         ],
         layers=layers,
+    )
+
+
+def _deepstack_plan(levels: int, v_tokens: int, n_prompt: int, hidden: int, rand: RandomInputs) -> GraphPlan:
+    def inputs(batch: int, seq: int, visual: int, level: int) -> tuple:
+        slots = torch.full((batch, seq), visual, dtype=torch.long)  # none
+        for b in range(batch):
+            rows = torch.randperm(seq, generator=rand.gen)[: visual - b]  # the last sample: one fewer
+            slots[b, rows] = torch.arange(len(rows))
+        return (
+            rand.randn(batch, seq, hidden),
+            rand.randn(batch, levels, visual, hidden),
+            torch.tensor([level]),
+            slots,
+        )
+
+    return GraphPlan(
+        "deepstack_add",
+        "deepstack_add",
+        DeepstackAddPart(),
+        [io_names.HIDDEN_OUT, io_names.DEEPSTACK_FEATURES, io_names.DEEPSTACK_LEVEL, io_names.VISUAL_SLOTS],
+        [io_names.HIDDEN_IN],
+        sample=inputs(2, v_tokens + 4, v_tokens, levels - 1),
+        dynamic_shapes=({0: BATCH, 1: SEQ}, {0: BATCH, 2: VISUAL}, None, {0: BATCH, 1: SEQ}),
+        dtype=rand.dtype,
+        tolerance=1e-6,  # additions
+        cases=lambda: [inputs(1, n_prompt, v_tokens, 0), inputs(2, 9, 3, levels - 1)],
     )
 
 

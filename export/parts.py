@@ -203,6 +203,24 @@ class HeadPart(GraphPart):
         return self.adapter.head(last_position(hidden, last_index)[:, None])[:, 0]
 
 
+class DeepstackAddPart(GraphPart):
+    """DeepStack (Qwen3-VL): one level of the image's extra visual features joins the visual
+    tokens' rows after the decoder layer it belongs to.
+
+    hidden [B, S, D], deepstack [B, n, V, D], level [1] int64, visual_slots [B, S] int64 (for each
+    row, which visual token it holds, or V: none — text, padding, or a sample that has exited)
+    -> hidden [B, S, D]. A gather of the level's rows (and a zero row), not a scatter: no
+    duplicate writes, and fp16 graphs run on every provider."""
+
+    def forward(
+        self, hidden: torch.Tensor, deepstack: torch.Tensor, level: torch.Tensor, visual_slots: torch.Tensor
+    ) -> torch.Tensor:
+        features = deepstack.index_select(1, level)[:, 0].to(hidden.dtype)  # [B, V, D]
+        padded = torch.cat([features, features.new_zeros(features.shape[0], 1, features.shape[2])], dim=1)
+        slots = visual_slots[:, :, None].expand(-1, -1, hidden.shape[-1])
+        return hidden + torch.gather(padded, 1, slots)
+
+
 class ExitGatherPart(GraphPart):
     """The exit switch on the backend: (hidden [B, S, D], keep_index [B, K]) -> hidden [B, K, D]."""
 

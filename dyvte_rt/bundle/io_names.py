@@ -16,6 +16,11 @@ VISION_POSITIONS = "vision_positions"  # patch grid: [patches, 2] int64 (row, co
 WINDOW_INDEX = "window_index"  # Qwen2.5-VL: [V] int64 merged patches in window order
 WINDOW_IDS = "window_ids"  # Qwen2.5-VL: [patches] int64 each (window-ordered) patch's window
 IMAGE_FEATURES = "image_features"  # [B, V, D]; any-res: [1, V, D]
+INTERP_INDEX = "interp_index"  # Qwen3-VL: [patches, 4] int64 taps into the learned position grid
+INTERP_WEIGHTS = "interp_weights"  # Qwen3-VL: [patches, 4] float their bilinear weights
+DEEPSTACK_FEATURES = "deepstack_features"  # DeepStack: [B, n, V, D], level i joins layer i's output
+DEEPSTACK_LEVEL = "deepstack_level"  # [1] int64: which level (= decoder layer) to add
+VISUAL_SLOTS = "visual_slots"  # [B, S] int64: a row's visual token j, or V for every other row
 INPUT_IDS = "input_ids"  # [B, N] int64
 INPUT_EMBEDS = "inputs_embeds"  # [B, N, D]
 LOGITS = "logits"  # [B, vocab], last position only

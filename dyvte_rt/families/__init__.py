@@ -9,6 +9,7 @@ from dyvte_rt.families.internvl import InternVLFamily
 from dyvte_rt.families.llava import LlavaFamily
 from dyvte_rt.families.llava_next import LlavaNextFamily
 from dyvte_rt.families.qwen2_vl import Qwen2VLFamily
+from dyvte_rt.families.qwen3_vl import Qwen3VLFamily
 
 FAMILIES: dict[str, type[Family]] = {
     "llava": LlavaFamily,
@@ -16,6 +17,7 @@ FAMILIES: dict[str, type[Family]] = {
     "qwen2-vl": Qwen2VLFamily,
     "qwen2.5-vl": Qwen2VLFamily,  # the same images and positions; its windows are in the layout
     "internvl": InternVLFamily,
+    "qwen3-vl": Qwen3VLFamily,
 }
 
 

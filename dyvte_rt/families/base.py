@@ -39,6 +39,11 @@ class Family:
             return None
         return build_strict(self.layout_type, data, "vision.layout")
 
+    @property
+    def deepstack_layers(self) -> int:
+        """DeepStack levels of visual features added after decoder layers 0..n-1 (Qwen3-VL); 0: none."""
+        return 0
+
     # -- images ---------------------------------------------------------------------------------
 
     def prepare_image(self, image: Image.Image) -> PreparedImage:

@@ -187,6 +187,68 @@ INTERNVL3_8B = ModelPreset(
     typical_image=(1344, 1008),  # 4:3, 12 tiles and the thumbnail: 3,328 visual tokens
 )
 
+# Qwen3-VL-8B-Instruct's sizes as its published config.json and preprocessor_config.json give them
+# (written from them, not read from a download here: no model hub on this machine)
+QWEN3_VL_8B = ModelPreset(
+    name="qwen3-vl-8b",
+    family="qwen3-vl",
+    dims=Dims(
+        hidden=4096,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        mlp=12288,
+        vocab_size=151936,
+        max_positions=262144,
+        position_sections=3,
+    ),
+    vision=VisionInfo(
+        4096,
+        4096,
+        16384,  # the pixel budget's most: 16,777,216 pixels in 32x32 merged patches
+        ImagePreprocess(
+            resize_shortest_edge=None,
+            crop_height=None,
+            crop_width=None,
+            resample=BICUBIC,
+            rescale_factor=1 / 255,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            convert_rgb=True,
+        ),
+        layout={
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+            "min_pixels": 65536,
+            "max_pixels": 16777216,
+            "window_size": None,
+            "position_side": 48,
+            "deepstack_layers": 3,
+        },
+    ),
+    tower={
+        "depth": 27,
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "out_hidden_size": 4096,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+    },
+    text_config={
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+        "rms_norm_eps": 1e-6,
+    },
+    typical_image=(1280, 720),
+)
+
 PRESETS: dict[str, ModelPreset] = {
-    p.family: p for p in (LLAVA_15_7B, LLAVA_NEXT_7B, QWEN25_VL_7B, INTERNVL3_8B)
+    p.family: p for p in (LLAVA_15_7B, LLAVA_NEXT_7B, QWEN25_VL_7B, INTERNVL3_8B, QWEN3_VL_8B)
 }

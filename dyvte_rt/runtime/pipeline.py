@@ -28,6 +28,7 @@ from dyvte_rt.bundle.loaded import Bundle, as_runtime_error
 from dyvte_rt.errors import InputError, PolicyError
 from dyvte_rt.inputs.preprocess import PreparedImage
 from dyvte_rt.runtime.compute import DecoderDims, PrefillMacs, layer_macs, prefill_macs
+from dyvte_rt.runtime.deepstack import DeepStackAdder
 from dyvte_rt.runtime.exit_switch import ExitGraphs, ExitSwitch
 from dyvte_rt.runtime.kv_cache import ConcatKVCache, InplaceKVCache, KVCache
 from dyvte_rt.runtime.policy import ExitPolicy, check_policy_fits
@@ -149,7 +150,7 @@ class Pipeline:
                 )
         try:
             started = time.perf_counter()
-            features = self._vision_batch(requests, n_visual)
+            features, deepstack_levels = self._vision_batch(requests, n_visual)
             vision_ms = 1e3 * (time.perf_counter() - started)
             started = time.perf_counter()
             feeds = {names.INPUT_IDS: padded, names.IMAGE_FEATURES: features}
@@ -157,7 +158,18 @@ class Pipeline:
             positions = self._prompt_positions(requests, ids, padded.shape[1], cache)  # [B, S] or [3, B, S]
             policies = [r.policy for r in requests]
             switch = ExitSwitch(self._exit_graphs, policies, ids, valid) if any(n_visual) else None
-            hidden, positions, valid, padded_macs = self._segments(hidden, positions, valid, cache, switch)
+            deepstack = None
+            if deepstack_levels is not None:
+                deepstack = DeepStackAdder(
+                    self.sessions["deepstack_add"],
+                    self.family.deepstack_layers,
+                    deepstack_levels,
+                    ids,
+                    self.image_token_id,
+                )
+            hidden, positions, valid, padded_macs = self._segments(
+                hidden, positions, valid, cache, switch, deepstack
+            )
             logits = self._head(hidden, valid)  # [B, vocab]
         except BackendError as err:
             raise as_runtime_error(err) from None
@@ -236,10 +248,12 @@ class Pipeline:
         valid: np.ndarray,
         cache: KVCache,
         switch: ExitSwitch | None,
+        deepstack: DeepStackAdder | None = None,
     ) -> tuple[Value, np.ndarray, np.ndarray, int]:
         """The one segment loop, for prefill and decode alike; `switch` may drop tokens after a
-        segment. `valid` [B]: each row's real tokens (the rest is padding). Returns the hidden state,
-        positions and valid counts after the last segment, and the multiply-adds computed."""
+        segment, `deepstack` add a DeepStack level before it does. `valid` [B]: each row's real
+        tokens (the rest is padding). Returns the hidden state, positions and valid counts after the
+        last segment, and the multiply-adds computed."""
         position_value = self.backend.upload(positions)
         computed = 0
         for segment in self.segments:
@@ -255,6 +269,9 @@ class Pipeline:
             rows, length = positions.shape[-2:]
             computed += len(layers) * rows * layer_macs(length, self.decoder_dims, int(held.max()) + length)
             hidden = out[names.HIDDEN_OUT]
+            if deepstack is not None:
+                exited = [layer is not None for layer in switch.exit_layers]
+                hidden = deepstack(segment.last_layer, hidden, positions.shape[-1], exited)
             if switch is not None:
                 before = positions
                 hidden, positions, valid = switch(segment, hidden, positions, valid)
@@ -262,11 +279,14 @@ class Pipeline:
                     position_value = self.backend.upload(positions)
         return hidden, positions, valid, computed
 
-    def _vision_batch(self, requests: list[PrefillRequest], n_visual: list[int]) -> Value:
+    def _vision_batch(
+        self, requests: list[PrefillRequest], n_visual: list[int]
+    ) -> tuple[Value, Value | None]:
         """Image features [B, V, D] on the backend (zeros for rows without an image: their prompts
-        hold no image token, so the embed graph never reads them)."""
+        hold no image token, so the embed graph never reads them), and DeepStack levels [B, n, V, D]
+        for families that have them (else None)."""
         if not any(n_visual):
-            return self._empty_features(len(requests))
+            return self._empty_features(len(requests)), None
         images = [r.image if visual else None for r, visual in zip(requests, n_visual, strict=True)]
         if self.family.vision_per_image:
             return self._per_image_features(images)
@@ -277,28 +297,37 @@ class Pipeline:
         pixels = np.concatenate(
             [image.pixel_values if image is not None else np.zeros(shape) for image in images]
         ).astype(self._dtype)
-        return self._run("vision", {names.PIXEL_VALUES: pixels})[names.IMAGE_FEATURES]
+        return self._run("vision", {names.PIXEL_VALUES: pixels})[names.IMAGE_FEATURES], None
 
-    def _per_image_features(self, images: list[PreparedImage | None]) -> Value:
+    def _per_image_features(self, images: list[PreparedImage | None]) -> tuple[Value, Value | None]:
         """Images whose graph inputs depend on their size (the family says so): the vision graph
-        runs on each; a batch's rows are zero-padded to the longest."""
-        features = [
-            self._run("vision", {names.PIXEL_VALUES: image.pixel_values.astype(self._dtype), **image.feeds})[
-                names.IMAGE_FEATURES
-            ]
+        runs on each; a batch's rows (and DeepStack levels) are zero-padded to the longest."""
+        deep = self.family.deepstack_layers > 0
+        outputs = [
+            self._run("vision", {names.PIXEL_VALUES: image.pixel_values.astype(self._dtype), **image.feeds})
             if image is not None
             else None
             for image in images
         ]
         if len(images) == 1:
-            return features[0]
-        rows = [self.backend.download(f)[0] if f is not None else None for f in features]  # [V_b, D]
-        padded = np.zeros(
-            (len(rows), max(len(r) for r in rows if r is not None), self.dims.hidden), self._dtype
-        )
-        for b, row in enumerate(rows):
-            if row is not None:
-                padded[b, : len(row)] = row
+            return outputs[0][names.IMAGE_FEATURES], outputs[0][names.DEEPSTACK_FEATURES] if deep else None
+
+        def each(name: str) -> list[Value | None]:
+            return [out[name] if out is not None else None for out in outputs]
+
+        features = self._padded(each(names.IMAGE_FEATURES), axis=1)
+        levels = self._padded(each(names.DEEPSTACK_FEATURES), axis=2) if deep else None
+        return features, levels
+
+    def _padded(self, values: list[Value | None], axis: int) -> Value:
+        """Per-image outputs [1, ..., V_b, D] -> one [B, ..., max V_b, D], zeros where absent."""
+        arrays = [self.backend.download(v)[0] if v is not None else None for v in values]
+        shape = next(a.shape for a in arrays if a is not None)
+        longest = max(a.shape[axis - 1] for a in arrays if a is not None)
+        padded = np.zeros((len(arrays), *shape[: axis - 1], longest, *shape[axis:]), self._dtype)
+        for b, array in enumerate(arrays):
+            if array is not None:
+                padded[(b, *(slice(None),) * (axis - 1), slice(0, array.shape[axis - 1]))] = array
         return self.backend.upload(padded)
 
     def _empty_features(self, batch: int) -> Value:

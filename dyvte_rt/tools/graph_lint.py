@@ -50,11 +50,15 @@ def fp16_hazards(path: Path) -> list[str]:
     types.update({t.name: t.data_type for t in graph.initializer})
     half = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
     producers = {out: node for node in graph.node for out in node.output}
+    exponents = {n.input[1] for n in graph.node if n.op_type == "Pow" and len(n.input) > 1}
+    constants = {name: array for name, array in _constants(graph, numpy_helper, exponents)}
     found = []
     for node in graph.node:
         first = types.get(node.input[0]) if node.input else None
         if node.op_type == "Softmax" and first in half:
             found.append(f"{path.name}: {node.name or node.op_type} computes a softmax in fp16")
+        if node.op_type == "Pow" and _is_cube(node, constants):
+            continue  # tanh-GELU's x³ (Qwen3-VL's vision MLP): saturates to ±x in fp16, not a norm
         if node.op_type in ("ReduceMean", "Pow", "Sqrt") and first in half:
             found.append(f"{path.name}: {node.name or node.op_type} ({node.op_type}) normalises in fp16")
         if node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization") and first in half:
@@ -76,6 +80,11 @@ def fp16_hazards(path: Path) -> list[str]:
     return found
 
 
+def _is_cube(node, constants: dict) -> bool:
+    exponent = constants.get(node.input[1]) if len(node.input) > 1 else None
+    return exponent is not None and exponent.size == 1 and float(exponent.reshape(-1)[0]) == 3.0
+
+
 def _casts_to(node, dtypes: Iterable[int]) -> bool:
     return any(a.name == "to" and a.i in dtypes for a in node.attribute)
 
@@ -94,12 +103,13 @@ def _from_rotary_table(name: str, producers: dict) -> bool:
     return False
 
 
-def _constants(graph, numpy_helper):
+def _constants(graph, numpy_helper, names: set[str] | None = None):
+    """(name, array) of the graph's constants held inline (only those in `names`, if given)."""
     for tensor in graph.initializer:
-        if not tensor.external_data:
+        if not tensor.external_data and (names is None or tensor.name in names):
             yield tensor.name, numpy_helper.to_array(tensor)
     for node in graph.node:
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" and (names is None or node.output[0] in names):
             for attribute in node.attribute:
                 if attribute.name == "value":
                     yield node.output[0], numpy_helper.to_array(attribute.t)

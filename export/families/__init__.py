@@ -13,6 +13,7 @@ from export.families.internvl import InternVLAdapter
 from export.families.llava import LlavaAdapter
 from export.families.llava_next import LlavaNextAdapter
 from export.families.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
+from export.families.qwen3_vl import Qwen3VLAdapter
 
 FAMILIES: dict[str, type[FamilyAdapter]] = {
     "LlavaForConditionalGeneration": LlavaAdapter,
@@ -20,6 +21,7 @@ FAMILIES: dict[str, type[FamilyAdapter]] = {
     "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
     "Qwen2_5_VLForConditionalGeneration": Qwen25VLAdapter,
     "InternVLForConditionalGeneration": InternVLAdapter,
+    "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
 }
 
 # --model alias -> Hugging Face repo id, from every family

@@ -163,6 +163,20 @@ class FamilyAdapter:
         """An image (what `image_input` gives) -> [B, V, D] visual tokens."""
         raise NotImplementedError
 
+    def vision_outputs(self, image: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, V, D] visual tokens, [B, n, V, D] DeepStack levels or None) of an image."""
+        return self.image_features(image), None
+
+    @property
+    def deepstack_layers(self) -> int:
+        """DeepStack levels: level i joins the visual tokens after decoder layer i (0: none)."""
+        return 0
+
+    @property
+    def segment_boundaries(self) -> tuple[int, ...]:
+        """Layers after which a segment must end besides the candidate exits (DeepStack's)."""
+        return ()
+
     def vision_graph(self, pixel_values: torch.Tensor, *per_image: torch.Tensor) -> torch.Tensor:
         """The vision graph's computation from its inputs (`vision_plan` names them)."""
         return self.image_features(pixel_values)

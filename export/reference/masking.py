@@ -11,7 +11,7 @@ import torch
 
 from export.reference.cache import KVCache
 from export.reference.masks import additive
-from export.reference.model import DyVTEReference
+from export.reference.model import DyVTEReference, add_deepstack
 
 
 @torch.no_grad()
@@ -19,7 +19,7 @@ def prefill_with_visual_keys_masked(
     reference: DyVTEReference, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, exit_layer: int
 ) -> torch.Tensor:
     """Logits [1, N, vocab] at every prompt position; only non-visual rows are meaningful."""
-    hidden = reference.embed(input_ids, pixel_values)  # [1, N, D]
+    hidden, deepstack = reference.embed_with_deepstack(input_ids, pixel_values)  # [1, N, D]
     n = hidden.shape[1]
     positions, _ = reference.adapter.prompt_positions(input_ids, pixel_values)  # [1, N] or [3, 1, N]
     is_visual = input_ids[0] == reference.adapter.image_token_id  # [N]
@@ -32,4 +32,5 @@ def prefill_with_visual_keys_masked(
     for index in range(reference.num_layers):
         mask = full_mask if index <= exit_layer else masked
         hidden = reference.run_layer(index, hidden, positions, cache, mask)
+        hidden = add_deepstack(hidden, index, is_visual, deepstack)  # after the exit: rows no text sees
     return reference.adapter.head(hidden)

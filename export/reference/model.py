@@ -75,6 +75,18 @@ def image_placeholders(
     return (input_ids == image_token_id) & has_features
 
 
+def add_deepstack(
+    hidden: torch.Tensor, layer: int, is_visual: torch.Tensor, deepstack: torch.Tensor | None
+) -> torch.Tensor:
+    """DeepStack (Qwen3-VL): after decoder layer `layer`, its level [1, n, V, D] joins the
+    visual tokens' rows (`is_visual` [N] marks them); other layers, and families without it, pass."""
+    if deepstack is None or layer >= deepstack.shape[1]:
+        return hidden
+    hidden = hidden.clone()
+    hidden[:, is_visual] = hidden[:, is_visual] + deepstack[:, layer].to(hidden.dtype)
+    return hidden
+
+
 class DyVTEReference(nn.Module):
     def __init__(
         self,
@@ -103,18 +115,25 @@ class DyVTEReference(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values) -> torch.Tensor:
         """[1, N] ids (+ the image: [1, 3, H, W] pixels, or what the adapter's `image_input` gives)
         -> [1, N, D] input embeddings."""
+        return self.embed_with_deepstack(input_ids, pixel_values)[0]
+
+    def embed_with_deepstack(
+        self, input_ids: torch.Tensor, pixel_values
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The input embeddings [1, N, D] and the image's DeepStack levels [1, n, V, D] (None
+        without an image or for families without DeepStack)."""
         image_id = self.adapter.image_token_id
         safe_ids = input_ids.masked_fill(input_ids == image_id, 0)  # placeholder rows are replaced
         embeds = self.adapter.embed_tokens(safe_ids)
         n_image = int((input_ids == image_id).sum())
         if n_image == 0:
-            return embeds
+            return embeds, None
         if pixel_values is None:
             raise InputError(f"the prompt has {n_image} image tokens but no image was given")
-        features = self.adapter.image_features(pixel_values)  # [1, V, D]
+        features, deepstack = self.adapter.vision_outputs(pixel_values)  # [1, V, D], [1, n, V, D] | None
         if features.shape[1] != n_image:
             raise InputError(f"the prompt has {n_image} image tokens but the image gives {features.shape[1]}")
-        return merge_image_features(embeds, input_ids, features, image_id)
+        return merge_image_features(embeds, input_ids, features, image_id), deepstack
 
     def run_layer(
         self, index: int, hidden: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, mask: torch.Tensor
@@ -144,7 +163,7 @@ class DyVTEReference(nn.Module):
         check_policy_fits(policy, self.num_layers, self.candidate_layers)
         if policy.needs_routers and self.routers is None:
             raise InputError("policy 'router' needs trained routers, and none are loaded")
-        hidden = self.embed(input_ids, pixel_values)  # [1, N, D]
+        hidden, deepstack = self.embed_with_deepstack(input_ids, pixel_values)  # [1, N, D], [1, n, V, D]
         n_tokens = hidden.shape[1]
         is_visual = input_ids[0] == self.adapter.image_token_id  # [N]
         n_visual = int(is_visual.sum())
@@ -159,6 +178,8 @@ class DyVTEReference(nn.Module):
         features: dict[int, torch.Tensor] = {}
         for index in range(self.num_layers):
             hidden = self.run_layer(index, hidden, positions, cache, mask)
+            if exit_layer is None:  # after an exit no visual token is left to take a DeepStack level
+                hidden = add_deepstack(hidden, index, is_visual, deepstack)
             if exit_layer is not None or n_visual == 0 or index not in self.candidate_layers:
                 continue
             feats = router_features(hidden, mean_at)  # [1, 2D]

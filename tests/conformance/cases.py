@@ -94,6 +94,7 @@ CASES = (
     Case("qwen2-vl", "tiny", 2, PATCHES, _qwen_features, hf_positions=_qwen_positions),
     Case("qwen2.5-vl", "tiny", 2, PATCHES, _qwen_features, hf_positions=_qwen_positions),
     Case("internvl", "tiny", 4, TILES, _internvl_features),
+    Case("qwen3-vl", "tiny", 3, PATCHES, _qwen_features, hf_positions=_qwen_positions),
 )
 PRIMARY = tuple(c for c in CASES if c.primary)  # what depends on the family, not on its decoder
 # the API's paths: every family, and a checkpoint whose bundles are concat only (no batches)

@@ -1,5 +1,6 @@
 """Fixtures of the conformance suite: one case per family and decoder (tests/conformance/cases.py),
-its checkpoint, a bundle with random routers at layers 1 and 2 in either KV flavour, and images."""
+its checkpoint, a bundle with random routers at every default candidate layer (1 and 2 for a
+4-layer decoder) in either KV flavour, and images."""
 
 from __future__ import annotations
 
@@ -51,11 +52,12 @@ def loaded(checkpoint):
 
 @pytest.fixture(scope="module")
 def routers(loaded) -> Path:
-    return random_routers(loaded.adapter.dims.hidden)
+    dims = loaded.adapter.dims  # a router at every default candidate: layers 1..L-2
+    return random_routers(dims.hidden, tuple(range(1, dims.num_layers - 1)))
 
 
 def case_bundle(case: Case, checkpoint: Path, routers: Path | None, kv: str | None = None, **options) -> Path:
-    """The case's bundle with random routers at layers 1 and 2 (None: without), in KV flavour
+    """The case's bundle with random routers at its candidate layers (None: without), in KV flavour
     `kv` (None: the one the exporter chooses for it, the first of the case's flavours, so that
     asking for it by name is the same artefact) and `options` (a precision, exit layers)."""
     kv = kv or case.kv_flavours[0]

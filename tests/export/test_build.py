@@ -232,10 +232,13 @@ def test_bad_exit_layers_are_input_errors(spec):
         parse_exit_layers(spec, 8)
 
 
-def test_plan_segments_end_at_candidates_and_the_last_layer():
+def test_plan_segments_end_at_candidates_at_family_boundaries_and_at_the_last_layer():
     assert plan_segments((1, 2), 4) == [(0, 1), (2, 2), (3, 3)]
     assert plan_segments((), 4) == [(0, 3)]
     assert plan_segments((0, 5), 8) == [(0, 0), (1, 5), (6, 7)]
+    # DeepStack: segments also end after each layer a level joins (Qwen3-VL's 0..n-1)
+    assert plan_segments((1, 2), 4, (0, 1)) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert plan_segments((5,), 8, (0, 1, 2)) == [(0, 0), (1, 1), (2, 2), (3, 5), (6, 7)]
 
 
 def test_summary_table_lists_every_graph():

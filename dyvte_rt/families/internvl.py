@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from dyvte_rt.families.base import Family
-from dyvte_rt.inputs.preprocess import PreparedImage, channels_first, normalized, to_rgb
+from dyvte_rt.families.qwen2_vl import normalization_terms
+from dyvte_rt.inputs.preprocess import PreparedImage, channels_first, to_rgb
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,10 @@ class InternVLFamily(Family):
     def prepare_image(self, image: Image.Image) -> PreparedImage:
         spec = self.vision.preprocess
         rgb = to_rgb(image) if spec.convert_rgb else image
-        views = np.stack(
-            [normalized(channels_first(tile), spec) for tile in tiles(rgb, self.layout, spec.resample)]
-        )
-        return PreparedImage(
-            np.ascontiguousarray(views, dtype=np.float32), self.layout.tokens_per_tile * len(views)
-        )
+        pixels = np.stack([channels_first(tile) for tile in tiles(rgb, self.layout, spec.resample)])  # uint8
+        scale, shift = normalization_terms(spec, pixels.shape[1])  # one float32 multiply-add
+        views = pixels * scale[None, :, None, None] - shift[None, :, None, None]
+        return PreparedImage(views.astype(np.float32, copy=False), self.layout.tokens_per_tile * len(views))
 
     def visual_tokens(self, height: int, width: int) -> int:
         return self.layout.tokens_per_tile * tile_count(height, width, self.layout)

@@ -24,6 +24,7 @@ from torch.export import Dim
 
 from dyvte_rt.bundle import io_names
 from dyvte_rt.families import qwen2_vl as patch_grid
+from dyvte_rt.families.presets import QWEN3_VL_8B
 from dyvte_rt.families.qwen3_vl import DeepStackGridInfo, interpolation_taps
 from export.families.qwen2_vl import (
     QWEN_SPECIALS,
@@ -48,7 +49,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct",
         "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
     }
-    TINY_VARIANTS = ("tiny",)
+    TINY_VARIANTS = ("tiny", "qwen3-vl-8b-slice")
     processor_class = "Qwen3VLProcessor"
     LEGACY_PREFIXES = ()
 
@@ -76,7 +77,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             raise ValueError(f"{cls.family} has no tiny variant {variant!r}")
         if options.get("streamed") or options.get("dtype", torch.float32) != torch.float32:
             raise ValueError(f"{cls.family} checkpoints are written whole, in fp32")
-        return build_tiny_qwen3_vl(out, seed)
+        layers = None if variant == "tiny" else options.get("layers")
+        if variant != "tiny" and layers is None:
+            raise ValueError(f"the {variant} needs a number of decoder layers")
+        return build_tiny_qwen3_vl(out, seed, slice_layers=layers)
 
     # -- images ------------------------------------------------------------------------------
 
@@ -152,11 +156,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         )
 
 
-def build_tiny_qwen3_vl(out: Path, seed: int = 0) -> Path:
+def build_tiny_qwen3_vl(out: Path, seed: int = 0, *, slice_layers: int | None = None) -> Path:
     """A tiny random Qwen3-VL checkpoint: a 3-block vision tower whose blocks 0 and 1 feed two
     DeepStack levels (into decoder layers 0 and 1 of four, so exits at 0, 1 and 2 fall before, at
     and after the last injection), a 4 x 4 learned position grid, interleaved three-section rotary
-    positions; image processor, tokenizer and chat template, no video processor."""
+    positions; image processor, tokenizer and chat template, no video processor. With
+    `slice_layers`, a Qwen3-VL-8B-shaped slice instead: the true decoder widths with that many
+    layers, the whole vision tower (27 blocks, three DeepStack levels) and its pixel budget; the
+    word tokenizer's vocabulary (prefill runs the head on the last token only)."""
     import transformers
 
     tokenizer = fast_word_tokenizer(
@@ -198,6 +205,28 @@ def build_tiny_qwen3_vl(out: Path, seed: int = 0) -> Path:
         "deepstack_visual_indexes": [0, 1],
         "initializer_range": spec.init_std,
     }
+    pixels, head_std, normalisation = dict(QWEN3_TINY_PIXELS), spec.head_std, {}
+    if slice_layers is not None:
+        preset = QWEN3_VL_8B
+        dims = preset.dims
+        text = {
+            **text,
+            "hidden_size": dims.hidden,
+            "intermediate_size": dims.mlp,
+            "num_hidden_layers": slice_layers,
+            "num_attention_heads": dims.num_heads,
+            "num_key_value_heads": dims.num_kv_heads,
+            "head_dim": dims.head_dim,
+            "max_position_embeddings": dims.max_positions,
+            "initializer_range": 0.02,
+            **preset.text_config,
+        }
+        vision = {**vision, **preset.tower, "initializer_range": 0.02}
+        layout = preset.vision.layout
+        pixels = {"shortest_edge": layout["min_pixels"], "longest_edge": layout["max_pixels"]}
+        head_std = 0.02
+        pre = preset.vision.preprocess
+        normalisation = {"image_mean": list(pre.mean), "image_std": list(pre.std)}
     config = transformers.Qwen3VLConfig(
         text_config=text,
         vision_config=vision,
@@ -209,11 +238,11 @@ def build_tiny_qwen3_vl(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = transformers.Qwen3VLForConditionalGeneration(config).eval()
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, spec.head_std)
+        model.lm_head.weight.normal_(0.0, head_std)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = transformers.Qwen2VLImageProcessorPil(
-        size=QWEN3_TINY_PIXELS, patch_size=16, merge_size=2
+        size=pixels, patch_size=16, merge_size=2, **normalisation
     )
     processor = image_only_processor(transformers.Qwen3VLProcessor)(
         image_processor=image_processor,

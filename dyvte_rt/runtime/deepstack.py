@@ -1,6 +1,6 @@
 """DeepStack (Qwen3-VL, docs/exit-semantics.md): during prefill, after decoder layer i for each
 level i the vision graph gave, the level joins the rows of the visual tokens still present — a
-scatter-add on the backend (`deepstack_add`). A sample that has exited has none left, so the
+gather-and-add on the backend (`deepstack_add`). A sample that has exited has none left, so the
 levels still to come are dropped for it; decoding never adds any (its tokens are text)."""
 
 from __future__ import annotations

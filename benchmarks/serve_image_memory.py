@@ -16,6 +16,7 @@ import argparse
 import base64
 import io
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import _wait
+from serve_load import _rss_mb, _wait
 
 
 def _encode(image: Image.Image, format: str, **options) -> bytes:
@@ -113,10 +114,10 @@ def _ask(url: str, body: bytes) -> str:
 
 
 def _peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit("no VmHWM in /proc (Linux only)")
+    peak = _rss_mb(pid, "VmHWM")
+    if math.isnan(peak):
+        raise SystemExit("no VmHWM in /proc (Linux only)")
+    return peak
 
 
 def measure(bundle: Path, port: int, name: str, image: tuple[bytes, str], normal: bytes) -> dict:

@@ -50,22 +50,66 @@ class TinySpec:
     head_std: float = 0.6  # sharper LM head: greedy picks win by clear margins, not near-ties
 
 
+def decoder_sizes(spec: TinySpec) -> dict:
+    """The config.json entries of `spec`'s decoder (Llama layout)."""
+    return {
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.mlp,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "max_position_embeddings": spec.max_positions,
+        "initializer_range": spec.init_std,
+    }
+
+
+def preset_decoder_sizes(preset, layers: int) -> dict:
+    """The config.json entries of a released model's decoder (`dyvte_rt.families.presets`) with
+    `layers` layers: a random slice of its true widths."""
+    dims = preset.dims
+    return {
+        "hidden_size": dims.hidden,
+        "intermediate_size": dims.mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": dims.num_heads,
+        "num_key_value_heads": dims.num_kv_heads,
+        "max_position_embeddings": dims.max_positions,
+        "initializer_range": 0.02,
+        **preset.text_config,
+    }
+
+
 def decoder_config(config_class: type, spec: TinySpec, vocab: int, **extra: object):
     """A Llama-layout decoder config of `spec`'s sizes (special ids as the word tokenizer's)."""
     return config_class(
-        vocab_size=vocab,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.mlp,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        initializer_range=spec.init_std,
-        **extra,
+        vocab_size=vocab, **decoder_sizes(spec), bos_token_id=1, eos_token_id=2, pad_token_id=3, **extra
     )
+
+
+def random_model(model_class: type, config, seed: int, head_std: float, tokenizer):
+    """A random-weight model of `config`: seeded, its LM head drawn N(0, head_std) (sharper than
+    the default init, so greedy picks win by clear margins), generation stopping at the tokenizer's
+    EOS."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, head_std)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_tiny(out: Path, model, image_processor, tokenizer, chat_template: str) -> Path:
+    """Write a checkpoint as a downloaded one looks: safetensors, config, image processor,
+    tokenizer and chat template (no processor config: families without torchvision load the parts)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(chat_template)
+    return out
 
 
 def fast_word_tokenizer(

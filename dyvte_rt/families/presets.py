@@ -32,15 +32,17 @@ class ModelPreset:
         return make_family(self.family, self.vision, self.dims)
 
 
-def _clip_336(resize: bool) -> ImagePreprocess:
+def _preprocess(mean=CLIP_MEAN, std=CLIP_STD, resize_crop: int | None = None) -> ImagePreprocess:
+    """Bicubic, 1/255 and `mean`/`std`; a shortest-edge resize and centre crop to `resize_crop`
+    only for one-view models (the others' layouts size the image)."""
     return ImagePreprocess(
-        resize_shortest_edge=336 if resize else None,
-        crop_height=336 if resize else None,
-        crop_width=336 if resize else None,
+        resize_shortest_edge=resize_crop,
+        crop_height=resize_crop,
+        crop_width=resize_crop,
         resample=BICUBIC,
         rescale_factor=1 / 255,
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
+        mean=mean,
+        std=std,
         convert_rgb=True,
     )
 
@@ -68,7 +70,7 @@ LLAVA_15_7B = ModelPreset(
     name="llava-7b",
     family="llava",
     dims=_VICUNA_7B,
-    vision=VisionInfo(336, 336, 576, _clip_336(resize=True)),
+    vision=VisionInfo(336, 336, 576, _preprocess(resize_crop=336)),
     tower=_CLIP_L_336,
     text_config={"rms_norm_eps": 1e-5},
 )
@@ -81,7 +83,7 @@ LLAVA_NEXT_7B = ModelPreset(
         336,
         336,
         2928,  # the most any image takes: one filling the 672x672 canvas
-        _clip_336(resize=True),
+        _preprocess(resize_crop=336),
         layout={
             "grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
             "tile_size": 336,
@@ -111,7 +113,7 @@ QWEN25_VL_7B = ModelPreset(
         3584,
         3584,
         16384,  # the pixel budget's most: 12,845,056 pixels in 28x28 merged patches
-        _clip_336(resize=False),
+        _preprocess(),
         layout={
             "patch_size": 14,
             "temporal_patch_size": 2,
@@ -154,16 +156,7 @@ INTERNVL3_8B = ModelPreset(
         448,
         448,
         256 * 13,  # the most any image takes: 12 tiles and the thumbnail
-        ImagePreprocess(
-            resize_shortest_edge=None,
-            crop_height=None,
-            crop_width=None,
-            resample=BICUBIC,
-            rescale_factor=1 / 255,
-            mean=(0.485, 0.456, 0.406),  # ImageNet's, not CLIP's
-            std=(0.229, 0.224, 0.225),
-            convert_rgb=True,
-        ),
+        _preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, not CLIP's
         layout={
             "tile_size": 448,
             "min_tiles": 1,
@@ -207,16 +200,7 @@ QWEN3_VL_8B = ModelPreset(
         4096,
         4096,
         16384,  # the pixel budget's most: 16,777,216 pixels in 32x32 merged patches
-        ImagePreprocess(
-            resize_shortest_edge=None,
-            crop_height=None,
-            crop_width=None,
-            resample=BICUBIC,
-            rescale_factor=1 / 255,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-            convert_rgb=True,
-        ),
+        _preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
         layout={
             "patch_size": 16,
             "temporal_patch_size": 2,

@@ -27,11 +27,20 @@ from dyvte_rt.errors import UnsupportedModelError
 from dyvte_rt.families.internvl import TileInfo, max_views
 from dyvte_rt.families.presets import INTERNVL3_8B
 from export.families.base import FamilyAdapter
-from export.families.qwen2_vl import image_only_processor
+from export.families.llava import LlavaAdapter
+from export.families.qwen2_vl import load_image_only_processor
 from export.graph_plans import VIEWS, GraphPlan, RandomInputs
 from export.manifest_builder import pixel_steps
 from export.parts import VisionPart
-from export.tiny_models import TINY_WORDS, TinySpec, fast_word_tokenizer
+from export.tiny_models import (
+    TINY_WORDS,
+    TinySpec,
+    decoder_sizes,
+    fast_word_tokenizer,
+    preset_decoder_sizes,
+    random_model,
+    save_tiny,
+)
 
 INTERNVL_SPECIALS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
 INTERNVL_ROLES = {
@@ -63,13 +72,8 @@ class InternVLAdapter(FamilyAdapter):
         "internvl3.5-8b": "OpenGVLab/InternVL3_5-8B-HF",
     }
     TINY_VARIANTS = ("tiny", "internvl3-8b-slice")
-    # the layout transformers saves InternVL in (and the Hub's -hf repositories use)
-    LEGACY_PREFIXES = (
-        ("model.language_model.", "language_model.model."),
-        ("lm_head.", "language_model.lm_head."),
-        ("model.vision_tower.", "vision_tower."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    )
+    # transformers saves InternVL (and the Hub's -hf repositories hold it) in LLaVA's layout
+    LEGACY_PREFIXES = LlavaAdapter.LEGACY_PREFIXES
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -100,18 +104,9 @@ class InternVLAdapter(FamilyAdapter):
         with torchvision, which does not install beside the CPU torch used here)."""
         import transformers
 
-        image_processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        template = tokenizer.chat_template
-        if template is None and (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text()
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        return image_only_processor(transformers.InternVLProcessor)(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            image_seq_length=int(config.image_seq_length),
-            chat_template=template,
+        return load_image_only_processor(
+            path, transformers.InternVLProcessor, image_seq_length=int(config.image_seq_length)
         )
 
     @classmethod
@@ -231,31 +226,13 @@ def build_tiny_internvl(out: Path, seed: int = 0, *, slice_layers: int | None = 
     spec = TinySpec(kv_heads=2)
     tile, patch, max_tiles = TINY_TILE, TINY_PATCH, TINY_MAX_TILES
     vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
-    widths = {
-        "hidden_size": spec.hidden,
-        "intermediate_size": spec.mlp,
-        "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
-        "max_position_embeddings": spec.max_positions,
-        "initializer_range": spec.init_std,
-    }
-    preprocess, head_std = {}, spec.head_std
+    widths, preprocess, head_std = decoder_sizes(spec), {}, spec.head_std
     if slice_layers is not None:
         preset = INTERNVL3_8B
-        dims, layout = preset.dims, preset.vision.layout
         vision = dict(preset.tower)
-        tile, patch, max_tiles = vision.pop("image_size"), vision.pop("patch_size"), layout["max_tiles"]
-        widths = {
-            "hidden_size": dims.hidden,
-            "intermediate_size": dims.mlp,
-            "num_hidden_layers": slice_layers,
-            "num_attention_heads": dims.num_heads,
-            "num_key_value_heads": dims.num_kv_heads,
-            "max_position_embeddings": dims.max_positions,
-            "initializer_range": 0.02,
-            **preset.text_config,
-        }
+        tile, patch = vision.pop("image_size"), vision.pop("patch_size")
+        max_tiles = preset.vision.layout["max_tiles"]
+        widths = preset_decoder_sizes(preset, slice_layers)
         pre = preset.vision.preprocess
         preprocess, head_std = {"image_mean": list(pre.mean), "image_std": list(pre.std)}, 0.02
     side = tile // patch
@@ -281,17 +258,13 @@ def build_tiny_internvl(out: Path, seed: int = 0, *, slice_layers: int | None = 
         downsample_ratio=0.5,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = transformers.InternVLForConditionalGeneration(config).eval()
+    model = random_model(transformers.InternVLForConditionalGeneration, config, seed, head_std, tokenizer)
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, head_std)
         for layer in model.model.vision_tower.encoder.layer:  # layer scale: let the blocks count
             layer.lambda_1.fill_(1.0)
             layer.lambda_2.fill_(1.0)
         model.model.vision_tower.embeddings.position_embeddings.normal_(0.0, widths["initializer_range"])
         model.model.vision_tower.embeddings.cls_token.normal_(0.0, widths["initializer_range"])
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = transformers.GotOcr2ImageProcessorPil(
         size={"height": tile, "width": tile},
         crop_to_patches=True,
@@ -299,9 +272,4 @@ def build_tiny_internvl(out: Path, seed: int = 0, *, slice_layers: int | None = 
         max_patches=max_tiles,
         **preprocess,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    image_processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "chat_template.jinja").write_text(INTERNVL_CHAT_TEMPLATE)
-    return out
+    return save_tiny(out, model, image_processor, tokenizer, INTERNVL_CHAT_TEMPLATE)

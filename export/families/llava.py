@@ -28,7 +28,7 @@ from export.families.base import FamilyAdapter
 from export.graph_plans import BATCH, GraphPlan, RandomInputs
 from export.manifest_builder import image_preprocess
 from export.parts import VisionPart
-from export.tiny_models import TINY_WORDS, TinySpec, decoder_config, fast_word_tokenizer
+from export.tiny_models import TINY_WORDS, TinySpec, decoder_config, fast_word_tokenizer, random_model
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), as llava-hf renders it.
 LLAVA_CHAT_TEMPLATE = (
@@ -325,13 +325,7 @@ def new_llava(
     """A random-weight LLaVA model and its processor (word-level tokenizer over `words`), in memory."""
     classes = classes or llava_classes()
     config, processor = llava_config_and_processor(text_config, spec, words, classes)
-    torch.manual_seed(seed)
-    model = classes.model(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, spec.head_std)
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model, processor
+    return random_model(classes.model, config, seed, spec.head_std, processor.tokenizer), processor
 
 
 def llava_config_and_processor(

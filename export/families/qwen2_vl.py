@@ -38,7 +38,15 @@ from export.families.base import FamilyAdapter
 from export.graph_plans import GraphPlan, RandomInputs
 from export.manifest_builder import pixel_steps
 from export.parts import VisionPart
-from export.tiny_models import TINY_WORDS, TinySpec, fast_word_tokenizer
+from export.tiny_models import (
+    TINY_WORDS,
+    TinySpec,
+    decoder_sizes,
+    fast_word_tokenizer,
+    preset_decoder_sizes,
+    random_model,
+    save_tiny,
+)
 
 TRACED_GRID = (4, 6)  # merged patches (rows, columns) of the image in traced prompts: 24 visual tokens
 
@@ -80,17 +88,7 @@ class Qwen2VLAdapter(FamilyAdapter):
         with torchvision (not installable beside the CPU torch used here)."""
         import transformers
 
-        image_processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        template = tokenizer.chat_template
-        if template is None and (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text()
-        if template is None and (path / "chat_template.json").is_file():
-            template = json.loads((path / "chat_template.json").read_text())["chat_template"]
-        base = getattr(transformers, cls.processor_class)
-        return image_only_processor(base)(
-            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template
-        )
+        return load_image_only_processor(path, getattr(transformers, cls.processor_class))
 
     @property
     def patch_grid(self) -> PatchGridInfo:
@@ -265,6 +263,27 @@ def _vision_block(block, hidden, cos, sin, mask, apply_rotary) -> torch.Tensor:
     return hidden + block.mlp(block.norm2(hidden))
 
 
+def load_image_only_processor(path: Path, base: type, **options: Any):
+    """A checkpoint's `base` processor (a class with a video processor) built from its image
+    processor, tokenizer and chat template alone; `options`: the processor's other arguments."""
+    import transformers
+
+    image_processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    template = tokenizer.chat_template
+    if template is None and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    if template is None and (path / "chat_template.json").is_file():
+        template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+    return image_only_processor(base)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=template,
+        **options,
+    )
+
+
 def image_only_processor(base: type) -> type:
     """`base` (a Qwen VL processor class) that accepts no video processor."""
 
@@ -299,23 +318,10 @@ QWEN_SPECIALS = (
 QWEN_TINY_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}
 
 
-# Qwen2.5-VL-7B's true sizes (dyvte_rt/families/presets.py) for a random slice of a few decoder
-# layers. The vocabulary stays the word tokenizer's: prefill runs the head on the last token only,
-# so the exit's timing does not depend on it, and the slice fits on this machine's disk.
-def _slice_text(preset=QWEN25_VL_7B) -> dict:
-    dims = preset.dims
-    return {
-        "hidden_size": dims.hidden,
-        "intermediate_size": dims.mlp,
-        "num_attention_heads": dims.num_heads,
-        "num_key_value_heads": dims.num_kv_heads,
-        "max_position_embeddings": dims.max_positions,
-        "initializer_range": 0.02,
-        **preset.text_config,
-    }
-
-
-def _slice_pixels(preset=QWEN25_VL_7B) -> dict:
+# Slices keep the word tokenizer's vocabulary: prefill runs the head on the last token only, so the
+# exit's timing does not depend on it, and the slice fits on this machine's disk.
+def slice_pixels(preset=QWEN25_VL_7B) -> dict:
+    """A preset's pixel budget as the Qwen image processor takes it."""
     layout = preset.vision.layout
     return {"shortest_edge": layout["min_pixels"], "longest_edge": layout["max_pixels"]}
 
@@ -330,25 +336,11 @@ def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0, *, slice_layers: 
     if slice_layers is not None and variant != "qwen2.5-vl":
         raise ValueError(f"the 7B-shaped slice is a qwen2.5-vl model, not {variant}")
 
-    tokenizer = fast_word_tokenizer(
-        TINY_WORDS, QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
-    )
-    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
-    ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(list(QWEN_SPECIALS)), strict=True))
+    tokenizer, token_ids = qwen_tokenizer()
     spec = TinySpec(kv_heads=2)
     text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": spec.hidden,
-        "intermediate_size": spec.mlp,
-        "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
-        "max_position_embeddings": spec.max_positions,
+        **qwen_text(tokenizer, spec),
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        "initializer_range": spec.init_std,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 3,
     }
     common = {
         "patch_size": 14,
@@ -359,11 +351,7 @@ def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0, *, slice_layers: 
     }
     if variant == "qwen2-vl":
         vision = {**common, "embed_dim": 32, "hidden_size": spec.hidden, "num_heads": 4, "mlp_ratio": 2}
-        config_class, model_class, processor_class = (
-            transformers.Qwen2VLConfig,
-            transformers.Qwen2VLForConditionalGeneration,
-            transformers.Qwen2VLProcessor,
-        )
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
     elif variant == "qwen2.5-vl":
         vision = {
             **common,
@@ -374,43 +362,47 @@ def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0, *, slice_layers: 
             "window_size": 56,  # 2 x 2 merged patches per window
             "fullatt_block_indexes": [1],
         }
-        config_class, model_class, processor_class = (
+        config_class, model_class = (
             transformers.Qwen2_5_VLConfig,
             transformers.Qwen2_5_VLForConditionalGeneration,
-            transformers.Qwen2_5_VLProcessor,
         )
     else:
         raise ValueError(f"unknown Qwen VL variant {variant!r}")
     vision["initializer_range"] = spec.init_std
     pixels, head_std = dict(QWEN_TINY_PIXELS), spec.head_std
     if slice_layers is not None:
-        text = {**text, **_slice_text(), "num_hidden_layers": slice_layers}
+        text = {**text, **preset_decoder_sizes(QWEN25_VL_7B, slice_layers)}
         vision = {**vision, **QWEN25_VL_7B.tower, "initializer_range": 0.02}
-        pixels, head_std = _slice_pixels(), 0.02
-    config = config_class(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, head_std)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+        pixels, head_std = slice_pixels(), 0.02
+    config = config_class(text_config=text, vision_config=vision, **token_ids)
+    model = random_model(model_class, config, seed, head_std, tokenizer)
     image_processor = transformers.Qwen2VLImageProcessorPil(size=pixels)
-    processor = image_only_processor(processor_class)(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=None,
-        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    return save_tiny(out, model, image_processor, tokenizer, QWEN_VL_CHAT_TEMPLATE)
+
+
+def qwen_tokenizer():
+    """The word tokenizer with the Qwen VL special tokens and chat template, and the token ids a
+    Qwen VL config names (image_token_id, video_token_id, vision_start/end_token_id)."""
+    tokenizer = fast_word_tokenizer(
+        TINY_WORDS, QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    image_processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "chat_template.jinja").write_text(processor.chat_template)
-    return out
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(list(QWEN_SPECIALS)), strict=True))
+    names = {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    }
+    return tokenizer, {name: ids[token] for name, token in names.items()}
+
+
+def qwen_text(tokenizer, spec: TinySpec) -> dict:
+    """A tiny Qwen VL text config's sizes and special ids (rotary settings are the family's)."""
+    return {
+        "vocab_size": len(tokenizer),
+        **decoder_sizes(spec),
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+    }

@@ -27,16 +27,17 @@ from dyvte_rt.families import qwen2_vl as patch_grid
 from dyvte_rt.families.presets import QWEN3_VL_8B
 from dyvte_rt.families.qwen3_vl import DeepStackGridInfo, interpolation_taps
 from export.families.qwen2_vl import (
-    QWEN_SPECIALS,
     QWEN_VL_CHAT_TEMPLATE,
     TRACED_GRID,
     Qwen2VLAdapter,
     _vision_block,
-    image_only_processor,
+    qwen_text,
+    qwen_tokenizer,
+    slice_pixels,
 )
 from export.graph_plans import GraphPlan, RandomInputs
 from export.parts import VisionPart
-from export.tiny_models import TINY_WORDS, TinySpec, fast_word_tokenizer
+from export.tiny_models import TinySpec, preset_decoder_sizes, random_model, save_tiny
 
 # Tiny Qwen3-VL images: 16-pixel patches merged 2 x 2 (as the real models), 4 to 64 visual tokens
 QWEN3_TINY_PIXELS = {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 64}
@@ -166,31 +167,17 @@ def build_tiny_qwen3_vl(out: Path, seed: int = 0, *, slice_layers: int | None = 
     word tokenizer's vocabulary (prefill runs the head on the last token only)."""
     import transformers
 
-    tokenizer = fast_word_tokenizer(
-        TINY_WORDS, QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
-    )
-    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
-    ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(list(QWEN_SPECIALS)), strict=True))
+    tokenizer, token_ids = qwen_tokenizer()
     spec = TinySpec(kv_heads=2)
     text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": spec.hidden,
-        "intermediate_size": spec.mlp,
-        "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
+        **qwen_text(tokenizer, spec),
         "head_dim": spec.hidden // spec.heads,
-        "max_position_embeddings": spec.max_positions,
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": [2, 3, 3],
             "mrope_interleaved": True,
         },
-        "initializer_range": spec.init_std,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 3,
     }
     vision = {
         "depth": 3,
@@ -208,51 +195,14 @@ def build_tiny_qwen3_vl(out: Path, seed: int = 0, *, slice_layers: int | None = 
     pixels, head_std, normalisation = dict(QWEN3_TINY_PIXELS), spec.head_std, {}
     if slice_layers is not None:
         preset = QWEN3_VL_8B
-        dims = preset.dims
-        text = {
-            **text,
-            "hidden_size": dims.hidden,
-            "intermediate_size": dims.mlp,
-            "num_hidden_layers": slice_layers,
-            "num_attention_heads": dims.num_heads,
-            "num_key_value_heads": dims.num_kv_heads,
-            "head_dim": dims.head_dim,
-            "max_position_embeddings": dims.max_positions,
-            "initializer_range": 0.02,
-            **preset.text_config,
-        }
+        text = {**text, **preset_decoder_sizes(preset, slice_layers), "head_dim": preset.dims.head_dim}
         vision = {**vision, **preset.tower, "initializer_range": 0.02}
-        layout = preset.vision.layout
-        pixels = {"shortest_edge": layout["min_pixels"], "longest_edge": layout["max_pixels"]}
-        head_std = 0.02
+        pixels, head_std = slice_pixels(preset), 0.02
         pre = preset.vision.preprocess
         normalisation = {"image_mean": list(pre.mean), "image_std": list(pre.std)}
-    config = transformers.Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(seed)
-    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, head_std)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
+    model = random_model(transformers.Qwen3VLForConditionalGeneration, config, seed, head_std, tokenizer)
     image_processor = transformers.Qwen2VLImageProcessorPil(
         size=pixels, patch_size=16, merge_size=2, **normalisation
     )
-    processor = image_only_processor(transformers.Qwen3VLProcessor)(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=None,
-        chat_template=QWEN_VL_CHAT_TEMPLATE,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    image_processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "chat_template.jinja").write_text(processor.chat_template)
-    return out
+    return save_tiny(out, model, image_processor, tokenizer, QWEN_VL_CHAT_TEMPLATE)

@@ -45,15 +45,20 @@ def model(demo_bundle):
         yield loaded
 
 
-def _client(model, api_key=None, max_batch=2, max_queue=4, image_memory=64 << 20):
-    from starlette.testclient import TestClient
-
+def _app(model, api_key=None, max_batch=2, max_queue=4, image_memory=64 << 20):
+    """The server's app over the demo bundle and its engine (the caller stops the engine)."""
     from dyvte_rt.serving.app import ServerLimits, create_app
     from dyvte_rt.serving.engine import BatchEngine
 
     engine = BatchEngine(model, max_batch=max_batch, max_queue=max_queue, context=256)
     limits = ServerLimits(max_body_bytes=1 << 20, api_key=api_key, max_image_memory=image_memory)
-    app = create_app(model, engine, "demo", limits)
+    return create_app(model, engine, "demo", limits), engine
+
+
+def _client(model, **options):
+    from starlette.testclient import TestClient
+
+    app, engine = _app(model, **options)
     return TestClient(app, raise_server_exceptions=False), engine
 
 
@@ -242,11 +247,7 @@ def _live(model):
     client that goes away."""
     import uvicorn
 
-    from dyvte_rt.serving.app import ServerLimits, create_app
-    from dyvte_rt.serving.engine import BatchEngine
-
-    engine = BatchEngine(model, max_batch=2, max_queue=4, context=256)
-    app = create_app(model, engine, "demo", ServerLimits(max_body_bytes=1 << 20))
+    app, engine = _app(model)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -36,6 +36,8 @@ class BuildConfig:
     dtype: str = "fp32"
     kv: str | None = None  # KV flavour: inplace (ONNX Runtime) | concat (TensorRT); None: inplace if it fits
     exit_layers: str | None = None  # None: every layer from 1 to L-2
+    prune_layers: str | None = None  # more layers to end a segment at, for pruning after them
+    default_prune: str = "none"  # the prune policy the runtime uses when none is asked for
     routers: Path | None = None  # None: the checkpoint's own routers.safetensors, if any
     no_routers: bool = False
     default_exit: str | None = None  # None: "router" with routers, else "never"
@@ -101,7 +103,9 @@ def build_bundle(config: BuildConfig) -> list[GraphRow]:
     check_routers_fit(inputs.routers, loaded.adapter.dims.hidden)
     routers = inputs.routers.to(next(loaded.model.parameters()).dtype) if inputs.routers else None
 
-    plans = build_plans(loaded.adapter, inputs.candidates, routers, inputs.kv)
+    plans = build_plans(
+        loaded.adapter, inputs.candidates, routers, inputs.kv, extra_prune_layers=inputs.extra_prune_layers
+    )
     if loader is not None:
         check_memory(plans, loader, config.max_memory_gb)
     with staged_directory(inputs.out, config.overwrite) as staging:
@@ -207,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LAYERS",
         help="layers that may end a segment and carry a router, e.g. '1-30' or '4,8,12' "
         "(default: every layer from 1 to L-2)",
+    )
+    parser.add_argument(
+        "--prune-layers",
+        metavar="LAYERS",
+        help="more layers to end a segment at, so that fastv:K / dart:K can prune after them, e.g. '2' or "
+        "'2,5' (a bundle prunes after -1, the input embeddings, and every exit layer without it)",
+    )
+    parser.add_argument(
+        "--default-prune",
+        metavar="POLICY",
+        help="visual-token pruning the runtime uses when none is asked for: none, fastv:K:R or dart:K:R[:P] "
+        "(default: none)",
     )
     routers = parser.add_mutually_exclusive_group()
     routers.add_argument(

@@ -15,13 +15,32 @@ from torch import nn
 from torch.export import Dim
 
 from dyvte_rt.bundle import io_names
-from export.parts import DeepstackAddPart, EmbedPart, ExitGatherPart, HeadPart, RouterPart, SegmentPart
+from export.parts import (
+    DartRankPart,
+    DeepstackAddPart,
+    EmbedPart,
+    ExitGatherPart,
+    FastvRankPart,
+    HeadPart,
+    RouterPart,
+    SegmentPart,
+)
 
 if TYPE_CHECKING:
     from export.families import FamilyAdapter
     from export.reference.routers import RouterBank
 
-ROLES = ("vision", "embed", "segment", "router", "exit_gather", "deepstack_add", "head")
+ROLES = (
+    "vision",
+    "embed",
+    "segment",
+    "router",
+    "exit_gather",
+    "deepstack_add",
+    "fastv_rank",
+    "dart_rank",
+    "head",
+)
 
 BATCH = Dim("batch", min=1, max=256)
 SEQ = Dim("seq", min=1, max=1 << 16)
@@ -82,8 +101,19 @@ class RandomInputs:
         return out
 
 
+def prune_layers(segments: list[tuple[int, int]]) -> tuple[int, ...]:
+    """The layers a bundle can prune after: -1 (the input embeddings, DART only) and every
+    segment's last layer but the model's last (FastV's scores come out of those segments)."""
+    return (-1, *(last for _, last in segments[:-1]))
+
+
 def build_plans(
-    adapter: FamilyAdapter, candidates: tuple[int, ...], routers: RouterBank | None, kv: str, seed: int = 0
+    adapter: FamilyAdapter,
+    candidates: tuple[int, ...],
+    routers: RouterBank | None,
+    kv: str,
+    seed: int = 0,
+    extra_prune_layers: tuple[int, ...] = (),
 ) -> list[GraphPlan]:
     model = adapter.model
     dtype = next(model.parameters()).dtype
@@ -118,10 +148,10 @@ def build_plans(
         ),
     ]
     head_dim = dims.kv_width // text.num_key_value_heads
-    for index, (first, last) in enumerate(
-        plan_segments(candidates, dims.num_layers, adapter.segment_boundaries)
-    ):
-        segment = SegmentPart(adapter, first, last, kv)
+    boundaries = (*adapter.segment_boundaries, *extra_prune_layers)
+    segments = plan_segments(candidates, dims.num_layers, boundaries)
+    for index, (first, last) in enumerate(segments):
+        segment = SegmentPart(adapter, first, last, kv, scores=last < dims.num_layers - 1)
         plans.append(
             _segment_plan(f"segment_{index:02d}", segment, n_prompt, rand, text.num_key_value_heads, head_dim)
         )
@@ -146,6 +176,7 @@ def build_plans(
             ],
         )
     )
+    plans.extend(_rank_plans(v_tokens, n_prompt, dims.hidden, rand))
     if adapter.deepstack_layers:
         plans.append(_deepstack_plan(adapter.deepstack_layers, v_tokens, n_prompt, dims.hidden, rand))
     plans.append(
@@ -177,42 +208,50 @@ def _segment_plan(
 
     sections = segment.adapter.position_sections
 
+    scores = segment.scores
+
     def inputs(batch: int, seq: int, past: int) -> tuple:
         positions = torch.arange(past, past + seq).repeat(batch, 1)  # [B, S]
         if sections > 1:  # multimodal rotary: sections that differ, as on an image's rows
             positions = torch.stack([positions + 3 * i for i in range(sections)])  # [3, B, S]
+        # FastV's last token: the last row, and in a batch of two a padded sample's earlier one
+        last = (torch.tensor([seq - 1, max(seq - 3, 0)])[:batch],) if scores else ()
         if not inplace:
             kv = [rand.randn(batch, kv_heads, past, head_dim) for _ in range(2 * len(layers))]
-            return (rand.randn(batch, seq, hidden), positions, *kv)
+            return (rand.randn(batch, seq, hidden), positions, *kv, *last)
         capacity = past + seq + 3  # rows beyond the valid ones hold noise the operator must ignore
         kv = [rand.randn(batch, kv_heads, capacity, head_dim) for _ in range(2 * len(layers))]
         total = torch.full((batch,), past + seq, dtype=torch.int32)
-        return (rand.randn(batch, seq, hidden), positions, total, *kv)
+        return (rand.randn(batch, seq, hidden), positions, total, *kv, *last)
 
     position_axes = {1: BATCH, 2: SEQ} if sections > 1 else {0: BATCH, 1: SEQ}
+    last_names, last_axes = ([io_names.LAST_INDEX], ({0: BATCH},)) if scores else ([], ())
+    last_outputs = [io_names.PRUNE_SCORES] if scores else []
     if inplace:
         names = [
             io_names.HIDDEN_IN,
             io_names.POSITION_IDS,
             io_names.TOTAL_LENGTHS,
             *io_names.kv_names(layers, "past"),
+            *last_names,
         ]
         kv_axes = {0: BATCH, 2: CAPACITY}
-        rest = ({0: BATCH}, *(kv_axes for _ in range(2 * len(layers))))  # total_lengths, then the buffers
+        # total_lengths, then the buffers (and FastV's last index)
+        rest = ({0: BATCH}, *(kv_axes for _ in range(2 * len(layers))), *last_axes)
         shapes = ({0: BATCH, 1: SEQ}, position_axes, rest)
     else:
-        names = [io_names.HIDDEN_IN, io_names.POSITION_IDS, *io_names.kv_names(layers, "past")]
+        names = [io_names.HIDDEN_IN, io_names.POSITION_IDS, *io_names.kv_names(layers, "past"), *last_names]
         shapes = (
             {0: BATCH, 1: SEQ},
             position_axes,
-            tuple({0: BATCH, 2: PAST} for _ in range(2 * len(layers))),
+            (*({0: BATCH, 2: PAST} for _ in range(2 * len(layers))), *last_axes),
         )
     return GraphPlan(
         name,
         "segment",
         segment,
         names,
-        [io_names.HIDDEN_OUT, *io_names.kv_names(layers, "present")],
+        [io_names.HIDDEN_OUT, *io_names.kv_names(layers, "present"), *last_outputs],
         sample=inputs(2, 5, 3),
         dynamic_shapes=shapes,
         dtype=rand.dtype,
@@ -231,6 +270,57 @@ def _segment_plan(
         ],
         layers=layers,
     )
+
+
+def _rank_plans(v_tokens: int, n_prompt: int, hidden: int, rand: RandomInputs) -> list[GraphPlan]:
+    """FastV's and DART's rankings of one sample's visual tokens (export.prune_scoring)."""
+
+    def rows(seq: int, visual: int) -> torch.Tensor:
+        return torch.sort(torch.randperm(seq, generator=rand.gen)[:visual]).values[None]  # [1, V]
+
+    def fastv(batch: int, seq: int, visual: int, tie: bool = False) -> tuple:
+        scores = torch.rand(batch, seq, generator=rand.gen)
+        if tie:  # equal scores: the lower index first
+            scores[:] = 0.25
+        return (scores, torch.tensor([batch - 1]), rows(seq, visual))
+
+    def dart(batch: int, seq: int, visual: int, pivots: int, zero: bool = False) -> tuple:
+        states = rand.randn(batch, seq, hidden)
+        if zero:  # a zero vector: cosine 0 to every pivot
+            states[:, :] = 0
+        return (states, torch.tensor([batch - 1]), rows(seq, visual), torch.tensor([pivots]))
+
+    return [
+        GraphPlan(
+            "fastv_rank",
+            "fastv_rank",
+            FastvRankPart(),
+            [io_names.PRUNE_SCORES, io_names.SAMPLE_INDEX, io_names.VISUAL_ROWS],
+            [io_names.PRUNE_RANKING],
+            sample=fastv(2, v_tokens + 4, v_tokens),
+            dynamic_shapes=({0: BATCH, 1: SEQ}, None, {1: VISUAL}),
+            dtype=torch.float32,  # the scores are fp32 in every bundle
+            tolerance=0.0,  # indices
+            cases=lambda: [fastv(1, n_prompt, v_tokens), fastv(2, 9, 3), fastv(1, 6, 4, tie=True)],
+        ),
+        GraphPlan(
+            "dart_rank",
+            "dart_rank",
+            DartRankPart(),
+            [io_names.HIDDEN_OUT, io_names.SAMPLE_INDEX, io_names.VISUAL_ROWS, io_names.PRUNE_PIVOTS],
+            [io_names.PRUNE_RANKING],
+            sample=dart(2, v_tokens + 4, v_tokens, 2),
+            dynamic_shapes=({0: BATCH, 1: SEQ}, None, {1: VISUAL}, None),
+            dtype=rand.dtype,
+            tolerance=0.0,
+            cases=lambda: [
+                dart(1, n_prompt, v_tokens, 8),
+                dart(2, 9, 3, 1),
+                dart(1, 7, 5, 0),
+                dart(1, 7, 4, 2, zero=True),
+            ],
+        ),
+    ]
 
 
 def _deepstack_plan(levels: int, v_tokens: int, n_prompt: int, hidden: int, rand: RandomInputs) -> GraphPlan:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 
+from dyvte_rt.bundle import io_names
 from dyvte_rt.bundle.manifest import (
     SCHEMA_VERSION,
     Dims,
@@ -16,6 +17,7 @@ from dyvte_rt.bundle.manifest import (
     GraphQualityInfo,
     ImagePreprocess,
     Manifest,
+    PruneInfo,
     QuantizationInfo,
     SegmentInfo,
     SourceInfo,
@@ -24,6 +26,7 @@ from dyvte_rt.bundle.manifest import (
     sha256_file,
 )
 from dyvte_rt.errors import UnsupportedModelError
+from export.graph_plans import prune_layers
 from export.loading import LoadedModel
 
 _ONNX_TO_NUMPY = {
@@ -48,10 +51,17 @@ def assemble_manifest(
     """The bundle's manifest; `files` are every file written, hashed here."""
     routers = {p.layers.start: p.name for p in plans if p.role == "router"}
     segments = tuple(
-        SegmentInfo(p.name, p.layers.start, p.layers.stop - 1, routers.get(p.layers.stop - 1))
+        SegmentInfo(
+            p.name,
+            p.layers.start,
+            p.layers.stop - 1,
+            routers.get(p.layers.stop - 1),
+            prune_scores=io_names.PRUNE_SCORES in p.output_names,
+        )
         for p in plans
         if p.role == "segment"
     )
+    ranges = [(s.first_layer, s.last_layer) for s in segments]
     return Manifest(
         schema_version=SCHEMA_VERSION,
         source=source_info(loaded),
@@ -71,6 +81,7 @@ def assemble_manifest(
         ),
         graphs=graphs,
         files={f.name: FileInfo(sha256=sha256_file(f), bytes=f.stat().st_size) for f in files},
+        prune=PruneInfo(layers=prune_layers(ranges), default_policy=inputs.default_prune.spec()),
     )
 
 

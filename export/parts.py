@@ -6,6 +6,8 @@ matches the reference. Shapes: B batch, S new tokens, P past tokens, V visual to
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 from dyvte_rt.bundle.manifest import KV_FLAVOURS
 from export.attention import ATTENTION_NAME, FP32_ATTENTION_NAME, GqaCache, attention_function
+from export.prune_scoring import QueryCapture, capture_queries, dart_ranking, fastv_ranking
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask
 from export.reference.model import image_placeholders, merge_image_features
@@ -80,9 +83,12 @@ class SegmentPart(GraphPart):
       cache k/v per layer [B,Hkv,M,hd], total_lengths [B] int32 = rows valid after this step
       -> (hidden_out, the same buffers with this step's rows written)
     hidden [B,S,D], position_ids [B,S] int64.
+    With `scores` (a segment FastV may prune after), one more input, last_index [B], and one more
+    output, prune_scores [B, S]: the attention of each sample's last new token to the new tokens in
+    the segment's last layer (`export.prune_scoring.last_query_attention`).
     """
 
-    def __init__(self, adapter: FamilyAdapter, first: int, last: int, kv: str) -> None:
+    def __init__(self, adapter: FamilyAdapter, first: int, last: int, kv: str, scores: bool = False) -> None:
         super().__init__()
         if kv not in KV_FLAVOURS:
             raise ValueError(f"kv flavour must be one of {KV_FLAVOURS}, got {kv!r}")
@@ -90,6 +96,7 @@ class SegmentPart(GraphPart):
         self.model = adapter.model
         self.first, self.last = first, last
         self.kv = kv
+        self.scores = scores
 
     @property
     def layers(self) -> range:
@@ -99,32 +106,51 @@ class SegmentPart(GraphPart):
         return [self.adapter.decoder_layers[layer] for layer in self.layers]
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, *inputs: torch.Tensor) -> tuple:
+        if self.scores:
+            inputs, last_index = inputs[:-1], inputs[-1]
         # cos/sin in fp32: the rotary embedding then runs in fp32 in fp16 graphs too
         cos_sin = self.adapter.rotary(hidden.float(), position_ids)
         if self.kv == "inplace":
-            return self._inplace(hidden, position_ids, cos_sin, inputs[0], inputs[1:])
+            outputs, capture = self._inplace(hidden, position_ids, cos_sin, inputs[0], inputs[1:])
+        else:
+            outputs, capture = self._concat(hidden, position_ids, cos_sin, inputs)
+        return (*outputs, capture.scores(last_index)) if self.scores else outputs
+
+    @contextlib.contextmanager
+    def _attention(self, name: str | None) -> Iterator[QueryCapture | None]:
+        """The layers attend with `name`; with `scores`, the last layer's queries are recorded."""
+        config = self.model.config.text_config
+        with attention_function(config, name):
+            if not self.scores:
+                yield None
+                return
+            with capture_queries(config, self.last) as capture:
+                yield capture
+
+    def _concat(self, hidden, position_ids, cos_sin, inputs) -> tuple:
         cache = CastingKVCache(self.last + 1)
         for offset, layer in enumerate(self.layers):
             cache.keys[layer], cache.values[layer] = inputs[2 * offset], inputs[2 * offset + 1]
         fp32 = _fp32_attention_for(hidden)
         mask_dtype = torch.float32 if fp32 else hidden.dtype  # an fp32 mask cannot overflow in fp16
         mask = causal_mask(hidden.shape[1], inputs[0].shape[2], mask_dtype, hidden.device)  # [1,1,S,P+S]
-        with attention_function(self.model.config.text_config, fp32):
+        with self._attention(fp32) as capture:
             for layer in self.layers:
                 hidden = self._layer(layer, hidden, position_ids, cos_sin, mask=mask, cache=cache)
-        return (hidden, *(t for layer in self.layers for t in (cache.keys[layer], cache.values[layer])))
+        presents = (t for layer in self.layers for t in (cache.keys[layer], cache.values[layer]))
+        return (hidden, *presents), capture
 
     def _inplace(self, hidden, position_ids, cos_sin, total_lengths, buffers) -> tuple:
         cache = GqaCache(
             {layer: (buffers[2 * i], buffers[2 * i + 1]) for i, layer in enumerate(self.layers)},
             total_lengths,
         )
-        with attention_function(self.model.config.text_config, ATTENTION_NAME):
+        with self._attention(ATTENTION_NAME) as capture:
             for layer in self.layers:
                 hidden = self._layer(
                     layer, hidden, position_ids, cos_sin, mask=None, cache=cache, gqa_cache=cache
                 )
-        return (hidden, *(t for layer in self.layers for t in cache.presents[layer]))
+        return (hidden, *(t for layer in self.layers for t in cache.presents[layer])), capture
 
     def _layer(self, index, hidden, position_ids, cos_sin, mask, cache, **kwargs) -> torch.Tensor:
         return self.adapter.decoder_layers[index](
@@ -219,6 +245,24 @@ class DeepstackAddPart(GraphPart):
         padded = torch.cat([features, features.new_zeros(features.shape[0], 1, features.shape[2])], dim=1)
         slots = visual_slots[:, :, None].expand(-1, -1, hidden.shape[-1])
         return hidden + torch.gather(padded, 1, slots)
+
+
+class FastvRankPart(GraphPart):
+    """FastV's ranking of one sample's visual tokens:
+    (prune_scores [B, S], sample [1], visual_rows [1, V]) -> ranking [1, V] int64, best first."""
+
+    def forward(self, scores: torch.Tensor, sample: torch.Tensor, visual_rows: torch.Tensor) -> torch.Tensor:
+        return fastv_ranking(scores, sample, visual_rows)
+
+
+class DartRankPart(GraphPart):
+    """DART's ranking of one sample's visual tokens:
+    (hidden [B, S, D], sample [1], visual_rows [1, V], pivots [1]) -> ranking [1, V] int64."""
+
+    def forward(
+        self, hidden: torch.Tensor, sample: torch.Tensor, visual_rows: torch.Tensor, pivots: torch.Tensor
+    ) -> torch.Tensor:
+        return dart_ranking(hidden, sample, visual_rows, pivots)
 
 
 class ExitGatherPart(GraphPart):

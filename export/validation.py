@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from dyvte_rt.errors import InputError
 from dyvte_rt.runtime.policy import DEFAULT_THRESHOLD, ExitPolicy, check_policy_fits, parse_policy
+from dyvte_rt.runtime.prune import NO_PRUNE, PrunePolicy, parse_prune
 from export.staging import check_destination
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class ExportInputs:
     threshold: float
     default_policy: ExitPolicy
     kv: str  # the KV flavour to export
+    extra_prune_layers: tuple[int, ...] = ()  # --prune-layers: segment ends besides the exit layers
+    default_prune: PrunePolicy = NO_PRUNE
 
 
 def validate(config: BuildConfig) -> ExportInputs:
@@ -66,7 +69,19 @@ def validate(config: BuildConfig) -> ExportInputs:
         )
     check_policy_fits(default_policy, num_layers, candidates)
     kv = kv_flavour(config.kv, checkpoint.adapter_class.head_dim_in(checkpoint.config), config.quiet)
-    return ExportInputs(out, checkpoint, routers, candidates, threshold, default_policy, kv)
+    extra = (
+        parse_exit_layers(config.prune_layers, num_layers, "--prune-layers") if config.prune_layers else ()
+    )
+    default_prune = parse_prune(config.default_prune)
+    if default_prune.active and default_prune.layer not in (-1, *candidates, *extra):
+        raise InputError(
+            f"--default-prune {default_prune.spec()} prunes after layer {default_prune.layer}, "
+            "which is neither -1 nor an exit layer",
+            hint=f"add --prune-layers {default_prune.layer}",
+        )
+    return ExportInputs(
+        out, checkpoint, routers, candidates, threshold, default_policy, kv, extra, default_prune
+    )
 
 
 def kv_flavour(asked: str | None, head_dim: int | None, quiet: bool = False) -> str:
@@ -92,7 +107,7 @@ def kv_flavour(asked: str | None, head_dim: int | None, quiet: bool = False) -> 
     return "concat"
 
 
-def parse_exit_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
+def parse_exit_layers(spec: str | None, num_layers: int, option: str = "--exit-layers") -> tuple[int, ...]:
     """`None` -> 1..L-2; otherwise `a-b`, `a..b`, `a,b,c`, or mixes such as `1-4,8`."""
     if spec is None:
         return tuple(range(1, num_layers - 1))
@@ -102,18 +117,16 @@ def parse_exit_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
         if match:
             low, high = int(match.group(1)), int(match.group(2))
             if low > high:
-                raise InputError(f"--exit-layers range {part!r} runs backwards")
+                raise InputError(f"{option} range {part!r} runs backwards")
             layers.update(range(low, high + 1))
         elif part.isdigit():
             layers.add(int(part))
         else:
-            raise InputError(
-                f"--exit-layers: cannot read {part!r}", hint="use e.g. '1-30', '4,8,12' or '2..5,9'"
-            )
+            raise InputError(f"{option}: cannot read {part!r}", hint="use e.g. '1-30', '4,8,12' or '2..5,9'")
     bad = sorted(k for k in layers if k > num_layers - 2)
     if bad:
         raise InputError(
-            f"--exit-layers {bad} are not possible exits for a {num_layers}-layer decoder",
+            f"{option} {bad} are not possible exits for a {num_layers}-layer decoder",
             hint=f"an exit needs a layer after it: use layers 0..{num_layers - 2}",
         )
     return tuple(sorted(layers))

@@ -16,17 +16,23 @@ def eval_json(capsys, bundle, data, *options: str) -> dict:
 DECODE_STEPS = 4
 
 
-def runtime_vs_reference(pipeline, reference, input_ids, reference_image, runtime_image, policy):
+def runtime_vs_reference(pipeline, reference, input_ids, reference_image, runtime_image, policy, prune=None):
     """Prefill `input_ids` ([1, N] torch) through the runtime pipeline and the PyTorch reference
     under `policy`, then DECODE_STEPS teacher-forced decode steps (the reference's greedy tokens
     fed to both) -> (max |logit error| over all of them, runtime prefill, reference prefill).
-    Checks on the way that both exit at the same layer and hold the same KV lengths."""
+    Checks on the way that both exit at the same layer, prune the same visual tokens and hold the
+    same KV lengths (`prune`: a prune policy, default none)."""
     import numpy as np
     import torch
 
-    expected = reference.prefill(input_ids, reference_image, policy)
-    got = pipeline.prefill(input_ids.numpy(), runtime_image, policy)
+    from dyvte_rt.runtime.prune import parse_prune
+
+    prune = parse_prune(prune)
+    expected = reference.prefill(input_ids, reference_image, policy, prune=prune)
+    got = pipeline.prefill(input_ids.numpy(), runtime_image, policy, prune=prune)
     assert got.exit_layer == expected.exit_layer, policy.describe()
+    assert got.pruned_after_layer == expected.pruned_after_layer, prune.spec()
+    assert got.kept_visual == expected.kept_visual, prune.spec()
     assert got.cache.layer_lengths() == expected.cache.lengths(), policy.describe()
     worst = float(np.abs(got.logits - expected.logits[:, -1].numpy()).max())
     token = int(expected.logits[0, -1].argmax())

@@ -31,6 +31,10 @@ class Answer:
     # copied between host and backend (shared calls split among the requests in them): prefill,
     # decode, per_decode_token
     host_bytes: dict[str, float]
+    prune: str = "none"  # the prune policy asked for
+    visual_tokens_kept: int = 0  # visual tokens left after the prune (all of them without one)
+    pruned_after_layer: int | None = None  # the layer a prune followed (-1: the input embeddings)
+    kept_visual: list[int] | None = None  # the visual tokens (0..V-1) that stayed, sorted
 
     @property
     def answer(self) -> str:
@@ -46,7 +50,7 @@ class Answer:
         return data
 
     @classmethod
-    def from_slot(cls, slot: Slot, policy: str) -> Answer:
+    def from_slot(cls, slot: Slot, policy: str, prune: str = "none") -> Answer:
         state, prefill, costs = slot.state, slot.prefill, slot.state.costs
         steps = costs.decode_steps
         return cls(
@@ -78,6 +82,10 @@ class Answer:
                 "decode": costs.host_bytes_decode,
                 "per_decode_token": costs.host_bytes_decode / steps if steps else 0.0,
             },
+            prune=prune,
+            visual_tokens_kept=prefill.visual_tokens_kept,
+            pruned_after_layer=prefill.pruned_after_layer,
+            kept_visual=list(prefill.kept_visual) if prefill.kept_visual is not None else None,
         )
 
 

@@ -31,6 +31,7 @@ from dyvte_rt.runtime.batch import DecodeBatch
 from dyvte_rt.runtime.decoding import DecodeState, StopRule
 from dyvte_rt.runtime.pipeline import Pipeline, PrefillRequest, PrefillResult
 from dyvte_rt.runtime.policy import ExitPolicy
+from dyvte_rt.runtime.prune import NO_PRUNE, PrunePolicy
 from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
 
 DEFAULT_CONTEXT = 2048  # positions a conversation reserves, unless the model has fewer
@@ -45,11 +46,14 @@ class Conversation:
         policy: ExitPolicy,
         context: int | None,
         sampling: SamplingConfig,
+        prune: PrunePolicy = NO_PRUNE,
     ) -> None:
         pipeline.check_policy(policy)
+        pipeline.check_prune(prune)
         self.pipeline = pipeline
         self.prompts = prompts
         self.policy = policy
+        self.prune = prune
         self.context = min(context or DEFAULT_CONTEXT, pipeline.dims.max_positions)
         self.sampler = Sampler(sampling)  # one random stream for the whole conversation
         self._eos = frozenset(pipeline.bundle.manifest.tokens.eos)
@@ -131,13 +135,13 @@ class Conversation:
         )
         if first_turn:
             self._batch = DecodeBatch(self.pipeline, self.pipeline.new_cache(self.context))
-            request = PrefillRequest(ids[0], self._image, self.policy)
+            request = PrefillRequest(ids[0], self._image, self.policy, self.prune)
             (slot,) = self._batch.prefill([(0, request, state)])
             self._first = slot.prefill
         else:
             slot = self._batch.extend(0, ids, state, self._first)
         yield from self._batch.stream(0)
-        answer = Answer.from_slot(slot, self.policy.spec())
+        answer = Answer.from_slot(slot, self.policy.spec(), self.prune.spec())
         generation.answer = answer
         self._position += len(answer.token_ids) - 1  # every generated token but the last went in
         last = answer.token_ids[-1]

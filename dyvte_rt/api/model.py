@@ -30,6 +30,7 @@ from dyvte_rt.runtime.batch import DecodeBatch
 from dyvte_rt.runtime.decoding import DecodeState, StopRule
 from dyvte_rt.runtime.pipeline import Pipeline, PrefillRequest
 from dyvte_rt.runtime.policy import ExitPolicy, parse_policy
+from dyvte_rt.runtime.prune import PrunePolicy, parse_prune
 from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
 from engines import SessionOptions
 
@@ -83,6 +84,12 @@ class DyvteModel:
         spec = exit if exit is not None else self.manifest.exit.default_policy
         return parse_policy(spec, self.manifest.exit.threshold if threshold is None else threshold)
 
+    def prune_policy(self, prune: str | PrunePolicy | None = None) -> PrunePolicy:
+        """The bundle's default prune policy unless one is given (none for a bundle without one)."""
+        if prune is None:
+            prune = self.manifest.prune.default_policy if self.manifest.prune is not None else "none"
+        return parse_prune(prune)
+
     def stop_rule(
         self,
         max_new_tokens: int,
@@ -114,6 +121,7 @@ class DyvteModel:
         stop: str | tuple[str, ...] | list[str] = (),
         ignore_eos: bool = False,
         stop_at_eos: bool | None = None,
+        prune: str | PrunePolicy | None = None,
     ) -> Answer:
         """Answer `question` about `image` (None: a text-only question); see `generate`."""
         return self.generate(
@@ -121,6 +129,7 @@ class DyvteModel:
             question,
             exit=exit,
             threshold=threshold,
+            prune=prune,
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             stop=stop,
@@ -140,15 +149,17 @@ class DyvteModel:
         stop: str | tuple[str, ...] | list[str] = (),
         ignore_eos: bool = False,
         stop_at_eos: bool | None = None,
+        prune: str | PrunePolicy | None = None,
     ) -> Generation:
         """Check everything, then return a lazy generation (no compute happens until iterated).
 
         `exit`: never, router, layer:K or a policy object (default: the bundle's); `threshold`
-        overrides the bundle's router threshold; `stop`: strings the answer ends before (not part
-        of it); `ignore_eos=True` decodes exactly `max_new_tokens` (benchmarks).
+        overrides the bundle's router threshold; `prune`: none, fastv:K:R or dart:K:R[:P] (default:
+        the bundle's); `stop`: strings the answer ends before (not part of it); `ignore_eos=True`
+        decodes exactly `max_new_tokens` (benchmarks).
         """
         rule = self.stop_rule(max_new_tokens, stop, ignore_eos, stop_at_eos)
-        request, state = self._request(image, question, exit, threshold, rule, sampling)
+        request, state = self._request(image, question, exit, threshold, rule, sampling, prune)
 
         def produce(generation: Generation):
             state.started_at = time.perf_counter()  # a lazy generation is timed from its first read
@@ -156,7 +167,7 @@ class DyvteModel:
             batch = DecodeBatch(self.pipeline, self.pipeline.new_cache(capacity))
             (slot,) = batch.prefill([(0, request, state)])
             yield from batch.stream(0)
-            generation.answer = Answer.from_slot(slot, request.policy.spec())
+            generation.answer = Answer.from_slot(slot, request.policy.spec(), request.prune.spec())
 
         return Generation(produce)
 
@@ -171,10 +182,11 @@ class DyvteModel:
         stop: str | tuple[str, ...] | list[str] = (),
         ignore_eos: bool = False,
         stop_at_eos: bool | None = None,
+        prune: str | PrunePolicy | list[str | PrunePolicy | None] | None = None,
     ) -> list[Answer]:
         """Answer several (image, question) pairs together: one batched prefill, in which every
-        sample exits at its own layer (`exit` may give each its own policy), then batched decoding
-        in which a finished answer leaves the batch.
+        sample exits at its own layer (`exit` may give each its own policy) and prunes with its own
+        policy (`prune`, likewise), then batched decoding in which a finished answer leaves the batch.
 
         Every answer equals the one `ask` gives for the same pair. Each answer's
         `prefill_macs["batch_computed"]` is what the whole batch's prefill computed, padding included.
@@ -184,10 +196,13 @@ class DyvteModel:
         specs = exit if isinstance(exit, list) else [exit] * len(questions)
         if len(specs) != len(questions):
             raise InputError(f"{len(specs)} exit policies for {len(questions)} questions")
+        prunes = prune if isinstance(prune, list) else [prune] * len(questions)
+        if len(prunes) != len(questions):
+            raise InputError(f"{len(prunes)} prune policies for {len(questions)} questions")
         rule = self.stop_rule(max_new_tokens, stop, ignore_eos, stop_at_eos)
         entries = [
-            (slot, *self._request(image, question, spec, threshold, rule, sampling))
-            for slot, ((image, question), spec) in enumerate(zip(questions, specs, strict=True))
+            (slot, *self._request(image, question, spec, threshold, rule, sampling, each))
+            for slot, ((image, question), spec, each) in enumerate(zip(questions, specs, prunes, strict=True))
         ]
         capacity = max(len(request.input_ids) for _, request, _ in entries) + max_new_tokens
         batch = DecodeBatch(self.pipeline, self.pipeline.new_cache(capacity, batch=len(entries)))
@@ -200,7 +215,7 @@ class DyvteModel:
                 break
             finished = batch.step()
         return [
-            Answer.from_slot(slot, request.policy.spec())
+            Answer.from_slot(slot, request.policy.spec(), request.prune.spec())
             for slot, (_, request, _) in zip(slots, entries, strict=True)
         ]
 
@@ -212,14 +227,24 @@ class DyvteModel:
         threshold: float | None = None,
         context: int | None = None,
         sampling: SamplingConfig | None = None,
+        prune: str | PrunePolicy | None = None,
     ) -> Conversation:
         """A multi-turn conversation about `image` (or none) that keeps its KV cache between turns.
 
-        The exit is decided once, in the first turn; `context` bounds the whole conversation's
-        tokens (default: the model's context, at most 2048). See `dyvte_rt.api.conversation`.
+        The exit and the prune are decided once, in the first turn; `context` bounds the whole
+        conversation's tokens (default: the model's context, at most 2048). See
+        `dyvte_rt.api.conversation`.
         """
         policy = self.policy(exit, threshold)
-        return Conversation(self.pipeline, self.prompts, image, policy, context, sampling or SamplingConfig())
+        return Conversation(
+            self.pipeline,
+            self.prompts,
+            image,
+            policy,
+            context,
+            sampling or SamplingConfig(),
+            self.prune_policy(prune),
+        )
 
     def prepare_image(self, image: ImageInput) -> PreparedImage:
         """An image (a path, bytes or a PIL image) opened safely and prepared for the vision graph."""
@@ -233,11 +258,14 @@ class DyvteModel:
         threshold: float | None,
         rule: StopRule,
         sampling: SamplingConfig | None,
+        prune: str | PrunePolicy | None = None,
     ) -> tuple[PrefillRequest, DecodeState]:
         """One question checked and prepared -> what to prefill and its decode state (every way
         to ask starts a request this way)."""
         policy = self.policy(exit, threshold)
         self.pipeline.check_policy(policy)
+        pruning = self.prune_policy(prune)
+        self.pipeline.check_prune(pruning)
         started = time.perf_counter()
         input_ids, prepared = self._prepare(image, question, rule.max_new_tokens)
         preprocess_ms = 1e3 * (time.perf_counter() - started)
@@ -245,7 +273,7 @@ class DyvteModel:
         state = DecodeState(
             self.prompts.tokenizer, sampler, rule, input_ids.shape[1], preprocess_ms=preprocess_ms
         )
-        return PrefillRequest(input_ids[0], prepared, policy), state
+        return PrefillRequest(input_ids[0], prepared, policy, pruning), state
 
     def _prepare(
         self, image: ImageInput | None, question: str, max_new_tokens: int

@@ -21,6 +21,11 @@ INTERP_WEIGHTS = "interp_weights"  # Qwen3-VL: [patches, 4] float their bilinear
 DEEPSTACK_FEATURES = "deepstack_features"  # DeepStack: [B, n, V, D], level i joins layer i's output
 DEEPSTACK_LEVEL = "deepstack_level"  # [1] int64: which level (= decoder layer) to add
 VISUAL_SLOTS = "visual_slots"  # [B, S] int64: a row's visual token j, or V for every other row
+PRUNE_SCORES = "prune_scores"  # [B, S] fp32: FastV's attention of the last token, a segment's last layer
+SAMPLE_INDEX = "sample_index"  # [1] int64: the batch row a ranking graph ranks
+VISUAL_ROWS = "visual_rows"  # [1, V] int64: the rows holding that sample's visual tokens
+PRUNE_PIVOTS = "prune_pivots"  # [1] int64: DART's pivot count, min(P, keep)
+PRUNE_RANKING = "prune_ranking"  # [1, V] int64: visual tokens (0..V-1) best first
 INPUT_IDS = "input_ids"  # [B, N] int64
 INPUT_EMBEDS = "inputs_embeds"  # [B, N, D]
 LOGITS = "logits"  # [B, vocab], last position only

@@ -107,6 +107,7 @@ class SegmentInfo:
     first_layer: int
     last_layer: int
     router: str | None  # the router graph evaluated on this segment's output (prefill only), if any
+    prune_scores: bool = False  # takes last_index and gives prune_scores (FastV can prune after it)
 
     @property
     def has_router(self) -> bool:
@@ -119,6 +120,14 @@ class ExitInfo:
     default_policy: str  # "never", "router" or "layer:K"
     threshold: float
     router_width: int | None  # None: the bundle has no routers
+
+
+@dataclass(frozen=True)
+class PruneInfo:
+    """Visual-token pruning (docs/exit-semantics.md): where the bundle can prune, and its default."""
+
+    layers: tuple[int, ...]  # layers a prune may follow (-1: the input embeddings, DART only)
+    default_policy: str  # "none", "fastv:K:R" or "dart:K:R[:P]"
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,7 @@ class Manifest:
     exit: ExitInfo
     graphs: dict[str, GraphInfo]
     files: dict[str, FileInfo] = field(default_factory=dict)
+    prune: PruneInfo | None = None  # None: exported before pruning existed (it cannot prune)
 
     @property
     def precision(self) -> str:

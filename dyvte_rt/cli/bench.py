@@ -18,6 +18,7 @@ from dyvte_rt.inputs.images import IMAGE_SUFFIXES
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig(RunnerConfig):
     exit: str | None = None  # None: never, the bundle's default, and router where there are routers
+    prune: str | None = None  # comma-separated prune policies run with each exit policy (None: none)
     images: Path | None = None
     data: Path | None = None
     question: str = "what is in the image?"
@@ -44,6 +45,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="POLICIES",
         help="comma-separated policies, the first is the baseline (default: never, the bundle's default, "
         "and router when the bundle has routers)",
+    )
+    parser.add_argument(
+        "--prune",
+        metavar="SPECS",
+        help="comma-separated prune policies (none, fastv:K:R, dart:K:R[:P]), each run with every --exit "
+        "policy; the first pair is the baseline (default: none)",
     )
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", type=Path, metavar="DIR", help="a directory of images, asked --question")
@@ -81,6 +88,11 @@ def run(config: BenchConfig) -> int:
             raise InputError("--exit names no policy")
         for policy in policies:
             model.pipeline.check_policy(policy)
+        prunes = [
+            model.prune_policy(spec.strip()) for spec in (config.prune or "none").split(",") if spec.strip()
+        ]
+        for prune in prunes:
+            model.pipeline.check_prune(prune)
         report = bench(
             model,
             examples,
@@ -89,6 +101,7 @@ def run(config: BenchConfig) -> int:
             config.warmup,
             config.max_new_tokens,
             progress=not config.as_json,
+            prunes=prunes or None,
         )
     print(json.dumps(report.to_dict()) if config.as_json else format_table(report))
     return 0

@@ -22,6 +22,7 @@ class ChatConfig(RunnerConfig):
     image: Path | None = None
     exit: str | None = None
     threshold: float | None = None
+    prune: str | None = None
     max_new_tokens: int = 256
     context: int | None = None  # None: the model's context, at most 2048
     temperature: float = 0.0
@@ -65,6 +66,7 @@ def run(config: ChatConfig) -> int:
             threshold=config.threshold,
             context=config.context,
             sampling=sampling,
+            prune=config.prune,
         )
         if interactive:
             about = f"about {config.image}" if config.image else "without an image"

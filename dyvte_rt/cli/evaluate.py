@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dyvte_rt.cli.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.cli.common import RunnerConfig, open_model
-from dyvte_rt.cli.options import bundle_options, device_options, json_option
+from dyvte_rt.cli.options import PRUNE_HELP, bundle_options, device_options, json_option
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +20,7 @@ class EvalConfig(RunnerConfig):
     data: Path
     exit: str | None = None
     threshold: float | None = None
+    prune: str | None = None
     limit: int | None = None
     max_new_tokens: int = 8
     compare_bundle: Path | None = None
@@ -40,6 +41,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, required=True, metavar="JSONL", help="the dataset")
     parser.add_argument("--exit", metavar="POLICY", help="router, never or layer:K (default: the bundle's)")
     parser.add_argument("--threshold", type=float, help="router threshold (default: the bundle's)")
+    parser.add_argument("--prune", metavar="SPEC", help=PRUNE_HELP)
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N questions only")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens per answer")
     parser.add_argument(
@@ -65,18 +67,29 @@ def run(config: EvalConfig) -> int:
             other = stack.enter_context(open_model(dataclasses.replace(config, bundle=config.compare_bundle)))
         policy = model.policy(config.exit, config.threshold)
         model.pipeline.check_policy(policy)
+        prune = model.prune_policy(config.prune)
+        model.pipeline.check_prune(prune)
         report = evaluate(
-            model, examples, policy, config.max_new_tokens, progress=not config.as_json, compare_with=other
+            model,
+            examples,
+            policy,
+            config.max_new_tokens,
+            progress=not config.as_json,
+            compare_with=other,
+            prune=prune,
         )
     if config.as_json:
         print(json.dumps(asdict(report)))
         return 0
     histogram = ", ".join(f"{k}: {v}" for k, v in report.exit_histogram.items())
+    name = report.policy + ("" if report.prune == "none" else f" + prune {report.prune}")
     text = (
-        f"policy {report.policy}: accuracy {100 * report.accuracy:.1f}% on {report.n} questions; "
+        f"policy {name}: accuracy {100 * report.accuracy:.1f}% on {report.n} questions; "
         f"mean exit layer {report.mean_exit_layer:.2f} (histogram {histogram}); "
         f"prefill multiply-adds saved {100 * report.prefill_macs_saved:.1f}%"
     )
+    if report.prune != "none":
+        text += f"; visual tokens kept {report.mean_visual_kept:.1f} on average"
     if report.exit_agreement is not None:
         text += (
             f"; against {config.compare_bundle}: same exit layer {100 * report.exit_agreement:.1f}%, "

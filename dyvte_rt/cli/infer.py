@@ -20,6 +20,7 @@ class InferConfig(RunnerConfig):
     image: Path | None = None  # None: a text-only question
     exit: str | None = None
     threshold: float | None = None
+    prune: str | None = None
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
@@ -34,7 +35,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="answer a question about an image",
         description="Answer a question about an image (or a text-only question: leave the image out). The "
         "answer streams to stdout; --json prints one object with the answer, token ids, finish reason, exit "
-        "layer, timings and prefill multiply-adds.",
+        "layer, visual tokens kept by a --prune, timings and prefill multiply-adds.",
         formatter_class=HelpFormatter,
         parents=[bundle_options(), exit_options(), sampling_options(), device_options(), json_option()],
     )
@@ -68,6 +69,7 @@ def run(config: InferConfig) -> int:
             threshold=config.threshold,
             max_new_tokens=config.max_new_tokens,
             sampling=sampling,
+            prune=config.prune,
         )
         if config.as_json:
             print(json.dumps(generation.result().to_dict()))

@@ -1,4 +1,4 @@
-"""`dyvte-rt macs`: the theoretical prefill saving of an exit (docs/compute.md)."""
+"""`dyvte-rt macs`: the theoretical prefill saving of an exit and a prune (docs/compute.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dyvte_rt.cli.options import bundle_options, json_option
 from dyvte_rt.errors import InputError
 from dyvte_rt.families.presets import PRESETS
 from dyvte_rt.runtime.compute import DecoderDims, prefill_macs
+from dyvte_rt.runtime.prune import parse_prune
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +27,7 @@ class MacsConfig:
     image: str | None = None  # WIDTHxHEIGHT: some families' visual-token counts depend on it
     text: int = 60
     exit_layer: int | None = None
+    prune: str = "none"
     as_json: bool = False
 
 
@@ -59,6 +61,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--text", type=int, help="text tokens")
     parser.add_argument(
         "--exit-layer", type=int, metavar="K", help="exit after layer K (0-indexed; default: none)"
+    )
+    parser.add_argument(
+        "--prune",
+        metavar="SPEC",
+        help="also prune: fastv:K:R or dart:K:R[:P] keep V - round(R*V) visual tokens after layer K "
+        "(-1: before layer 0); an exit at or before K leaves nothing to prune (default: none)",
     )
     use_config_defaults(parser, MacsConfig)
     parser.set_defaults(make_config=make_config, run=run)
@@ -121,8 +129,22 @@ def run(config: MacsConfig) -> int:
         raise InputError("sizes must be positive and token counts non-negative")
     if config.exit_layer is not None and not 0 <= config.exit_layer < size["layers"]:
         raise InputError(f"--exit-layer must lie in 0..{size['layers'] - 1}, got {config.exit_layer}")
+    prune = parse_prune(config.prune)
+    if prune.active and prune.layer >= size["layers"] - 1:
+        raise InputError(f"--prune {prune.spec()}: pruning needs a layer after layer {prune.layer}")
     dims = DecoderDims(size["hidden"], size["kv_width"], size["mlp"], size["layers"])
-    macs = prefill_macs(dims, size["visual"] + config.text, size["visual"], config.exit_layer)
+    pruned = (
+        prune.active and size["visual"] > 0 and (config.exit_layer is None or config.exit_layer > prune.layer)
+    )
+    kept = prune.keep(size["visual"]) if pruned else None
+    macs = prefill_macs(
+        dims,
+        size["visual"] + config.text,
+        size["visual"],
+        config.exit_layer,
+        prune.layer if pruned else None,
+        kept,
+    )
     if config.as_json:
         print(
             json.dumps(
@@ -131,6 +153,8 @@ def run(config: MacsConfig) -> int:
                     "text": config.text,
                     "image": config.image,
                     "exit_layer": config.exit_layer,
+                    "prune": prune.spec(),
+                    "visual_tokens_kept": kept if kept is not None else size["visual"],
                     "full": macs.full,
                     "actual": macs.actual,
                     "saved_fraction": macs.saved_fraction,
@@ -141,8 +165,11 @@ def run(config: MacsConfig) -> int:
         return 0
     image = f" for a {config.image} image" if config.image else ""
     print(f"{size['visual']} visual tokens{image} and {config.text} text tokens, {size['layers']} layers")
+    saving = "with exit" + (" and prune" if kept is not None else "")
+    if kept is not None:
+        print(f"{prune.spec()} keeps {kept} of {size['visual']} visual tokens after layer {prune.layer}")
     print(
-        f"prefill multiply-adds: full {macs.full / 1e12:.3f} T, with exit {macs.actual / 1e12:.3f} T "
+        f"prefill multiply-adds: full {macs.full / 1e12:.3f} T, {saving} {macs.actual / 1e12:.3f} T "
         f"({100 * macs.saved_fraction:.1f}% saved, {macs.full / macs.actual:.2f}x theoretical speed-up)"
     )
     return 0

@@ -54,6 +54,13 @@ def device_options(threads: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+PRUNE_HELP = (
+    "visual-token pruning with the exit: none, fastv:K:R (after layer K, keep the visual tokens the last "
+    "prompt token attends to most) or dart:K:R[:P] (after layer K, -1 = the input embeddings, keep P "
+    "pivots and the tokens least like them); R is the fraction removed (default: the bundle's, none)"
+)
+
+
 def exit_options() -> argparse.ArgumentParser:
     parser = _parent()
     parser.add_argument(
@@ -65,6 +72,7 @@ def exit_options() -> argparse.ArgumentParser:
         metavar="T",
         help="router p(exit) threshold in [0, 1] (default: the bundle's)",
     )
+    parser.add_argument("--prune", metavar="SPEC", help=PRUNE_HELP)
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens to generate")
     return parser
 

@@ -45,16 +45,31 @@ def continuation_macs(dims: DecoderDims, new_tokens: int, held: list[int]) -> Pr
     return PrefillMacs(full=full, actual=actual)
 
 
-def prefill_macs(dims: DecoderDims, n_tokens: int, n_visual: int, exit_layer: int | None) -> PrefillMacs:
-    """Prefill cost of a prompt of `n_tokens` (of which `n_visual` visual) exiting after `exit_layer`."""
+def prefill_macs(
+    dims: DecoderDims,
+    n_tokens: int,
+    n_visual: int,
+    exit_layer: int | None,
+    prune_layer: int | None = None,
+    kept: int | None = None,
+) -> PrefillMacs:
+    """Prefill cost of a prompt of `n_tokens` (of which `n_visual` visual) exiting after
+    `exit_layer`, and keeping `kept` visual tokens after `prune_layer` (-1: before layer 0) if a
+    prune ran (docs/compute.md)."""
     if not 0 <= n_visual <= n_tokens:
         raise ValueError(f"need 0 <= n_visual <= n_tokens, got {n_visual} and {n_tokens}")
-    full = dims.num_layers * layer_macs(n_tokens, dims)
-    if exit_layer is None:
-        return PrefillMacs(full=full, actual=full)
-    if not 0 <= exit_layer < dims.num_layers:
+    if exit_layer is not None and not 0 <= exit_layer < dims.num_layers:
         raise ValueError(f"exit layer {exit_layer} outside 0..{dims.num_layers - 1}")
-    with_visual = exit_layer + 1
-    without = dims.num_layers - with_visual
-    actual = with_visual * layer_macs(n_tokens, dims) + without * layer_macs(n_tokens - n_visual, dims)
+    if prune_layer is not None and not (-1 <= prune_layer < dims.num_layers and 0 <= (kept or 0) <= n_visual):
+        raise ValueError(f"prune after layer {prune_layer} keeping {kept} of {n_visual} visual tokens")
+    full = dims.num_layers * layer_macs(n_tokens, dims)
+
+    def present(layer: int) -> int:
+        if exit_layer is not None and layer > exit_layer:
+            return n_tokens - n_visual
+        if prune_layer is not None and layer > prune_layer:
+            return n_tokens - n_visual + kept
+        return n_tokens
+
+    actual = sum(layer_macs(present(layer), dims) for layer in range(dims.num_layers))
     return PrefillMacs(full=full, actual=actual)

@@ -32,6 +32,7 @@ from dyvte_rt.runtime.deepstack import DeepStackAdder
 from dyvte_rt.runtime.exit_switch import ExitGraphs, ExitSwitch
 from dyvte_rt.runtime.kv_cache import ConcatKVCache, InplaceKVCache, KVCache
 from dyvte_rt.runtime.policy import ExitPolicy, check_policy_fits
+from dyvte_rt.runtime.prune import NO_PRUNE, PrunePolicy, check_prune_fits
 from engines import BackendError, Value
 
 
@@ -40,6 +41,7 @@ class PrefillRequest:
     input_ids: np.ndarray  # [N] prompt token ids
     image: PreparedImage | None  # None for a text-only prompt
     policy: ExitPolicy
+    prune: PrunePolicy = NO_PRUNE
 
 
 @dataclass
@@ -53,6 +55,13 @@ class PrefillResult:
     macs: PrefillMacs
     timings_ms: dict[str, float] = field(default_factory=dict)  # vision, prefill, switch (within prefill)
     row: int = 0
+    pruned_after_layer: int | None = None  # a prune removed visual tokens after this layer (-1: embeddings)
+    kept_visual: list[int] | None = None  # then: the visual tokens that stayed, sorted (0..V-1)
+
+    @property
+    def visual_tokens_kept(self) -> int:
+        """Visual tokens present after the prune (all of them without one)."""
+        return len(self.kept_visual) if self.kept_visual is not None else self.n_visual
 
 
 @dataclass
@@ -86,6 +95,10 @@ class Pipeline:
             self.sessions, self.backend, self.candidates, self.image_token_id, bundle.float_dtype
         )
 
+    def check_prune(self, prune: PrunePolicy) -> None:
+        layers = self.bundle.manifest.prune.layers if self.bundle.manifest.prune is not None else None
+        check_prune_fits(prune, layers, self.dims.num_layers)
+
     def check_policy(self, policy: ExitPolicy) -> None:
         check_policy_fits(policy, self.dims.num_layers, self.candidates)
         if policy.needs_routers and not self.has_routers:
@@ -117,21 +130,23 @@ class Pipeline:
         image: PreparedImage | np.ndarray | None,
         policy: ExitPolicy,
         capacity: int | None = None,
+        prune: PrunePolicy = NO_PRUNE,
     ) -> PrefillResult:
-        """One prompt through every graph, exiting where `policy` decides; `capacity`: KV positions
-        to reserve (default: the prompt and 64 more). `image` may be the pixel values [1, 3, H, W]
-        of a single-view model."""
+        """One prompt through every graph, exiting where `policy` decides and pruning as `prune`
+        says; `capacity`: KV positions to reserve (default: the prompt and 64 more). `image` may be
+        the pixel values [1, 3, H, W] of a single-view model."""
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         if isinstance(image, np.ndarray):
             image = PreparedImage.single_view(image, int((ids == self.image_token_id).sum()))
         cache = self.new_cache(capacity or min(ids.shape[0] + 64, self.dims.max_positions))
-        return self.prefill_batch([PrefillRequest(ids, image, policy)], cache).results[0]
+        return self.prefill_batch([PrefillRequest(ids, image, policy, prune)], cache).results[0]
 
     def prefill_batch(self, requests: list[PrefillRequest], cache: KVCache) -> BatchPrefill:
         """Several prompts at once, padded on the right, each exiting at its own layer; row b of
         `cache` receives request b."""
         for request in requests:
             self.check_policy(request.policy)
+            self.check_prune(request.prune)
         batch = len(requests)
         if cache.batch != batch:
             raise ValueError(f"a cache for {cache.batch} rows cannot hold {batch} requests")
@@ -156,17 +171,15 @@ class Pipeline:
             feeds = {names.INPUT_IDS: padded, names.IMAGE_FEATURES: features}
             hidden = self._run("embed", feeds)[names.INPUT_EMBEDS]
             positions = self._prompt_positions(requests, ids, padded.shape[1], cache)  # [B, S] or [3, B, S]
-            policies = [r.policy for r in requests]
-            switch = ExitSwitch(self._exit_graphs, policies, ids, valid) if any(n_visual) else None
+            policies, prunes = [r.policy for r in requests], [r.prune for r in requests]
+            switch = ExitSwitch(self._exit_graphs, policies, ids, valid, prunes) if any(n_visual) else None
             deepstack = None
             if deepstack_levels is not None:
                 deepstack = DeepStackAdder(
-                    self.sessions["deepstack_add"],
-                    self.family.deepstack_layers,
-                    deepstack_levels,
-                    ids,
-                    self.image_token_id,
+                    self.sessions["deepstack_add"], self.family.deepstack_layers, deepstack_levels, n_visual
                 )
+            if switch is not None:  # DART on the input embeddings
+                hidden, positions, valid = switch(None, hidden, positions, valid)
             hidden, positions, valid, padded_macs = self._segments(
                 hidden, positions, valid, cache, switch, deepstack
             )
@@ -177,6 +190,16 @@ class Pipeline:
         results = []
         for row in range(batch):
             exit_layer = switch.exit_layers[row] if switch is not None else None
+            pruned_after = switch.pruned_after[row] if switch is not None else None
+            kept = switch.kept_visual[row] if switch is not None else None
+            macs = prefill_macs(
+                self.decoder_dims,
+                len(ids[row]),
+                n_visual[row],
+                exit_layer,
+                pruned_after,
+                len(kept) if kept is not None else None,
+            )
             results.append(
                 PrefillResult(
                     logits=logits[row : row + 1],
@@ -185,13 +208,15 @@ class Pipeline:
                     exit_probs=switch.exit_probs[row] if switch is not None else {},
                     n_tokens=len(ids[row]),
                     n_visual=n_visual[row],
-                    macs=prefill_macs(self.decoder_dims, len(ids[row]), n_visual[row], exit_layer),
+                    macs=macs,
                     timings_ms={
                         "vision": vision_ms,
                         "prefill": prefill_ms,
                         "switch": switch.ms if switch else 0.0,
                     },
                     row=row,
+                    pruned_after_layer=pruned_after,
+                    kept_visual=kept,
                 )
             )
         return BatchPrefill(results, padded_macs)
@@ -264,17 +289,19 @@ class Pipeline:
                 names.POSITION_IDS: position_value,
                 **cache.feeds(layers, valid),
             }
+            if segment.prune_scores:
+                feeds[names.LAST_INDEX] = valid - 1
             out = self.sessions[segment.graph].run(feeds, into=cache.outputs(layers))
             cache.update(layers, valid, out)
             rows, length = positions.shape[-2:]
             computed += len(layers) * rows * layer_macs(length, self.decoder_dims, int(held.max()) + length)
             hidden = out[names.HIDDEN_OUT]
             if deepstack is not None:
-                exited = [layer is not None for layer in switch.exit_layers]
-                hidden = deepstack(segment.last_layer, hidden, positions.shape[-1], exited)
+                hidden = deepstack(segment.last_layer, hidden, positions.shape[-1], switch)
             if switch is not None:
                 before = positions
-                hidden, positions, valid = switch(segment, hidden, positions, valid)
+                scores = out.get(names.PRUNE_SCORES)
+                hidden, positions, valid = switch(segment, hidden, positions, valid, scores)
                 if positions is not before:  # a sample exited: its rows moved, whatever the padded length
                     position_value = self.backend.upload(positions)
         return hidden, positions, valid, computed

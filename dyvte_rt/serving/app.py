@@ -5,8 +5,9 @@
     GET  /health                {"status": "ok", "active": n, "queued": n}
     GET  /metrics               Prometheus text format
 
-Extension fields: `exit` (never, router, layer:K) and `ignore_eos` (as vLLM names it) in the
-request, `dyvte` in the response ({exit_layer, prefill_macs}). Every error, for every status
+Extension fields: `exit` (never, router, layer:K), `prune` (none, fastv:K:R, dart:K:R[:P]) and
+`ignore_eos` (as vLLM names it) in the request, `dyvte` in the response ({exit_layer,
+prefill_macs, visual_tokens_kept, pruned_after_layer, kept_visual}). Every error, for every status
 (unknown routes and methods, and a failure inside the server, included), is OpenAI-shaped JSON:
 {"error": {"message", "type", "param", "code"}}; a client's mistake is a 4xx, a failure of ours a
 500 that ends only the request it hit, a stopped engine a 503 (and /health says so).
@@ -266,6 +267,8 @@ class _Api:
             )
             policy = self.model.policy(chat.exit)
             self.model.pipeline.check_policy(policy)
+            prune = self.model.prune_policy(chat.prune)
+            self.model.pipeline.check_prune(prune)
         except DyvteError as err:
             raise ApiError(400, err.one_line()) from None
         # decoding the image, preparing it and tokenising run on a worker thread: the event loop
@@ -281,7 +284,8 @@ class _Api:
         def emit(kind: str, payload: object) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
-        return ServeRequest(ids[0], prepared, policy, rule, Sampler(sampling), emit, preprocess_ms), events
+        request = ServeRequest(ids[0], prepared, policy, rule, Sampler(sampling), emit, preprocess_ms, prune)
+        return request, events
 
     def _prepare(self, messages: list[Message]):
         """Messages -> (prompt ids, prepared image or None, preparation ms), on a worker thread."""
@@ -464,6 +468,9 @@ class _Api:
             "dyvte": {
                 "exit_layer": done.exit_layer,
                 "prefill_macs": done.prefill_macs,
+                "visual_tokens_kept": done.visual_tokens_kept,
+                "pruned_after_layer": done.pruned_after_layer,
+                "kept_visual": done.kept_visual,
                 # from the image's preparation (queueing included) to the first and the last token
                 "ttft_ms": round(done.timings_ms["ttft"], 3),
                 "latency_ms": round(done.timings_ms["latency"], 3),

@@ -36,6 +36,7 @@ from dyvte_rt.runtime.batch import DecodeBatch
 from dyvte_rt.runtime.decoding import FINISH_CANCELLED, DecodeState, StopRule
 from dyvte_rt.runtime.pipeline import PrefillRequest
 from dyvte_rt.runtime.policy import ExitPolicy
+from dyvte_rt.runtime.prune import NO_PRUNE, PrunePolicy
 from dyvte_rt.runtime.sampling import Sampler
 
 _ids = itertools.count(1)
@@ -68,6 +69,7 @@ class ServeRequest:
     sampler: Sampler
     emit: Callable[[str, object], None]
     preprocess_ms: float = 0.0  # image decoding and preparation before the request was queued
+    prune: PrunePolicy = NO_PRUNE
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=lambda: next(_ids))
     queued_at: float = field(default_factory=time.perf_counter)
@@ -209,7 +211,7 @@ class BatchEngine:
         self.requests[slot] = request
 
     def _prefill_request(self, request: ServeRequest) -> PrefillRequest:
-        return PrefillRequest(request.prompt_ids, request.image, request.policy)
+        return PrefillRequest(request.prompt_ids, request.image, request.policy, request.prune)
 
     def _state(self, request: ServeRequest) -> DecodeState:
         return DecodeState(
@@ -242,7 +244,7 @@ class BatchEngine:
                 if self.on_cancelled is not None:
                     self.on_cancelled(request)
                 continue
-            answer = Answer.from_slot(done, request.policy.spec())
+            answer = Answer.from_slot(done, request.policy.spec(), request.prune.spec())
             if self.on_finished is not None:
                 self.on_finished(request, answer)
             request.emit("done", answer)

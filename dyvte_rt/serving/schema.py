@@ -73,6 +73,7 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     exit: StrictStr | None = None  # extension: never, router, layer:K
+    prune: StrictStr | None = None  # extension: none, fastv:K:R, dart:K:R[:P]
     ignore_eos: StrictBool = False  # extension, as vLLM names it
     # accepted only where they change nothing
     logprobs: Literal[False] | None = None

@@ -16,6 +16,7 @@ import numpy as np
 from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.inputs.datasets import Example
 from dyvte_rt.runtime.policy import ExitPolicy
+from dyvte_rt.runtime.prune import NO_PRUNE, PrunePolicy
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class BenchReport:
         return {**asdict(self), "policies": {k: asdict(v) for k, v in self.policies.items()}}
 
 
+def setting_name(policy: ExitPolicy, prune: PrunePolicy = NO_PRUNE) -> str:
+    """A policy as the report names it: the exit's spec, then `+` and the prune's if there is one."""
+    return policy.spec() + (f"+{prune.spec()}" if prune.active else "")
+
+
 def bench(
     model: DyvteModel,
     examples: list[Example],
@@ -58,20 +64,23 @@ def bench(
     warmup: int = 1,
     max_new_tokens: int = 16,
     progress: bool = True,
+    prunes: list[PrunePolicy] | None = None,
 ) -> BenchReport:
+    """Every exit policy with every prune policy (default: none), the first pair the baseline."""
     from tqdm import tqdm
 
-    names = [p.spec() for p in policies]
+    settings = [(p, q) for p in policies for q in (prunes or [NO_PRUNE])]
+    names = [setting_name(p, q) for p, q in settings]
     samples: dict[str, list[dict]] = {name: [] for name in names}
-    total = (warmup + runs) * len(examples) * len(policies)
+    total = (warmup + runs) * len(examples) * len(settings)
     bar = tqdm(total=total, desc="bench", unit="req", disable=not progress, file=sys.stderr)
     for run in range(warmup + runs):
         for index, example in enumerate(examples):
-            order = np.roll(np.arange(len(policies)), run + index)  # alternate who goes first
+            order = np.roll(np.arange(len(settings)), run + index)  # alternate who goes first
             for p in order:
-                policy = policies[p]
+                policy, prune = settings[p]
                 answer = model.ask(
-                    example.image, example.question, exit=policy, max_new_tokens=max_new_tokens
+                    example.image, example.question, exit=policy, max_new_tokens=max_new_tokens, prune=prune
                 )
                 bar.update(1)
                 if run < warmup:
@@ -137,16 +146,17 @@ def bench(
 
 
 def format_table(report: BenchReport) -> str:
+    width = max(10, *(len(name) for name in report.policies))
     header = (
-        f"{'policy':<10} {'vision ms':>10} {'prefill ms':>11} {'p90':>8} {'switch ms':>9} {'TTFT ms':>9} "
-        f"{'decode tok/s':>13} {'host B/tok':>10} "
+        f"{'policy':<{width}} {'vision ms':>10} {'prefill ms':>11} {'p90':>8} {'switch ms':>9} "
+        f"{'TTFT ms':>9} {'decode tok/s':>13} {'host B/tok':>10} "
         f"{'MACs':>6} {'speed-up':>9} {'theory':>7}  exits"
     )
     lines = [header, "-" * len(header)]
     for s in report.policies.values():
         exits = ", ".join(f"{k}:{v}" for k, v in sorted(s.exit_layers.items()))
         lines.append(
-            f"{s.policy:<10} {s.vision_ms_median:>10.2f} {s.prefill_ms_median:>11.2f} "
+            f"{s.policy:<{width}} {s.vision_ms_median:>10.2f} {s.prefill_ms_median:>11.2f} "
             f"{s.prefill_ms_p90:>8.2f} {s.switch_ms_median:>9.3f} {s.ttft_ms_median:>9.2f} "
             f"{s.decode_tokens_per_s:>13.1f} {s.host_bytes_per_decode_token:>10.0f} "
             f"{s.macs_ratio:>6.2f} "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.inputs.datasets import Example
 from dyvte_rt.runtime.policy import ExitPolicy
+from dyvte_rt.runtime.prune import NO_PRUNE, PrunePolicy
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class EvalReport:
     policy: str
     exit_agreement: float | None = None  # with --compare-bundle: same exit layer as the other bundle
     answer_agreement: float | None = None  # ... and the same (normalised) answer
+    prune: str = "none"
+    mean_visual_kept: float = 0.0  # visual tokens left by the prune, per question with an image
 
 
 def normalize_answer(text: str) -> str:
@@ -38,6 +41,7 @@ def evaluate(
     max_new_tokens: int = 8,
     progress: bool = True,
     compare_with: DyvteModel | None = None,
+    prune: PrunePolicy = NO_PRUNE,
 ) -> EvalReport:
     """Accuracy, exits and compute of `model` under `policy`; with `compare_with`, also how often
     another bundle (the float bundle a quantised one came from, say) exits at the same layer and
@@ -46,15 +50,24 @@ def evaluate(
 
     last_layer = model.manifest.dims.num_layers - 1
     correct, exits, full, actual, same_exit, same_answer = 0, [], 0, 0, 0, 0
+    kept = []
     for example in tqdm(examples, desc="eval", unit="q", disable=not progress, file=sys.stderr):
-        answer = model.ask(example.image, example.question, exit=policy, max_new_tokens=max_new_tokens)
+        answer = model.ask(
+            example.image, example.question, exit=policy, max_new_tokens=max_new_tokens, prune=prune
+        )
+        if answer.visual_tokens:
+            kept.append(answer.visual_tokens_kept)
         correct += normalize_answer(answer.text) == normalize_answer(example.answer)
         exits.append(answer.exit_layer)
         full += answer.prefill_macs["full"]
         actual += answer.prefill_macs["actual"]
         if compare_with is not None:
             other = compare_with.ask(
-                example.image, example.question, exit=policy.spec(), max_new_tokens=max_new_tokens
+                example.image,
+                example.question,
+                exit=policy.spec(),
+                max_new_tokens=max_new_tokens,
+                prune=prune,
             )
             same_exit += other.exit_layer == answer.exit_layer
             same_answer += normalize_answer(other.text) == normalize_answer(answer.text)
@@ -71,4 +84,6 @@ def evaluate(
         policy=policy.spec(),
         exit_agreement=same_exit / n if compare_with is not None else None,
         answer_agreement=same_answer / n if compare_with is not None else None,
+        prune=prune.spec(),
+        mean_visual_kept=sum(kept) / len(kept) if kept else 0.0,
     )

@@ -8,6 +8,8 @@ Shapes: B = 1 (batch 1 is the first target), N prompt tokens, V visual tokens, D
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,8 @@ from torch import nn
 from dyvte_rt.errors import InputError
 from dyvte_rt.runtime.compute import PrefillMacs, prefill_macs
 from dyvte_rt.runtime.policy import ExitPolicy, check_policy_fits, exit_probability
+from dyvte_rt.runtime.prune import NO_PRUNE, PrunePolicy, kept_from_ranking, parse_prune
+from export.prune_scoring import QueryCapture, capture_queries, dart_ranking, fastv_ranking
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask
 from export.reference.routers import RouterBank, feature_positions, router_features
@@ -36,6 +40,13 @@ class PrefillResult:
     n_tokens: int  # N
     n_visual: int  # V
     features: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [1, 2D], if collected
+    pruned_after_layer: int | None = None  # a prune policy removed visual tokens after this layer
+    kept_visual: list[int] | None = None  # then: the visual tokens that stayed (sorted ordinals 0..V-1)
+
+    @property
+    def visual_tokens_kept(self) -> int:
+        """Visual tokens present after the prune (all V without one)."""
+        return len(self.kept_visual) if self.kept_visual is not None else self.n_visual
 
 
 @dataclass
@@ -158,14 +169,18 @@ class DyVTEReference(nn.Module):
         pixel_values: torch.Tensor | None,
         policy: ExitPolicy,
         collect_features: bool = False,
+        prune: PrunePolicy | str | None = NO_PRUNE,
     ) -> PrefillResult:
         _check_batch_one(input_ids)
         check_policy_fits(policy, self.num_layers, self.candidate_layers)
+        prune = parse_prune(prune)
+        if prune.active and prune.layer >= self.num_layers - 1:
+            raise InputError(f"cannot prune after layer {prune.layer} of {self.num_layers} (0-indexed)")
         if policy.needs_routers and self.routers is None:
             raise InputError("policy 'router' needs trained routers, and none are loaded")
         hidden, deepstack = self.embed_with_deepstack(input_ids, pixel_values)  # [1, N, D], [1, n, V, D]
         n_tokens = hidden.shape[1]
-        is_visual = input_ids[0] == self.adapter.image_token_id  # [N]
+        is_visual = input_ids[0] == self.adapter.image_token_id  # [N]: of the rows present
         n_visual = int(is_visual.sum())
         # [1, N] (0..N-1), or [3, 1, N] multimodal rotary positions (Qwen2-VL)
         positions, cache_offset = self.adapter.prompt_positions(input_ids, pixel_values if n_visual else None)
@@ -176,35 +191,49 @@ class DyVTEReference(nn.Module):
         exit_layer: int | None = None
         exit_probs: dict[int, float] = {}
         features: dict[int, torch.Tensor] = {}
-        for index in range(self.num_layers):
-            hidden = self.run_layer(index, hidden, positions, cache, mask)
-            if exit_layer is None:  # after an exit no visual token is left to take a DeepStack level
-                hidden = add_deepstack(hidden, index, is_visual, deepstack)
-            if exit_layer is not None or n_visual == 0 or index not in self.candidate_layers:
-                continue
-            feats = router_features(hidden, mean_at)  # [1, 2D]
-            if collect_features:
-                features[index] = feats
-            prob = None
-            if self.routers is not None and index in self.routers.layers:
-                logits = self.routers.logits(index, feats.to(next(self.routers.parameters()).dtype))
-                prob = exit_probability(logits.float().cpu().numpy())
-                exit_probs[index] = prob
-            if policy.decide(index, prob):
-                exit_layer = index
-                keep = ~is_visual
-                hidden, positions = hidden[:, keep], positions[..., keep]  # [1, N-V, D], [(3,) 1, N-V]
+        pruning = _Pruning(prune if prune.active and n_visual else NO_PRUNE)
+        for index in range(-1, self.num_layers):
+            if index >= 0:
+                with pruning.capture(self.model.config.text_config, index):
+                    hidden = self.run_layer(index, hidden, positions, cache, mask)
+                if exit_layer is None:  # after an exit no visual token is left to take a DeepStack level
+                    hidden = add_deepstack(hidden, index, is_visual, deepstack)
+            if exit_layer is None and n_visual and index in self.candidate_layers:
+                feats = router_features(hidden, mean_at)  # [1, 2D]
+                if collect_features:
+                    features[index] = feats
+                prob = None
+                if self.routers is not None and index in self.routers.layers:
+                    logits = self.routers.logits(index, feats.to(next(self.routers.parameters()).dtype))
+                    prob = exit_probability(logits.float().cpu().numpy())
+                    exit_probs[index] = prob
+                if policy.decide(index, prob):
+                    exit_layer = index
+                    keep = ~is_visual
+                    hidden, positions = hidden[:, keep], positions[..., keep]  # [1, N-V, D], [(3,) 1, N-V]
+                    mask = causal_mask(hidden.shape[1], 0, hidden.dtype, hidden.device)
+            if exit_layer is None and pruning.due(index):  # an exit at this layer wins
+                rows = pruning.rows_kept(hidden, is_visual)  # [N'] of the present rows
+                hidden, positions, is_visual = hidden[:, rows], positions[..., rows], is_visual[rows]
+                mean_at = torch.searchsorted(rows, mean_at)  # the same text tokens, at their new rows
+                if deepstack is not None:
+                    deepstack = deepstack[:, :, torch.as_tensor(pruning.kept)]
                 mask = causal_mask(hidden.shape[1], 0, hidden.dtype, hidden.device)
+        pruned_after = prune.layer if pruning.kept is not None else None
         return PrefillResult(
             logits=self.adapter.head(hidden),
             positions=positions,
             cache=cache,
             exit_layer=exit_layer,
             exit_probs=exit_probs,
-            macs=prefill_macs(self.adapter.dims, n_tokens, n_visual, exit_layer),
+            macs=prefill_macs(
+                self.adapter.dims, n_tokens, n_visual, exit_layer, pruned_after, pruning.kept_count
+            ),
             n_tokens=n_tokens,
             n_visual=n_visual,
             features=features,
+            pruned_after_layer=pruned_after,
+            kept_visual=pruning.kept,
         )
 
     @torch.no_grad()
@@ -227,11 +256,12 @@ class DyVTEReference(nn.Module):
         pixel_values: torch.Tensor | None,
         policy: ExitPolicy,
         max_new_tokens: int = 32,
+        prune: PrunePolicy | str | None = NO_PRUNE,
     ) -> GenerationResult:
         """Greedy generation; stops after EOS or `max_new_tokens`."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        result = self.prefill(input_ids, pixel_values, policy)
+        result = self.prefill(input_ids, pixel_values, policy, prune=prune)
         eos = set(self.adapter.eos_token_ids)
         token = result.logits[:, -1].argmax(dim=-1, keepdim=True)  # [1, 1]
         tokens = [int(token)]
@@ -242,6 +272,50 @@ class DyVTEReference(nn.Module):
             tokens.append(int(token))
             position += 1
         return GenerationResult(tokens=tokens, prefill=result)
+
+
+class _Pruning:
+    """One request's prune policy in the reference: it captures layer K's queries for FastV and
+    picks the rows that stay after layer K (once)."""
+
+    def __init__(self, policy: PrunePolicy) -> None:
+        self.policy = policy
+        self.kept: list[int] | None = None  # sorted visual ordinals, once pruned
+        self._capture: QueryCapture | None = None
+
+    @property
+    def kept_count(self) -> int | None:
+        return len(self.kept) if self.kept is not None else None
+
+    def due(self, layer: int) -> bool:
+        return self.policy.active and self.kept is None and self.policy.layer == layer
+
+    @contextlib.contextmanager
+    def capture(self, config, layer: int) -> Iterator[None]:
+        """Around layer `layer`: records its queries if FastV prunes after it."""
+        if self.policy.method != "fastv" or not self.due(layer):
+            yield
+            return
+        with capture_queries(config, layer) as self._capture:
+            yield
+
+    def rows_kept(self, hidden: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
+        """[N'] sorted rows of `hidden` [1, N, D] that stay: every non-visual row and the kept
+        visual ones."""
+        visual_rows = torch.nonzero(is_visual)[:, 0][None]  # [1, V]
+        keep = self.policy.keep(visual_rows.shape[1])
+        sample = torch.zeros(1, dtype=torch.long)
+        if self.policy.method == "fastv":
+            last = torch.tensor([hidden.shape[1] - 1])
+            ranking = fastv_ranking(self._capture.scores(last), sample, visual_rows)
+        else:
+            pivots = torch.tensor([min(self.policy.pivots, keep)])
+            ranking = dart_ranking(hidden, sample, visual_rows, pivots)
+        kept = kept_from_ranking(ranking.numpy(), keep)
+        self.kept = kept.tolist()
+        stay = ~is_visual
+        stay[visual_rows[0, torch.from_numpy(kept)]] = True
+        return torch.nonzero(stay)[:, 0]
 
 
 def _check_batch_one(input_ids: torch.Tensor) -> None:

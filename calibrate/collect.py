@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from calibrate.sweep import sweep
 from dyvte_rt.inputs.datasets import Example
+from dyvte_rt.runtime.prune import NO_PRUNE, PrunePolicy
 from export.loading import LoadedModel
 from export.prompting import hf_inputs
 from export.reference.model import DyVTEReference
@@ -24,16 +25,18 @@ class Collected:
     kl_first: torch.Tensor  # [n, K]
     n_tokens: torch.Tensor  # [n]
     n_visual: torch.Tensor  # [n]
+    n_kept: torch.Tensor | None = None  # [n] visual tokens a prune left (None: no prune)
 
     def save(self, path: Path) -> None:
-        save_file({k: v.contiguous() for k, v in vars(self).items()}, str(path))
+        tensors = {k: v.contiguous() for k, v in vars(self).items() if v is not None}
+        save_file(tensors, str(path))
 
     @classmethod
     def load(cls, path: Path) -> Collected:
         return cls(**load_file(str(path)))
 
     def subset(self, index: torch.Tensor) -> Collected:
-        return Collected(**{k: v[index] for k, v in vars(self).items()})
+        return Collected(**{k: v[index] if v is not None else None for k, v in vars(self).items()})
 
 
 def answer_ids(loaded: LoadedModel, answer: str) -> torch.Tensor:
@@ -42,7 +45,14 @@ def answer_ids(loaded: LoadedModel, answer: str) -> torch.Tensor:
     return torch.tensor([*ids, *loaded.adapter.eos_token_ids[:1]])
 
 
-def collect(loaded: LoadedModel, examples: list[Example], layers: tuple[int, ...], device: str) -> Collected:
+def collect(
+    loaded: LoadedModel,
+    examples: list[Example],
+    layers: tuple[int, ...],
+    device: str,
+    prune: PrunePolicy = NO_PRUNE,
+) -> Collected:
+    """Labels and features of every example (of the model pruned by `prune`, if given)."""
     from tqdm import tqdm
 
     reference = DyVTEReference(loaded.adapter, candidate_layers=layers)
@@ -58,6 +68,7 @@ def collect(loaded: LoadedModel, examples: list[Example], layers: tuple[int, ...
             loaded.adapter.image_input(inputs).to(device, dtype),
             answer_ids(loaded, example.answer),
             layers,
+            prune,
         )
         rows.append(result)
         exits, total = exits + int(result.labels.sum()), total + len(layers)
@@ -69,4 +80,5 @@ def collect(loaded: LoadedModel, examples: list[Example], layers: tuple[int, ...
         kl_first=torch.stack([r.kl_first for r in rows]),
         n_tokens=torch.tensor([r.n_tokens for r in rows]),
         n_visual=torch.tensor([r.n_visual for r in rows]),
+        n_kept=torch.tensor([r.n_kept for r in rows]) if prune.active else None,
     )

@@ -109,8 +109,11 @@ def sweep_thresholds(
     n_tokens: list[int],
     n_visual: list[int],
     thresholds: np.ndarray | None = None,
+    prune_layer: int | None = None,
+    n_kept: list[int] | None = None,
 ) -> list[ThresholdPoint]:
-    """Simulate the router policy (first k with p >= t) on held-out samples for each threshold."""
+    """Simulate the router policy (first k with p >= t) on held-out samples for each threshold;
+    with `prune_layer`, sample s keeps `n_kept[s]` visual tokens after it unless the exit comes first."""
     if thresholds is None:
         thresholds = np.round(
             np.concatenate([np.linspace(0.05, 0.95, 19), [0.97, 0.99, 0.995, 0.999, 1.0]]), 4
@@ -123,7 +126,15 @@ def sweep_thresholds(
             index = int(fired[0]) if fired.numel() else None
             k = layers[index] if index is not None else None
             agree += 1 if index is None else int(answer_equal[s, index])
-            macs = prefill_macs(dims, n_tokens[s], n_visual[s], k)
+            pruned = prune_layer is not None and (k is None or k > prune_layer)
+            macs = prefill_macs(
+                dims,
+                n_tokens[s],
+                n_visual[s],
+                k,
+                prune_layer if pruned else None,
+                n_kept[s] if pruned else None,
+            )
             actual, full = actual + macs.actual, full + macs.full
             exit_layers.append(dims.num_layers - 1 if k is None else k)
         points.append(

@@ -41,6 +41,7 @@ class RoutersConfig:
     limit: int | None = None
     seed: int = 0
     trust_remote_code: bool = False
+    prune: str = "none"  # label and train on the model pruned this way
 
 
 def calibrate_routers(config: RoutersConfig) -> dict:
@@ -60,6 +61,7 @@ def calibrate_routers(config: RoutersConfig) -> dict:
         train_routers,
     )
     from dyvte_rt.inputs.datasets import read_examples
+    from dyvte_rt.runtime.prune import parse_prune
     from export.build import parse_exit_layers
     from export.loading import inspect_checkpoint, load_checkpoint
 
@@ -75,10 +77,13 @@ def calibrate_routers(config: RoutersConfig) -> dict:
             f"{len(examples)} calibration samples are too few", hint="use at least a few hundred"
         )
     widths = _widths(config)
+    prune = parse_prune(config.prune)
+    if prune.active and prune.layer >= checkpoint.num_layers - 1:
+        raise InputError(f"--prune {prune.spec()}: pruning needs a layer after layer {prune.layer}")
     loaded = load_checkpoint(checkpoint, config.dtype, config.device, config.trust_remote_code)
     config.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = collect(loaded, examples, layers, config.device)
+    data = collect(loaded, examples, layers, config.device, prune)
     data.save(config.out / "features.safetensors")
     collect_seconds = time.perf_counter() - started
 
@@ -107,6 +112,8 @@ def calibrate_routers(config: RoutersConfig) -> dict:
             dims,
             val.n_tokens.tolist(),
             val.n_visual.tolist(),
+            prune_layer=prune.layer if prune.active else None,
+            n_kept=val.n_kept.tolist() if val.n_kept is not None else None,
         )
         at_target = choose_threshold(points, config.target_agreement)
         comparison[str(width)] = {  # what each width buys on the held-out split, at the same target
@@ -125,6 +132,7 @@ def calibrate_routers(config: RoutersConfig) -> dict:
         "model": config.model,
         "samples": {"train": len(train.labels), "validation": len(val.labels)},
         "candidate_layers": list(layers),
+        "prune": prune.spec(),
         "router_width": config.router_width,
         "router_parameters": chosen_bank.num_parameters(),
         "router_parameters_fraction_of_model": chosen_bank.num_parameters() / model_parameters,
@@ -203,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=int, metavar="N", help="use the first N samples only")
     parser.add_argument("--seed", type=int, help="training seed")
+    parser.add_argument(
+        "--prune",
+        metavar="SPEC",
+        help="recalibrate for a pruned model: labels and features come from the model pruned this way "
+        "(fastv:K:R or dart:K:R[:P]; default: none)",
+    )
     use_config_defaults(parser, RoutersConfig)
     return parser
 

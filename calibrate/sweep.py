@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from dyvte_rt.runtime.prune import NO_PRUNE, PrunePolicy
 from export.reference.cache import KVCache
 from export.reference.masks import causal_mask
-from export.reference.model import DyVTEReference, add_deepstack
+from export.reference.model import DyVTEReference, Pruning, add_deepstack
 from export.reference.routers import feature_positions, router_features
 
 AGREEMENT = 0.99  # label rule: argmax agreement on answer tokens ...
@@ -32,6 +33,7 @@ class Sweep:
     kl_first: torch.Tensor  # [K] KL(full || exit) of the first answer token's distribution
     n_tokens: int  # prompt tokens N
     n_visual: int  # V
+    n_kept: int = -1  # visual tokens left by the prune (V without one)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -46,8 +48,11 @@ def sweep(
     pixel_values: torch.Tensor,
     answer_ids: torch.Tensor,
     layers: tuple[int, ...],
+    prune: PrunePolicy = NO_PRUNE,
 ) -> Sweep:
-    """prompt_ids [1, N], answer_ids [A] (EOS included) -> per-layer labels, features, agreement."""
+    """prompt_ids [1, N], answer_ids [A] (EOS included) -> per-layer labels, features, agreement.
+    With `prune`, the model that labels and is labelled is the pruned one: the full pass prunes
+    after its layer K, and an exit after k > K starts from the pruned state (docs/exit-semantics.md)."""
     n, a = prompt_ids.shape[1], answer_ids.shape[0]
     ids = torch.cat([prompt_ids, answer_ids[None].to(prompt_ids.device)], dim=1)  # [1, T]
     device = ids.device
@@ -55,26 +60,40 @@ def sweep(
     t = ids.shape[1]
     positions, _ = reference.adapter.prompt_positions(ids, pixel_values)  # [1, T] or [3, 1, T]
     mask = causal_mask(t, 0, hidden.dtype, device)
-    kept: dict[int, torch.Tensor] = {}
+    kept: dict[int, tuple] = {}  # layer -> (hidden, positions, is_visual, router mean positions)
     cache = KVCache(reference.num_layers)
     is_visual = ids[0] == reference.adapter.image_token_id
-    for index in range(reference.num_layers):
-        hidden = reference.run_layer(index, hidden, positions, cache, mask)
-        hidden = add_deepstack(hidden, index, is_visual, deepstack)
-        if index in layers:
-            kept[index] = hidden
-    full = reference.adapter.head(hidden)[0, n - 1 : t - 1].float()  # [A, vocab] predicts the answer
+    n_visual = int(is_visual[:n].sum())
+    mean_at = feature_positions(prompt_ids, reference.adapter.image_token_id).to(device)
+    pruning = Pruning(prune if prune.active and n_visual else NO_PRUNE)
+    prompt = n  # prompt rows present
+    for index in range(-1, reference.num_layers):
+        if index >= 0:
+            with pruning.capture(reference.model.config.text_config, index):
+                hidden = reference.run_layer(index, hidden, positions, cache, mask)
+            hidden = add_deepstack(hidden, index, is_visual, deepstack)
+            if index in layers:
+                kept[index] = (hidden, positions, is_visual, mean_at)
+        if pruning.due(index):
+            rows = pruning.rows_kept(hidden, is_visual, last=prompt - 1)
+            hidden, positions, is_visual = hidden[:, rows], positions[..., rows], is_visual[rows]
+            mean_at = torch.searchsorted(rows, mean_at)
+            prompt -= n_visual - len(pruning.kept)
+            if deepstack is not None:
+                deepstack = deepstack[:, :, torch.as_tensor(pruning.kept)]
+            mask = causal_mask(hidden.shape[1], 0, hidden.dtype, device)
+    t = hidden.shape[1]
+    full = reference.adapter.head(hidden)[0, prompt - 1 : t - 1].float()  # [A, vocab] predicts the answer
     full_loss = F.cross_entropy(full, answer_ids.to(device))
     full_pick = full.argmax(-1)
     full_logp = F.log_softmax(full[0], -1)
 
-    keep = ~is_visual
-    n_visual = int(is_visual[:n].sum())
-    mean_at = feature_positions(prompt_ids, reference.adapter.image_token_id).to(device)
     out = {name: [] for name in ("features", "agree", "ratio", "equal", "kl")}
     for k in layers:
-        out["features"].append(router_features(kept[k][:, :n], mean_at)[0].float())
-        h, pos = kept[k][:, keep], positions[..., keep]  # [1, T-V, D]
+        state, pos, visual, mean = kept[k]
+        rows_of_prompt = state.shape[1] - a  # the prompt's rows at layer k (fewer after a prune)
+        out["features"].append(router_features(state[:, :rows_of_prompt], mean)[0].float())
+        h, pos = state[:, ~visual], pos[..., ~visual]  # [1, T-V, D]
         text_mask = causal_mask(h.shape[1], 0, h.dtype, device)
         text_cache = KVCache(reference.num_layers)
         for index in range(k + 1, reference.num_layers):
@@ -94,4 +113,5 @@ def sweep(
         kl_first=torch.stack(out["kl"]).float().cpu(),
         n_tokens=n,
         n_visual=n_visual,
+        n_kept=len(pruning.kept) if pruning.kept is not None else n_visual,
     )

@@ -191,7 +191,7 @@ class DyVTEReference(nn.Module):
         exit_layer: int | None = None
         exit_probs: dict[int, float] = {}
         features: dict[int, torch.Tensor] = {}
-        pruning = _Pruning(prune if prune.active and n_visual else NO_PRUNE)
+        pruning = Pruning(prune if prune.active and n_visual else NO_PRUNE)
         for index in range(-1, self.num_layers):
             if index >= 0:
                 with pruning.capture(self.model.config.text_config, index):
@@ -274,9 +274,9 @@ class DyVTEReference(nn.Module):
         return GenerationResult(tokens=tokens, prefill=result)
 
 
-class _Pruning:
-    """One request's prune policy in the reference: it captures layer K's queries for FastV and
-    picks the rows that stay after layer K (once)."""
+class Pruning:
+    """One request's prune policy in the reference (and the calibration sweep): it captures layer
+    K's queries for FastV and picks the rows that stay after layer K (once)."""
 
     def __init__(self, policy: PrunePolicy) -> None:
         self.policy = policy
@@ -299,14 +299,17 @@ class _Pruning:
         with capture_queries(config, layer) as self._capture:
             yield
 
-    def rows_kept(self, hidden: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
+    def rows_kept(
+        self, hidden: torch.Tensor, is_visual: torch.Tensor, last: int | None = None
+    ) -> torch.Tensor:
         """[N'] sorted rows of `hidden` [1, N, D] that stay: every non-visual row and the kept
-        visual ones."""
+        visual ones. `last`: the row of the last prompt token (default: the last row; a
+        teacher-forced pass has the answer after it)."""
         visual_rows = torch.nonzero(is_visual)[:, 0][None]  # [1, V]
         keep = self.policy.keep(visual_rows.shape[1])
         sample = torch.zeros(1, dtype=torch.long)
         if self.policy.method == "fastv":
-            last = torch.tensor([hidden.shape[1] - 1])
+            last = torch.tensor([hidden.shape[1] - 1 if last is None else last])
             ranking = fastv_ranking(self._capture.scores(last), sample, visual_rows)
         else:
             pivots = torch.tensor([min(self.policy.pivots, keep)])

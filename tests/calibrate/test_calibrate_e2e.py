@@ -83,3 +83,19 @@ def test_fixed_layer_records_a_default_policy_the_runtime_uses(demo_bundle, tmp_
         cli_main(["infer", str(image), "how many shapes are there?", "--bundle", str(bundle), "--json"]) == 0
     )
     assert json.loads(capsys.readouterr().out)["exit_layer"] == layer
+
+
+def test_routers_recalibrate_on_the_pruned_model(tmp_path):
+    data = write_dataset(tmp_path / "data", 24, seed=556)
+    out = tmp_path / "routers"
+    report = calibrate_routers(
+        RoutersConfig(model="demo", data=data, out=out, router_width=0, epochs=20, prune="dart:-1:0.75")
+    )
+    assert report["prune"] == "dart:-1:0.75" and (out / "routers.safetensors").is_file()
+    # every point's compute counts the prune: with no exit (threshold 1) it saves what the prune saves
+    never = next(p for p in report["thresholds"] if p["threshold"] == 1.0)
+    assert never["macs_ratio"] < 0.5
+    plain = calibrate_routers(
+        RoutersConfig(model="demo", data=data, out=tmp_path / "plain", router_width=0, epochs=20)
+    )
+    assert next(p for p in plain["thresholds"] if p["threshold"] == 1.0)["macs_ratio"] == 1.0

@@ -11,6 +11,7 @@ from calibrate.router_training import choose_threshold, sweep_thresholds
 from calibrate.sweep import Sweep, sweep
 from dyvte_rt.runtime.compute import DecoderDims
 from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit
+from dyvte_rt.runtime.prune import parse_prune
 from export.loading import load_checkpoint
 from export.prompting import hf_inputs
 from export.reference import DyVTEReference
@@ -99,3 +100,37 @@ def test_fixed_layer_picks_the_earliest_layer_that_stays_within_the_kl_budget():
     assert pick_layer({1: 0.5, 2: 0.04, 3: 0.01, 4: 0.0}, 0.05) == 2
     assert pick_layer({1: 0.01, 2: 0.2, 3: 0.01}, 0.05) == 3  # a later layer must not break the budget
     assert pick_layer({1: 0.5, 2: 0.4}, 0.05) is None
+
+
+@pytest.mark.parametrize("spec", ["dart:0:0.5", "fastv:1:0.5"])
+def test_a_pruned_sweep_labels_the_pruned_model(tiny, spec):
+    """With --prune the full model of the labels is the pruned one: each exit's logits equal the
+    reference's pruned exit on prompt + answer (DART; FastV's last token there would be the answer's),
+    and the router features those of the pruned prompt alone (both)."""
+    loaded, inputs = tiny
+    reference = DyVTEReference(loaded.adapter)
+    answer = answer_ids(loaded, "red circle")
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    layers = (0, 1, 2)
+    result = sweep(reference, ids, pixels, answer, layers, parse_prune(spec))
+    prompt = reference.prefill(ids, pixels, NeverExit(), collect_features=True, prune=spec)
+    assert result.n_kept == len(prompt.kept_visual) == parse_prune(spec).keep(result.n_visual)
+    for i, k in enumerate(layers):
+        assert torch.allclose(result.features[i], prompt.features[k][0].float(), atol=1e-5), k
+    plain = sweep(reference, ids, pixels, answer, layers)
+    assert not torch.allclose(result.features[2], plain.features[2], atol=1e-4), "the prune changed nothing"
+    if spec.startswith("dart"):
+        full_ids = torch.cat([ids, answer[None]], dim=1)
+        n, a = ids.shape[1], answer.shape[0]
+        full = reference.prefill(full_ids, pixels, NeverExit(), prune=spec)
+        want_full = full.logits[0, n - result.n_visual + result.n_kept - 1 :][:a]
+        for i, k in enumerate(layers):
+            exited = reference.prefill(full_ids, pixels, FixedLayerExit(k), prune=spec)
+            start = n - exited.n_visual - 1
+            logits = exited.logits[0, start : start + a]
+            agreement = (logits.argmax(-1) == want_full.argmax(-1)).float().mean()
+            assert float(result.token_agreement[i]) == pytest.approx(float(agreement)), k
+            ratio = torch.nn.functional.cross_entropy(logits, answer) / torch.nn.functional.cross_entropy(
+                want_full, answer
+            )
+            assert float(result.loss_ratio[i]) == pytest.approx(float(ratio), rel=1e-4), k

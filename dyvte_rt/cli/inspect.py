@@ -95,6 +95,13 @@ def precision(m: Manifest) -> str:
     )
 
 
+def prune_line(m: Manifest) -> str:
+    if m.prune is None:
+        return "none (exported before pruning existed: re-export to prune)"
+    layers = ", ".join(map(str, m.prune.layers))
+    return f"after layers {layers} (-1: the input embeddings, DART only); default {m.prune.default_policy}"
+
+
 def summary(bundle: Path, m: Manifest, verified: bool) -> str:
     ex = m.exit
     total = sum(f.bytes for f in m.files.values())
@@ -114,6 +121,7 @@ def summary(bundle: Path, m: Manifest, verified: bool) -> str:
         f"image       {family_for(m).describe_image()}",
         f"exit layers {', '.join(map(str, ex.candidate_layers)) or 'none'}",
         f"policy      {ex.default_policy} (threshold {ex.threshold:g}; routers: {routers}",
+        f"pruning     {prune_line(m)}",
         f"segments    {segments}",
         f"files       {len(m.files)} files, {total / 2**20:.1f} MiB"
         + (", sha256 verified" if verified else ""),

@@ -165,3 +165,10 @@ def test_calibrate_prune_sweeps_picks_within_the_budget_and_writes_the_default(d
         answer = opened.ask(IMAGE, "how many shapes are there?", max_new_tokens=4)
         assert answer.prune == chosen["prune"] and answer.policy == chosen["exit"]
     assert prune_main([*args, "--layers", "7"]) == 1
+
+
+def test_inspect_says_where_a_bundle_prunes(capsys, demo_bundle):
+    assert main(["inspect", str(demo_bundle), "--no-verify"]) == 0
+    assert "pruning     after layers -1, 1, 2, 3, 4 (-1: the input embeddings, DART only); default none" in (
+        capsys.readouterr().out
+    )

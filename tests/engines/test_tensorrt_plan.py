@@ -131,3 +131,31 @@ def test_profiles_read_back_from_json_as_they_were_written():
 
     for profile in graph_profiles(SEGMENT, phase_ranges(576, SETTINGS)):
         assert Profile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
+
+
+def test_profiles_cover_pruned_prefills_and_the_ranking_graphs():
+    """After a prune a segment sees the text and the kept visual tokens (past 0): within the
+    prefill_visual profile; the ranking graphs rank one sample's V visual rows there."""
+    ranges = phase_ranges(576, SETTINGS)
+    segment = {**SEGMENT, "last_index": ("batch",)}
+    visual = graph_profiles(segment, ranges)[0]
+    lo, _, hi = visual.shapes["hidden_states"]
+    for kept in (0, 144, 288, 575):  # fastv/dart keep 0..V-1 of 576, with 1..512 text tokens
+        for text in (1, 512):
+            assert lo[1] <= kept + text <= hi[1]
+    assert visual.shapes["last_index"] == ((1,), (1,), (2,))
+    fastv = graph_profiles(
+        {"prune_scores": ("batch", "seq"), "sample_index": (1,), "visual_rows": (1, "visual")}, ranges
+    )
+    assert fastv[0].shapes["visual_rows"] == ((1, 576), (1, 576), (1, 576))
+    assert fastv[0].shapes["prune_scores"][2] == (2, 1088)
+    dart = graph_profiles(
+        {
+            "hidden_states_out": ("batch", "seq", 4096),
+            "sample_index": (1,),
+            "visual_rows": (1, "visual"),
+            "prune_pivots": (1,),
+        },
+        ranges,
+    )
+    assert dart[0].shapes["hidden_states_out"][2] == (2, 1088, 4096)

@@ -13,7 +13,8 @@ from dyvte_rt.families import family_for
 from engines.tensorrt.buffers import plan_buffers
 from engines.tensorrt.profiles import PHASES, EngineSettings, PlanError, graph_profiles
 
-PREFILL_ONLY = ("prefill_visual",)  # routers and the exit gather run only while visual tokens are there
+PREFILL_ONLY = ("prefill_visual",)  # routers, gathers and rankings run only while visual tokens are there
+VISUAL_ONLY = ("exit_gather", "fastv_rank", "dart_rank", "deepstack_add")
 
 
 def default_settings(manifest: Manifest, **overrides: int | None) -> EngineSettings:
@@ -32,7 +33,7 @@ def plan_engines(manifest: Manifest, settings: EngineSettings) -> dict:
         ranges = family.profile_ranges(settings)
         graphs = {}
         for name, graph in manifest.graphs.items():
-            prefill_only = name.startswith("router_") or name == "exit_gather"
+            prefill_only = name.startswith("router_") or name in VISUAL_ONLY
             prefill_only |= family.vision_per_image and name == "vision"  # one image's own shapes
             phases = PREFILL_ONLY if prefill_only else PHASES
             inputs = {t.name: t.shape for t in graph.inputs}

@@ -57,6 +57,13 @@ def golden_inputs(bundle: Bundle, graph: str, shapes: dict[str, tuple[int, ...]]
             feeds[name] = ids
         elif name == names.ROUTER_POOL:
             feeds[name] = np.full(shape, 1.0 / shape[1], dtype=dtype)
+        elif name == names.SAMPLE_INDEX:
+            feeds[name] = np.zeros(shape, dtype=dtype)  # the first sample
+        elif name == names.VISUAL_ROWS:  # rows of that sample (repeating where V exceeds them)
+            rows = shapes.get(names.PRUNE_SCORES, shapes.get(names.HIDDEN_OUT))[1]
+            feeds[name] = (np.arange(shape[1]) % rows).reshape(shape).astype(dtype)
+        elif name == names.PRUNE_PIVOTS:
+            feeds[name] = np.full(shape, min(8, shapes[names.VISUAL_ROWS][1]), dtype=dtype)
         elif dtype.kind == "f":
             feeds[name] = (rng.standard_normal(shape) * 0.5).astype(dtype)
         else:

@@ -20,7 +20,17 @@ def test_bundle_holds_every_graph_and_file_with_hashes(bundles, concat_bundles):
     bundle = bundles["llama-gqa"]
     manifest = load_manifest(bundle)
     names = sorted(manifest.graphs)
-    assert names == ["embed", "exit_gather", "head", "segment_00", "segment_01", "segment_02", "vision"]
+    assert names == [
+        "dart_rank",
+        "embed",
+        "exit_gather",
+        "fastv_rank",
+        "head",
+        "segment_00",
+        "segment_01",
+        "segment_02",
+        "vision",
+    ]
     assert [(s.first_layer, s.last_layer, s.router) for s in manifest.segments] == [
         (0, 1, None),
         (2, 2, None),
@@ -38,7 +48,9 @@ def test_bundle_holds_every_graph_and_file_with_hashes(bundles, concat_bundles):
         "past.0.value",
         "past.1.key",
         "past.1.value",
+        "last_index",  # FastV's scores of the segment's last layer come out of it too
     ]
+    assert seg.outputs[-1].name == "prune_scores" and seg.outputs[-1].shape == ("batch", "seq")
     assert seg.inputs[3].shape == ("batch", 2, "capacity", 16)  # one preallocated buffer per layer
     assert seg.outputs[1].shape == ("batch", 2, "capacity", 16)  # ... written in place
     concat = load_manifest(concat_bundles["llama-gqa"])

@@ -33,7 +33,16 @@ def test_variants_export_only_the_graphs_that_differ(tiny_checkpoints, tmp_path,
 
     checkpoint, cache = tiny_checkpoints["llama-mha"], tmp_path / "cache"
     first = _build(checkpoint, tmp_path / "a", cache, exit_layers="1")
-    assert first == ["vision", "embed", "segment_00", "segment_01", "exit_gather", "head"]
+    assert first == [
+        "vision",
+        "embed",
+        "segment_00",
+        "segment_01",
+        "exit_gather",
+        "fastv_rank",
+        "dart_rank",
+        "head",
+    ]
     assert _build(checkpoint, tmp_path / "again", cache, exit_layers="1") == []  # all from the cache
     a, again = load_manifest(tmp_path / "a"), load_manifest(tmp_path / "again")
     assert a.files == again.files  # byte for byte the same bundle

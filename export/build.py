@@ -26,6 +26,8 @@ DEFAULT_OPSET = 18
 QUANT_BITS = {"int4": 4, "int8": 8}
 ACCURACY_LEVEL = 4  # MatMulNBits on the CPU: int8 activations inside the kernel, as ONNX Runtime GenAI uses
 QUANTISED_ROLES = ("segment", "head")  # --quantize; the vision graph with --quantize-vision
+# ... and the embedding table with --quantize in the matmulnbits format (GatherBlockQuantized)
+EMBEDDING_ROLES = ("embed",)
 __all__ = ["BuildConfig", "build_bundle", "main", "parse_exit_layers", "routers_path"]
 
 
@@ -59,12 +61,12 @@ class BuildConfig:
         """How a graph of `role` is quantised, or None when it keeps float weights."""
         from export.quantize import QuantizeSettings
 
-        if role in QUANTISED_ROLES:
+        if role in QUANTISED_ROLES or (role in EMBEDDING_ROLES and self.quant_format == "matmulnbits"):
             bits = QUANT_BITS.get(self.quantize or "")
         elif role == "vision":
             bits = QUANT_BITS.get(self.quantize_vision or "")
         else:
-            bits = None  # embed (a Gather), routers and the exit gather stay float
+            bits = None  # routers, gathers and rankings stay float
         if bits is None:
             return None
         return QuantizeSettings(bits, self.block_size, self.quant_format, ACCURACY_LEVEL)
@@ -143,7 +145,9 @@ def export_graphs(plans: list, staging: Path, loader, config: BuildConfig, adapt
             )
         if quality is not None:
             done.qualities[plan.name] = quality
-        done.graphs[plan.name] = graph_info(staging / plan.file)
+        settings = config.quantize_settings(plan.role) if quality is not None else None
+        precision = f"int{settings.bits}" if settings is not None else config.dtype
+        done.graphs[plan.name] = graph_info(staging / plan.file, precision)
         done.files.extend(plan_files)
         size = sum((staging / f).stat().st_size for f in plan_files)
         cosine = quality.min_cosine if quality is not None else None
@@ -249,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         choices=("int8", "int4"),
         help="weight-only, block-wise quantisation of the decoder segments' and the head's MatMul weights "
-        "with ONNX Runtime's quantiser (routers, norms and the embedding table stay float)",
+        "with ONNX Runtime's quantiser, and (format matmulnbits) of the embedding table, read with "
+        "GatherBlockQuantized (routers and norms stay float)",
     )
     parser.add_argument("--block-size", type=int, metavar="N", help="weights per quantisation block")
     parser.add_argument(

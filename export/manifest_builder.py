@@ -189,8 +189,8 @@ def write_tokenizer(loaded: LoadedModel, path: Path) -> None:
     backend.save(str(path))
 
 
-def graph_info(path: Path) -> GraphInfo:
-    """I/O names, dtypes and shapes as the exported graph declares them."""
+def graph_info(path: Path, precision: str | None = None) -> GraphInfo:
+    """I/O names, dtypes and shapes as the exported graph declares them, and its weights' precision."""
     model = onnx.load(str(path), load_external_data=False)
 
     def tensors(values) -> tuple[TensorInfo, ...]:
@@ -201,4 +201,9 @@ def graph_info(path: Path) -> GraphInfo:
             out.append(TensorInfo(value.name, _ONNX_TO_NUMPY.get(kind.elem_type, str(kind.elem_type)), shape))
         return tuple(out)
 
-    return GraphInfo(file=path.name, inputs=tensors(model.graph.input), outputs=tensors(model.graph.output))
+    return GraphInfo(
+        file=path.name,
+        inputs=tensors(model.graph.input),
+        outputs=tensors(model.graph.output),
+        precision=precision,
+    )

@@ -99,6 +99,7 @@ class GraphInfo:
     file: str
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
+    precision: str | None = None  # its weights: fp32 | fp16 | int8 | int4 (None: a manifest from before)
 
 
 @dataclass(frozen=True)

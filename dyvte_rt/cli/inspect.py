@@ -64,7 +64,13 @@ def run(config: InspectConfig) -> int:
     if config.tensorrt_ready:
         return report_tensorrt_readiness(bundle, manifest, config.as_json)
     if config.as_json:
-        data = {"bundle": str(bundle), "sha256_verified": config.verify, **dataclasses.asdict(manifest)}
+        data = {
+            "bundle": str(bundle),
+            "sha256_verified": config.verify,
+            **dataclasses.asdict(manifest),
+            "graph_bytes": {name: size for name, (_, size) in graph_bytes(manifest).items()},
+            "precision_bytes": precision_bytes(manifest),
+        }
         print(json.dumps(data))
     else:
         print(summary(bundle, manifest, config.verify))
@@ -82,6 +88,33 @@ def report_tensorrt_readiness(bundle: Path, manifest: Manifest, as_json: bool) -
     if hazards:
         raise InputError(f"{len(hazards)} graph hazards keep this bundle from TensorRT (listed above)")
     return 0
+
+
+def graph_precision(m: Manifest, name: str) -> str:
+    """A graph's weight precision: recorded since pruning's manifests, else derived."""
+    info = m.graphs[name]
+    if info.precision is not None:
+        return info.precision
+    quantized = m.quantization is not None and name in m.quantization.graphs
+    return f"int{m.quantization.bits}" if quantized else m.dtype
+
+
+def graph_bytes(m: Manifest) -> dict[str, tuple[str, int]]:
+    """graph -> (weight precision, bytes of its files: the .onnx and any external data)."""
+    out = {}
+    for name, info in m.graphs.items():
+        size = sum(
+            f.bytes for file, f in m.files.items() if file == info.file or file.startswith(info.file + ".")
+        )
+        out[name] = (graph_precision(m, name), size)
+    return out
+
+
+def precision_bytes(m: Manifest) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for kind, size in graph_bytes(m).values():
+        totals[kind] = totals.get(kind, 0) + size
+    return totals
 
 
 def precision(m: Manifest) -> str:
@@ -126,5 +159,18 @@ def summary(bundle: Path, m: Manifest, verified: bool) -> str:
         f"files       {len(m.files)} files, {total / 2**20:.1f} MiB"
         + (", sha256 verified" if verified else ""),
     ]
-    lines += [f"  {name:<24} {info.bytes / 2**20:>9.2f} MiB" for name, info in m.files.items()]
+    sizes = graph_bytes(m)
+    lines += [f"  {name:<24} {kind:>5} {size / 2**20:>9.2f} MiB" for name, (kind, size) in sizes.items()]
+    in_graphs = {
+        f for info in m.graphs.values() for f in m.files if f == info.file or f.startswith(info.file + ".")
+    }
+    lines += [
+        f"  {name:<24} {'':>5} {info.bytes / 2**20:>9.2f} MiB"
+        for name, info in m.files.items()
+        if name not in in_graphs
+    ]
+    lines.append(
+        "by precision "
+        + ", ".join(f"{kind} {size / 2**20:.2f} MiB" for kind, size in precision_bytes(m).items())
+    )
     return "\n".join(lines)

@@ -49,7 +49,12 @@ def test_variants_export_only_the_graphs_that_differ(tiny_checkpoints, tmp_path,
     concat = _build(checkpoint, tmp_path / "concat", cache, exit_layers="1", kv="concat")
     assert concat == ["segment_00", "segment_01"]  # only the KV flavour's graphs
     assert _build(checkpoint, tmp_path / "int4", cache, exit_layers="1", quantize="int4") == []  # from floats
-    assert load_manifest(tmp_path / "int4").quantization.graphs.keys() == {"segment_00", "segment_01", "head"}
+    assert load_manifest(tmp_path / "int4").quantization.graphs.keys() == {
+        "embed",
+        "segment_00",
+        "segment_01",
+        "head",
+    }
     monkeypatch.setitem(quantize.MIN_COSINE, 4, 1.0)  # a cached quantised graph meets today's bar
     with pytest.raises(quantize.QualityError):
         _build(checkpoint, tmp_path / "strict", cache, exit_layers="1", quantize="int4")

@@ -54,10 +54,14 @@ def test_quantized_bundles_record_what_was_quantized_and_pass_the_quality_bar(qu
         manifest = load_manifest(path)
         q = manifest.quantization
         assert manifest.precision == name[:4] and q.bits == int(name[3]) and q.block_size == 32
-        assert set(q.graphs) == {"segment_00", "segment_01", "segment_02", "head"}
+        embed = {"embed"} if q.format == "matmulnbits" else set()  # GatherBlockQuantized is ONNX Runtime's
+        assert set(q.graphs) == {"segment_00", "segment_01", "segment_02", "head", *embed}
         floor = 0.995 if q.bits == 8 else 0.95
         assert all(g.min_cosine >= floor for g in q.graphs.values()), q.graphs
-        for graph in q.graphs:
+        assert {g: i.precision for g, i in manifest.graphs.items() if i.precision != "fp32"} == {
+            g: f"int{q.bits}" for g in q.graphs
+        }
+        for graph in set(q.graphs) - {"embed"}:
             ops = _ops(path / manifest.graphs[graph].file)
             if q.format == "matmulnbits":
                 assert "MatMulNBits" in ops and _weight_matmuls(path / manifest.graphs[graph].file) == 0, (
@@ -66,12 +70,50 @@ def test_quantized_bundles_record_what_was_quantized_and_pass_the_quality_bar(qu
                 )
             else:
                 assert {"DequantizeLinear", "MatMul"} <= ops and "MatMulNBits" not in ops, (name, graph)
-        assert "MatMulNBits" not in _ops(path / "vision.onnx") and "Gather" in _ops(path / "embed.onnx")
+        embed_ops = _ops(path / "embed.onnx")
+        assert "MatMulNBits" not in _ops(path / "vision.onnx")
+        assert ("GatherBlockQuantized" in embed_ops) == bool(embed) and ("Gather" in embed_ops) != bool(embed)
     fp32 = sum(
         f.bytes for n, f in load_manifest(bundles["llama-gqa"]).files.items() if n.startswith("segment")
     )
     int4 = sum(f.bytes for n, f in load_manifest(quantized["int4"]).files.items() if n.startswith("segment"))
     assert int4 < 0.8 * fp32  # mostly graph structure at this size; weights shrink ~7x
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantised_embedding_table_gathers_the_dequantised_rows(bits, tmp_path):
+    """GatherBlockQuantized on the table block_quantize_rows wrote gives exactly the dequantised rows
+    (the format ONNX Runtime reads: default zero point 2^(bits-1), two 4-bit values a byte)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import block_quantize_rows, quantize_embedding_gathers
+
+    rng = np.random.default_rng(bits)
+    table = rng.standard_normal((40, 64)).astype(np.float32)
+    table[3] = 0.0  # an all-zero row: scale 1, rows of zeros
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
+        "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "n"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [1, "n", 64])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_embedding_gathers(model, bits, 32) == 1
+    assert [t.name for t in model.graph.initializer] == [f"table_q{bits}", "table_scales"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 3, 39, 7, 7]])
+    got = session.run(None, {"ids": ids})[0][0]
+    data, scales = block_quantize_rows(table, bits, 32)
+    assert scales.shape == (40, 2) and scales[3].tolist() == [1.0, 1.0]
+    assert data.nbytes == table.size * bits // 8
+    qmax = 2 ** (bits - 1) - 1
+    blocks = table.reshape(40, 2, 32)
+    step = np.where(np.abs(blocks).max(-1) == 0, 1.0, np.abs(blocks).max(-1) / qmax)
+    want = (np.clip(np.rint(blocks / step[..., None]), -qmax - 1, qmax) * step[..., None]).reshape(40, 64)
+    assert np.abs(got - want[ids[0]]).max() <= 1e-6
+    assert np.abs(got - table[ids[0]]).max() <= (0.2 if bits == 4 else 0.02)
 
 
 def test_qdq_form_runs_on_onnx_runtime_and_matches_matmulnbits(quantized, loaded_models, prompt_factory):

@@ -47,7 +47,7 @@ class BuildConfig:
     quantize: str | None = None  # None (float weights) | int8 | int4
     block_size: int = 32
     quant_format: str = "matmulnbits"  # matmulnbits | qdq
-    quantize_vision: str | None = None  # None | int8
+    quantize_vision: str | None = None  # None | "none" | int8
     force: bool = False  # write a quantised bundle even below the quality bar
     opset: int = DEFAULT_OPSET
     overwrite: bool = False
@@ -74,7 +74,7 @@ class BuildConfig:
     @property
     def quantized_bits(self) -> int | None:
         name = self.quantize or self.quantize_vision
-        return QUANT_BITS[name] if name else None
+        return QUANT_BITS.get(name or "")
 
 
 @dataclass
@@ -264,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         "parses as weight-only quantisation",
     )
     parser.add_argument(
-        "--quantize-vision", choices=("int8",), help="also quantise the vision tower's MatMuls"
+        "--quantize-vision",
+        choices=("int8", "none"),
+        help="also quantise the vision tower's MatMuls (weight-only int8; default: none, float)",
     )
     parser.add_argument(
         "--force",

@@ -122,9 +122,13 @@ def precision(m: Manifest) -> str:
         return f"{m.dtype} weights and activations"
     q = m.quantization
     worst = min(g.min_cosine for g in q.graphs.values())
+    by_kind: dict[str, list[str]] = {}
+    for name in sorted(q.graphs):
+        by_kind.setdefault(graph_precision(m, name), []).append(name)
+    parts = "; ".join(f"{kind} weights in {', '.join(names)}" for kind, names in sorted(by_kind.items()))
     return (
-        f"int{q.bits} weights in {', '.join(sorted(q.graphs))} ({q.format}, block {q.block_size}, "
-        f"outputs' cosine to float >= {worst:.4f}); {m.dtype} activations and other weights"
+        f"{parts} ({q.format}, block {q.block_size}, outputs' cosine to float >= {worst:.4f}); "
+        f"{m.dtype} activations and other weights"
     )
 
 

@@ -69,7 +69,7 @@ def run(config: InspectConfig) -> int:
             "sha256_verified": config.verify,
             **dataclasses.asdict(manifest),
             "graph_bytes": {name: size for name, (_, size) in graph_bytes(manifest).items()},
-            "precision_bytes": precision_bytes(manifest),
+            "precision_bytes": precision_bytes(graph_bytes(manifest)),
         }
         print(json.dumps(data))
     else:
@@ -99,20 +99,24 @@ def graph_precision(m: Manifest, name: str) -> str:
     return f"int{m.quantization.bits}" if quantized else m.dtype
 
 
+def graph_files(m: Manifest, graph: str) -> list[str]:
+    """A graph's files in the bundle: its .onnx and any external data."""
+    stem = m.graphs[graph].file
+    return [file for file in m.files if file == stem or file.startswith(stem + ".")]
+
+
 def graph_bytes(m: Manifest) -> dict[str, tuple[str, int]]:
-    """graph -> (weight precision, bytes of its files: the .onnx and any external data)."""
-    out = {}
-    for name, info in m.graphs.items():
-        size = sum(
-            f.bytes for file, f in m.files.items() if file == info.file or file.startswith(info.file + ".")
-        )
-        out[name] = (graph_precision(m, name), size)
-    return out
+    """graph -> (weight precision, bytes of its files)."""
+    return {
+        name: (graph_precision(m, name), sum(m.files[file].bytes for file in graph_files(m, name)))
+        for name in m.graphs
+    }
 
 
-def precision_bytes(m: Manifest) -> dict[str, int]:
+def precision_bytes(sizes: dict[str, tuple[str, int]]) -> dict[str, int]:
+    """Bytes per weight precision, from `graph_bytes`."""
     totals: dict[str, int] = {}
-    for kind, size in graph_bytes(m).values():
+    for kind, size in sizes.values():
         totals[kind] = totals.get(kind, 0) + size
     return totals
 
@@ -165,9 +169,7 @@ def summary(bundle: Path, m: Manifest, verified: bool) -> str:
     ]
     sizes = graph_bytes(m)
     lines += [f"  {name:<24} {kind:>5} {size / 2**20:>9.2f} MiB" for name, (kind, size) in sizes.items()]
-    in_graphs = {
-        f for info in m.graphs.values() for f in m.files if f == info.file or f.startswith(info.file + ".")
-    }
+    in_graphs = {file for name in m.graphs for file in graph_files(m, name)}
     lines += [
         f"  {name:<24} {'':>5} {info.bytes / 2**20:>9.2f} MiB"
         for name, info in m.files.items()
@@ -175,6 +177,6 @@ def summary(bundle: Path, m: Manifest, verified: bool) -> str:
     ]
     lines.append(
         "by precision "
-        + ", ".join(f"{kind} {size / 2**20:.2f} MiB" for kind, size in precision_bytes(m).items())
+        + ", ".join(f"{kind} {size / 2**20:.2f} MiB" for kind, size in precision_bytes(sizes).items())
     )
     return "\n".join(lines)

@@ -52,7 +52,7 @@ def test_quantized_bundles_pass_the_quality_bar_and_answer_close_to_float(
     bundle = case_bundle(case, checkpoint, routers, quantize=bits)
     quantization = load_manifest(bundle).quantization
     segments = {segment.graph for segment in load_manifest(bundle).segments}
-    assert quantization.bits == int(bits[3:]) and set(quantization.graphs) == {*segments, "head"}
+    assert quantization.bits == int(bits[3:]) and set(quantization.graphs) == {*segments, "head", "embed"}
     assert all(g.min_cosine >= (0.995 if bits == "int8" else 0.95) for g in quantization.graphs.values())
     reference = DyVTEReference(loaded.adapter)
     name = next(iter(images))

@@ -121,6 +121,7 @@ QWEN25_VL_7B = ModelPreset(
             "min_pixels": 56 * 56,
             "max_pixels": 28 * 28 * 16384,
             "window_size": 112,
+            "window_slots": 64,  # 8 x 8 patches in a 112-pixel window
         },
     ),
     tower={

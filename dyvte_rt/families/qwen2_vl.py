@@ -47,6 +47,10 @@ class PatchGridInfo:
     min_pixels: int
     max_pixels: int
     window_size: int | None  # Qwen2.5-VL's windowed vision attention, in pixels; None: full attention
+    # patches a full window holds: the vision graph attends window by window in slots of this many
+    # (window_gather / window_slots); None: a bundle from before, whose graph masks one attention over
+    # the whole image (window_ids)
+    window_slots: int | None = None
 
 
 class Qwen2VLFamily(Family):
@@ -64,7 +68,11 @@ class Qwen2VLFamily(Family):
         if info.window_size is not None:
             window_index, window_ids = vision_windows(grid, info)
             feeds[io_names.WINDOW_INDEX] = window_index
-            feeds[io_names.WINDOW_IDS] = window_ids
+            if info.window_slots is None:
+                feeds[io_names.WINDOW_IDS] = window_ids
+            else:
+                gather, slots = window_slots(window_ids, info.window_slots)
+                feeds[io_names.WINDOW_GATHER], feeds[io_names.WINDOW_SLOTS] = gather, slots
         return PreparedImage(patches, visual_tokens(grid, info), feeds, layout=grid)
 
     def visual_tokens(self, height: int, width: int) -> int:
@@ -81,7 +89,11 @@ class Qwen2VLFamily(Family):
         info = self.layout
         fewest = max(1, info.min_pixels // (info.patch_size * info.merge_size) ** 2)
         ranges = phase_ranges(self.vision.visual_tokens, settings, fewest)
-        ranges["prefill_visual"]["merged"] = ranges["prefill_visual"]["visual"]
+        visual = ranges["prefill_visual"]["merged"] = ranges["prefill_visual"]["visual"]
+        if info.window_slots is not None:  # a window holds 1..window_slots / merge² merged patches
+            per_window = info.window_slots // info.merge_size**2
+            fewest, typical = (-(-v // per_window) for v in (visual.min, visual.opt))
+            ranges["prefill_visual"]["windows"] = type(visual)(fewest, typical, visual.max)
         return ranges
 
     def describe_image(self) -> str:
@@ -158,6 +170,20 @@ def vision_windows(grid: Grid, info: PatchGridInfo) -> tuple[np.ndarray, np.ndar
     window_index = order[order != -100].astype(np.int64)
     window_ids = np.repeat(np.arange(len(sizes)), sizes * m * m).astype(np.int64)
     return window_index, window_ids
+
+
+def window_slots(window_ids: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL's windows as padded slots, so the vision graph attends window by window:
+    (window_gather [W, slots] int64, the window-ordered patch in each slot of each non-empty window,
+    -1 where a window is not full; window_slots [patches] int64, each patch's flat slot)."""
+    _, starts, counts = np.unique(window_ids, return_index=True, return_counts=True)
+    if counts.max(initial=0) > slots:
+        raise InputError(f"a window of {counts.max()} patches does not fit {slots} slots")
+    within = np.arange(len(window_ids)) - np.repeat(starts, counts)
+    flat = (np.repeat(np.arange(len(counts)), counts) * slots + within).astype(np.int64)
+    gather = np.full(len(counts) * slots, -1, dtype=np.int64)
+    gather[flat] = np.arange(len(window_ids))
+    return gather.reshape(len(counts), slots), flat
 
 
 def prompt_positions(input_ids: np.ndarray, image_token: int, grids: list[Grid], info: PatchGridInfo):

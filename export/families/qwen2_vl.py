@@ -8,9 +8,12 @@ and windows of its windowed attention, all computed by the runtime in numpy:
 decoder's rotary positions have three sections (temporal, height, width): segment graphs take
 position ids [3, B, S]; after an exit the text tokens keep theirs (docs/exit-semantics.md).
 
-The vision tower's blocks are called here with one attention over the image (windowed where
-Qwen2.5-VL windows it, as a mask) instead of transformers' per-window Python loop, which an
-exported graph cannot hold; tests compare the result with transformers' own tower.
+The vision tower's blocks are called here with one attention over the image instead of
+transformers' per-sequence Python loop, which an exported graph cannot hold. Qwen2.5-VL's windowed
+blocks attend window by window: the patches are gathered into padded slots [windows, slots] (the
+window count is a dynamic axis, the slots per window a constant), attention runs per window with
+the empty slots masked, and each patch's row is gathered back, so a windowed block costs what the
+windows cost, not a P x P attention. Tests compare the result with transformers' own tower.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class Qwen2VLAdapter(FamilyAdapter):
         super().__init__(model)
         vision = model.config.vision_config
         window = getattr(vision, "window_size", None)
+        patch, merge = int(vision.patch_size), int(vision.spatial_merge_size)
         self._grid = PatchGridInfo(  # the pixel budget is the processor's: manifest_builder fills it in
             patch_size=int(vision.patch_size),
             temporal_patch_size=int(vision.temporal_patch_size),
@@ -80,6 +84,7 @@ class Qwen2VLAdapter(FamilyAdapter):
             min_pixels=0,
             max_pixels=0,
             window_size=int(window) if window else None,
+            window_slots=(int(window) // merge // patch * merge) ** 2 if window else None,
         )
 
     @classmethod
@@ -115,7 +120,9 @@ class Qwen2VLAdapter(FamilyAdapter):
         """The vision graph's inputs for one image: patches, their positions (and windows)."""
         inputs = [pixel_values, torch.from_numpy(patch_grid.vision_positions(grid, self._grid))]
         if self._grid.window_size is not None:
-            inputs += [torch.from_numpy(a) for a in patch_grid.vision_windows(grid, self._grid)]
+            window_index, window_ids = patch_grid.vision_windows(grid, self._grid)
+            slots = patch_grid.window_slots(window_ids, self._grid.window_slots)
+            inputs += [torch.from_numpy(a) for a in (window_index, *slots)]
         return tuple(inputs)
 
     def image_features(self, image: PatchImage) -> torch.Tensor:
@@ -127,14 +134,16 @@ class Qwen2VLAdapter(FamilyAdapter):
         pixel_values: torch.Tensor,
         vision_positions: torch.Tensor,
         window_index: torch.Tensor | None = None,
-        window_ids: torch.Tensor | None = None,
+        window_gather: torch.Tensor | None = None,
+        window_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """patches [P, C*T*p*p], positions [P, 2] (+ window order [V], windows [P]) -> [1, V, D]."""
+        """patches [P, C*T*p*p], positions [P, 2] (+ window order [V], the patch in each window's
+        slot [W, S] and each patch's slot [P]) -> [1, V, D]."""
         visual = self._visual
         apply_rotary = sys.modules[type(visual).__module__].apply_rotary_pos_emb_vision
         hidden = visual.patch_embed(pixel_values)  # [P, E]
         cos, sin = visual.rotary_pos_emb(hidden, vision_positions)  # [P, head_dim]
-        windowed: torch.Tensor | None = None
+        windows: tuple[torch.Tensor, torch.Tensor] | None = None
         if window_index is not None:
             unit = self._grid.merge_size**2
 
@@ -142,11 +151,10 @@ class Qwen2VLAdapter(FamilyAdapter):
                 return t.reshape(-1, unit, t.shape[-1])[window_index].reshape(-1, t.shape[-1])
 
             hidden, cos, sin = in_window_order(hidden), in_window_order(cos), in_window_order(sin)
-            windowed = window_ids[:, None] == window_ids[None, :]  # [P, P]
+            windows = window_gather, window_slots
         full = set(getattr(visual, "fullatt_block_indexes", None) or [])
         for index, block in enumerate(visual.blocks):
-            mask = None if windowed is None or index in full else windowed
-            hidden = _vision_block(block, hidden, cos, sin, mask, apply_rotary)
+            hidden = _vision_block(block, hidden, cos, sin, None if index in full else windows, apply_rotary)
         merged = visual.merger(hidden)  # [V, D]
         if window_index is not None:  # back to row-major order
             merged = torch.zeros_like(merged).index_copy(0, window_index, merged)
@@ -192,8 +200,9 @@ class Qwen2VLAdapter(FamilyAdapter):
         merged = Dim("merged", min=1, max=1 << 14)
         per_image: tuple = ({0: m * m * merged},)
         if info.window_size is not None:
-            names += [io_names.WINDOW_INDEX, io_names.WINDOW_IDS]
-            per_image = (*per_image, {0: merged}, {0: m * m * merged})
+            names += [io_names.WINDOW_INDEX, io_names.WINDOW_GATHER, io_names.WINDOW_SLOTS]
+            windows = Dim("windows", min=1, max=1 << 14)
+            per_image = (*per_image, {0: merged}, {0: windows}, {0: m * m * merged})
         return GraphPlan(
             "vision",
             "vision",
@@ -248,19 +257,35 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     processor_class = "Qwen2_5_VLProcessor"
 
 
-def _vision_block(block, hidden, cos, sin, mask, apply_rotary) -> torch.Tensor:
-    """One vision block: attention over the whole image (or within windows, by `mask` [P, P]),
-    in fp32 for fp16 graphs, then the MLP."""
+def _vision_block(block, hidden, cos, sin, windows, apply_rotary) -> torch.Tensor:
+    """One vision block: attention over the whole image (or within each window: `windows` =
+    (gather [W, S], slots [P])), in fp32 for fp16 graphs, then the MLP."""
     attn = block.attn
     x = block.norm1(hidden)
     length = x.shape[0]
     q, k, v = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary(q, k, cos, sin)
-    q, k, v = (t.transpose(0, 1)[None].float() for t in (q, k, v))  # [1, H, P, head_dim]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out = out[0].transpose(0, 1).reshape(length, -1).to(x.dtype)
-    hidden = hidden + attn.proj(out)
+    q, k, v = (t.float() for t in (q, k, v))  # [P, H, head_dim]
+    if windows is None:
+        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+    else:
+        out = _windowed_attention(q, k, v, *windows)
+    hidden = hidden + attn.proj(out.reshape(length, -1).to(x.dtype))
     return hidden + block.mlp(block.norm2(hidden))
+
+
+def _windowed_attention(q, k, v, gather: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[P, H, d] each -> [P, H, d]: attention within each window, its patches gathered into the
+    window's slots (empty slots, -1 in `gather`, are masked as keys; their queries are dropped)."""
+    windows, size = gather.shape
+    rows = gather.clamp(min=0).reshape(-1)
+
+    def in_slots(t: torch.Tensor) -> torch.Tensor:  # [W, H, S, d]
+        return t[rows].reshape(windows, size, t.shape[1], t.shape[2]).transpose(1, 2)
+
+    keys = (gather >= 0)[:, None, None, :]  # [W, 1, 1, S]
+    out = F.scaled_dot_product_attention(in_slots(q), in_slots(k), in_slots(v), attn_mask=keys)
+    return out.transpose(1, 2).reshape(windows * size, q.shape[1], q.shape[2])[slots]
 
 
 def load_image_only_processor(path: Path, base: type, **options: Any):

@@ -63,3 +63,56 @@ def test_vision_positions_and_windows_equal_transformers(size):
 def test_qwen25_vl_7b_takes_1196_visual_tokens_for_a_720p_image():
     assert patch_grid.smart_resize(720, 1280, INFO) == (728, 1288)
     assert patch_grid.visual_tokens(patch_grid.grid_for(720, 1280, INFO), INFO) == 1196
+
+
+@pytest.mark.parametrize("size", [(1280, 720), (224, 224), (97, 131), (3000, 500), (28, 28)])
+def test_window_slots_hold_each_window_in_order_and_give_each_patch_back(size):
+    grid = patch_grid.grid_for(size[1], size[0], INFO)
+    _, window_ids = patch_grid.vision_windows(grid, INFO)
+    gather, slots = patch_grid.window_slots(window_ids, INFO.window_slots)
+    assert INFO.window_slots == 64 and gather.shape == (len(np.unique(window_ids)), 64)
+    assert (gather.reshape(-1)[slots] == np.arange(len(window_ids))).all()  # every patch, once
+    for window, row in zip(np.unique(window_ids), gather, strict=True):
+        members = np.flatnonzero(window_ids == window)
+        assert (row[: len(members)] == members).all() and (row[len(members) :] == -1).all()
+
+
+def test_windowed_attention_equals_one_attention_masked_to_the_windows():
+    """The vision graph's slot form against the masked P x P form it replaced."""
+    from export.families.qwen2_vl import _windowed_attention
+
+    grid = patch_grid.grid_for(200, 330, INFO)
+    _, window_ids = patch_grid.vision_windows(grid, INFO)
+    gather, slots = (torch.from_numpy(a) for a in patch_grid.window_slots(window_ids, INFO.window_slots))
+    q, k, v = torch.randn(3, len(window_ids), 4, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.from_numpy(window_ids)
+    mask = ids[:, None] == ids[None, :]
+    masked = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(0, 1) for t in (q, k, v)), attn_mask=mask
+    ).transpose(0, 1)
+    assert torch.allclose(_windowed_attention(q, k, v, gather, slots), masked, atol=1e-6)
+
+
+def test_bundles_from_before_the_slots_get_the_masked_form_s_window_ids():
+    """A manifest without `window_slots` came with a vision graph that takes each patch's window
+    (window_ids); one with it takes the slots."""
+    import dataclasses
+
+    from dyvte_rt.bundle import io_names
+
+    family = QWEN25_VL_7B.family_object()
+    image = _image(300, 200)
+    slotted = family.prepare_image(image).feeds
+    assert set(slotted) == {
+        io_names.VISION_POSITIONS,
+        io_names.WINDOW_INDEX,
+        io_names.WINDOW_GATHER,
+        io_names.WINDOW_SLOTS,
+    }
+    family.layout = dataclasses.replace(family.layout, window_slots=None)
+    older = family.prepare_image(image).feeds
+    assert set(older) == {io_names.VISION_POSITIONS, io_names.WINDOW_INDEX, io_names.WINDOW_IDS}
+    windows = older[io_names.WINDOW_IDS]
+    assert (
+        slotted[io_names.WINDOW_GATHER].reshape(-1)[slotted[io_names.WINDOW_SLOTS]] == np.arange(len(windows))
+    ).all()

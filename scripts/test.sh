@@ -3,6 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# headless Chromium and its driver for the web page's browser test (tests/dyvte_rt/test_web_page.py)
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    sudo=()
+    [ "$(id -u)" = 0 ] || sudo=(sudo)
+    packages=(chromium chromium-driver)
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null \
+        || { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null; }
+fi
 .venv/bin/ruff check .
 # two workers, each taking whole test files (a file's module fixtures are built once): about 10.5 min
 # on 2 cores from a fresh clone; checkpoints and bundles are built once and shared by both workers

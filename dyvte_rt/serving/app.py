@@ -2,15 +2,20 @@
 
     POST /v1/chat/completions   messages with text and image_url (data: URI) parts; stream: true for SSE
     GET  /v1/models             the one model this server holds
-    GET  /health                {"status": "ok", "active": n, "queued": n}
+    GET  /health                {"status": "ok", "active": n, "queued": n, "slots": n, "max_queue": n}
     GET  /metrics               Prometheus text format
+    GET  /                      the web page (dyvte_rt/serving/web/): ask about an image, see the exit
 
-Extension fields: `exit` (never, router, layer:K), `prune` (none, fastv:K:R, dart:K:R[:P]) and
-`ignore_eos` (as vLLM names it) in the request, `dyvte` in the response ({exit_layer,
-prefill_macs, visual_tokens_kept, pruned_after_layer, kept_visual}). Every error, for every status
-(unknown routes and methods, and a failure inside the server, included), is OpenAI-shaped JSON:
-{"error": {"message", "type", "param", "code"}}; a client's mistake is a 4xx, a failure of ours a
-500 that ends only the request it hit, a stopped engine a 503 (and /health says so).
+Extension fields: `exit` (never, router, layer:K), `exit_threshold` (the router's, 0..1), `prune`
+(none, fastv:K:R, dart:K:R[:P]) and `ignore_eos` (as vLLM names it) in the request, `dyvte` in the
+response ({exit_layer, exit_probs, threshold, prefill_macs, prefill_macs_saved, visual_tokens,
+visual_tokens_kept, pruned_after_layer, kept_visual, ttft_ms, latency_ms, tokens_per_s}) and in
+`/v1/models`' entry (layers, candidate exit layers, the default policies and threshold).
+
+Every error, for every status (unknown routes and methods, and a failure inside the server,
+included), is OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}; a client's
+mistake is a 4xx, a failure of ours a 500 that ends only the request it hit, a stopped engine a 503
+(and /health says so).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
 from dyvte_rt.serving.engine import BatchEngine, EngineDown, QueueFullError, RequestFailed, ServeRequest
 from dyvte_rt.serving.metrics import ServerMetrics
 from dyvte_rt.serving.schema import ChatRequest, Message, parse_chat_request
+from dyvte_rt.serving.webpage import web_routes
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,7 @@ def create_app(model: DyvteModel, engine: BatchEngine, model_name: str, limits: 
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
+        *web_routes(),
     ]
     handlers = {HTTPException: _http_error, Exception: _server_error}
     return Starlette(routes=routes, exception_handlers=handlers)
@@ -146,7 +153,15 @@ class _Api:
         if self.engine.failure is not None:
             body = {"status": "error", "reason": f"the engine has stopped ({self.engine.failure})"}
             return JSONResponse(body, status_code=503)
-        return JSONResponse({"status": "ok", "active": self.engine.active, "queued": self.engine.queued})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "active": self.engine.active,
+                "queued": self.engine.queued,
+                "slots": self.engine.max_batch,
+                "max_queue": self.engine.max_queue,
+            }
+        )
 
     async def metrics(self, request: Request) -> Response:
         if not self.limits.metrics_public and (denied := self._check_key(request)) is not None:
@@ -157,7 +172,18 @@ class _Api:
     async def models(self, request: Request) -> Response:
         if (denied := self._check_key(request)) is not None:
             return denied
-        entry = {"id": self.name, "object": "model", "created": 0, "owned_by": "dyvte-rt"}
+        manifest = self.model.manifest
+        dyvte = {
+            "family": manifest.source.family,
+            "layers": manifest.dims.num_layers,
+            "exit_layers": list(manifest.exit.candidate_layers),
+            "routers": manifest.exit.router_width is not None,
+            "default_exit": manifest.exit.default_policy,
+            "threshold": manifest.exit.threshold,
+            "prune_layers": list(manifest.prune.layers) if manifest.prune is not None else [],
+            "default_prune": manifest.prune.default_policy if manifest.prune is not None else "none",
+        }
+        entry = {"id": self.name, "object": "model", "created": 0, "owned_by": "dyvte-rt", "dyvte": dyvte}
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def chat_completions(self, request: Request) -> Response:
@@ -265,7 +291,7 @@ class _Api:
                 top_p=1.0 if chat.top_p is None else chat.top_p,
                 seed=chat.seed,
             )
-            policy = self.model.policy(chat.exit)
+            policy = self.model.policy(chat.exit, chat.exit_threshold)
             self.model.pipeline.check_policy(policy)
             prune = self.model.prune_policy(chat.prune)
             self.model.pipeline.check_prune(prune)
@@ -398,7 +424,7 @@ class _Api:
             elif kind == "error":
                 return ApiError.serving(payload).response()
             else:
-                return JSONResponse(self._completion_body(completion_id, payload))
+                return JSONResponse(self._completion_body(completion_id, payload, serve))
 
     async def _stream(self, completion_id: str, serve: ServeRequest, events, include_usage: bool = False):
         created = int(time.time())
@@ -428,7 +454,7 @@ class _Api:
                     yield f"data: {json.dumps(error)}\n\n"
                     return
                 else:
-                    extras = self._extras(payload)
+                    extras = self._extras(payload, serve)
                     usage = extras.pop("usage")
                     yield chunk({}, payload.finish_reason, extras)
                     if include_usage:  # as OpenAI sends it: a last chunk with no choices
@@ -440,7 +466,7 @@ class _Api:
         finally:
             serve.cancelled.set()  # a client that leaves frees its slot (a finished request ignores it)
 
-    def _completion_body(self, completion_id: str, done: Answer) -> dict:
+    def _completion_body(self, completion_id: str, done: Answer, serve: ServeRequest) -> dict:
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -453,12 +479,14 @@ class _Api:
                     "finish_reason": done.finish_reason,
                 }
             ],
-            **self._extras(done),
+            **self._extras(done, serve),
         }
 
     @staticmethod
-    def _extras(done: Answer) -> dict:
+    def _extras(done: Answer, serve: ServeRequest) -> dict:
         tokens = len(done.token_ids)
+        macs = done.prefill_macs
+        decode_ms = done.timings_ms["decode"]
         return {
             "usage": {
                 "prompt_tokens": done.prompt_tokens,
@@ -466,13 +494,21 @@ class _Api:
                 "total_tokens": done.prompt_tokens + tokens,
             },
             "dyvte": {
+                "policy": done.policy,
                 "exit_layer": done.exit_layer,
-                "prefill_macs": done.prefill_macs,
+                "exit_probs": {str(layer): p for layer, p in done.exit_probs.items()},
+                "threshold": getattr(serve.policy, "threshold", None),  # a router policy's
+                "prefill_macs": macs,
+                "prefill_macs_saved": 1 - macs["actual"] / macs["full"] if macs["full"] else 0.0,
+                "visual_tokens": done.visual_tokens,
                 "visual_tokens_kept": done.visual_tokens_kept,
                 "pruned_after_layer": done.pruned_after_layer,
                 "kept_visual": done.kept_visual,
                 # from the image's preparation (queueing included) to the first and the last token
                 "ttft_ms": round(done.timings_ms["ttft"], 3),
                 "latency_ms": round(done.timings_ms["latency"], 3),
+                "tokens_per_s": (  # tokens after the first over the time they took
+                    round((tokens - 1) * 1e3 / decode_ms, 3) if tokens > 1 and decode_ms else None
+                ),
             },
         }

@@ -20,6 +20,7 @@ from pydantic import (
 # OpenAI's ranges; a number, never a string that looks like one
 Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Threshold = Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 MaxTokens = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
 StopText = Annotated[StrictStr, Field(min_length=1, max_length=256)]
@@ -73,6 +74,7 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     exit: StrictStr | None = None  # extension: never, router, layer:K
+    exit_threshold: Threshold | None = None  # extension: the router's threshold for this request
     prune: StrictStr | None = None  # extension: none, fastv:K:R, dart:K:R[:P]
     ignore_eos: StrictBool = False  # extension, as vLLM names it
     # accepted only where they change nothing

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dyvte_rt.served import start_server as _start
+
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = ROOT / "examples/three_shapes.png"
 QUESTIONS = [
@@ -24,39 +26,6 @@ QUESTIONS = [
     "where is the blue shape?",
 ]
 KEY = "test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(bundle: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "dyvte_rt.cli",
-        "serve",
-        "--bundle",
-        str(bundle),
-        "--port",
-        str(port),
-        *options,
-    ]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-                if json.load(response)["status"] == "ok":
-                    return server, url
-        except OSError:
-            time.sleep(0.1)
-        if server.poll() is not None:
-            raise AssertionError(server.stderr.read())
-    raise AssertionError("the server did not start")
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,8 @@ BAD_REQUESTS = {  # body -> what the one-line message names
     "negative seed": ({"seed": -1}, "seed"),
     "exit as a number": ({"exit": 123}, "exit"),
     "exit unknown": ({"exit": "sometimes"}, "exit policy"),
+    "exit_threshold above 1": ({"exit_threshold": 1.5}, "exit_threshold"),
+    "exit_threshold as text": ({"exit_threshold": "0.5"}, "exit_threshold"),
     "stream as text": ({"stream": "false"}, "stream"),
     "n of 2": ({"n": 2}, "n must be 1"),
     "logprobs": ({"logprobs": True}, "logprobs"),
@@ -145,6 +147,57 @@ def test_text_and_paths_that_are_not_text_are_refused_as_json(model, tmp_path):
             assert reply.status_code == status and named in reply.json()["error"]["message"], reply.text
     finally:
         engine.stop()
+
+
+def test_the_router_threshold_is_per_request_and_the_extras_say_what_the_exit_did(served, model):
+    """What the web page draws: p(exit) per router, the threshold used, the saving, the model's layers."""
+    client, _ = served
+    info = client.get("/v1/models").json()["data"][0]["dyvte"]
+    manifest = model.manifest
+    assert info["layers"] == manifest.dims.num_layers and info["exit_layers"] == list(
+        manifest.exit.candidate_layers
+    )
+    assert (
+        info["routers"] and info["threshold"] == manifest.exit.threshold and info["default_exit"] == "router"
+    )
+    health = client.get("/health").json()
+    assert health["slots"] == 2 and health["max_queue"] == 4
+    seen = {}
+    for threshold in (0.0, 1.0):
+        reply = _post(
+            client, {"messages": _messages(), "max_tokens": 4, "exit": "router", "exit_threshold": threshold}
+        )
+        assert reply.status_code == 200, reply.text
+        extras = seen[threshold] = reply.json()["dyvte"]
+        expected = model.ask(IMAGE, QUESTION, max_new_tokens=4, exit="router", threshold=threshold)
+        assert extras["exit_layer"] == expected.exit_layer and extras["threshold"] == threshold
+        assert extras["exit_probs"] == {str(k): v for k, v in expected.exit_probs.items()}
+        macs = expected.prefill_macs
+        assert extras["prefill_macs_saved"] == pytest.approx(1 - macs["actual"] / macs["full"])
+        assert extras["visual_tokens"] == expected.visual_tokens and extras["tokens_per_s"] > 0
+    first = min(int(k) for k in seen[0.0]["exit_probs"])
+    assert seen[0.0]["exit_layer"] == first and seen[1.0]["exit_layer"] is None  # p >= 0 always, p >= 1 never
+    reply = _post(client, {"messages": _messages(), "max_tokens": 4, "exit": "never"})
+    assert reply.json()["dyvte"]["threshold"] is None and reply.json()["dyvte"]["exit_probs"] == {}
+
+
+def test_the_web_page_and_its_assets_are_served_with_a_policy_that_allows_this_server_alone(served):
+    client, _ = served
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "http" not in policy
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        assert f"/web/{name}" in page.text
+        asset = client.get(f"/web/{name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
+        assert (
+            "http://" not in asset.text.replace("http://www.w3.org/2000/svg", "")
+            and "https://" not in asset.text
+        )
+    assert (
+        client.get("/web/missing.js").status_code == 404 and client.get("/web/..%2Fapp.py").status_code == 404
+    )
 
 
 def test_unknown_routes_and_methods_answer_json(served):

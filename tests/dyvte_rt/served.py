@@ -1,0 +1,45 @@
+"""`dyvte-rt serve` as a user starts it: a subprocess on a free local port, waited for until its
+/health answers (the server tests and the web page's browser test share it)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(bundle: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "dyvte_rt.cli",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--port",
+        str(port),
+        *options,
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if json.load(response)["status"] == "ok":
+                    return server, url
+        except OSError:
+            time.sleep(0.1)
+        if server.poll() is not None:
+            raise AssertionError(server.stderr.read())
+    raise AssertionError("the server did not start")

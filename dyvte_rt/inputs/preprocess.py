@@ -27,6 +27,10 @@ class PreparedImage:
     visual_tokens: int  # image placeholders the prompt holds for it
     feeds: dict[str, np.ndarray] = field(default_factory=dict)  # the vision graph's other inputs
     layout: Any = None  # what the family needs of this image later (Qwen2-VL: its patch grid)
+    # the vision graph's outputs, already computed (`Pipeline.encode_image`, backend values): the
+    # prefill then skips the vision graph; encoded_ms is what computing them took
+    encoded: dict[str, Any] | None = None
+    encoded_ms: float = 0.0
 
     @classmethod
     def single_view(cls, pixel_values: np.ndarray, visual_tokens: int) -> PreparedImage:

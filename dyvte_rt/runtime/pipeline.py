@@ -19,7 +19,7 @@ Host transfers are the token ids, position ids, per-segment KV lengths, the rout
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -167,6 +167,7 @@ class Pipeline:
             started = time.perf_counter()
             features, deepstack_levels = self._vision_batch(requests, n_visual)
             vision_ms = 1e3 * (time.perf_counter() - started)
+            vision_ms += sum(r.image.encoded_ms for r in requests if r.image is not None)
             started = time.perf_counter()
             feeds = {names.INPUT_IDS: padded, names.IMAGE_FEATURES: features}
             hidden = self._run("embed", feeds)[names.INPUT_EMBEDS]
@@ -315,7 +316,7 @@ class Pipeline:
         if not any(n_visual):
             return self._empty_features(len(requests)), None
         images = [r.image if visual else None for r, visual in zip(requests, n_visual, strict=True)]
-        if self.family.vision_per_image:
+        if self.family.vision_per_image or any(i is not None and i.encoded is not None for i in images):
             return self._per_image_features(images)
         shapes = {image.pixel_values.shape for image in images if image is not None}
         if len(shapes) != 1 or len({v for v in n_visual if v}) != 1:
@@ -330,12 +331,7 @@ class Pipeline:
         """Images whose graph inputs depend on their size (the family says so): the vision graph
         runs on each; a batch's rows (and DeepStack levels) are zero-padded to the longest."""
         deep = self.family.deepstack_layers > 0
-        outputs = [
-            self._run("vision", {names.PIXEL_VALUES: image.pixel_values.astype(self._dtype), **image.feeds})
-            if image is not None
-            else None
-            for image in images
-        ]
+        outputs = [self._vision_outputs(image) if image is not None else None for image in images]
         if len(images) == 1:
             return outputs[0][names.IMAGE_FEATURES], outputs[0][names.DEEPSTACK_FEATURES] if deep else None
 
@@ -345,6 +341,26 @@ class Pipeline:
         features = self._padded(each(names.IMAGE_FEATURES), axis=1)
         levels = self._padded(each(names.DEEPSTACK_FEATURES), axis=2) if deep else None
         return features, levels
+
+    def encode_image(self, image: PreparedImage) -> PreparedImage:
+        """`image` with its vision graph run now: a server does this on its preparing thread, so
+        decode steps go on while an image is encoded, and the prefill then skips the vision graph."""
+        if image.encoded is not None:
+            return image
+        started = time.perf_counter()
+        try:
+            outputs = self._vision_outputs(image)
+        except BackendError as err:
+            raise as_runtime_error(err) from None
+        return replace(image, encoded=outputs, encoded_ms=1e3 * (time.perf_counter() - started))
+
+    def _vision_outputs(self, image: PreparedImage) -> dict[str, Value]:
+        """One image's vision graph outputs: computed before if they were, else now."""
+        if image.encoded is not None:
+            return image.encoded
+        return self._run(
+            "vision", {names.PIXEL_VALUES: image.pixel_values.astype(self._dtype), **image.feeds}
+        )
 
     def _padded(self, values: list[Value | None], axis: int) -> Value:
         """Per-image outputs [1, ..., V_b, D] -> one [B, ..., max V_b, D], zeros where absent."""

@@ -314,7 +314,8 @@ class _Api:
         return request, events
 
     def _prepare(self, messages: list[Message]):
-        """Messages -> (prompt ids, prepared image or None, preparation ms), on a worker thread."""
+        """Messages -> (prompt ids, prepared and encoded image or None, preparation ms), on a worker
+        thread: the image goes through the vision graph here, while the engine thread decodes."""
         turns, image = self._conversation(messages)
         try:
             started = time.perf_counter()
@@ -324,6 +325,11 @@ class _Api:
             ids = self.model.prompts.encode_turns(turns, with_image=image is not None, visual_tokens=visual)
         except DyvteError as err:
             raise ApiError(400, err.one_line()) from None
+        if prepared is not None and visual:
+            try:
+                prepared = self.model.pipeline.encode_image(prepared)
+            except DyvteError as err:  # the backend failed: ours, not the client's
+                raise ApiError(500, err.one_line(), "server_error", "internal_error") from None
         return ids, prepared, preprocess_ms
 
     def _conversation(

@@ -1,10 +1,12 @@
 """Continuous batching: many requests decoded together, each joining between decode steps.
 
-One thread owns the model and a `DecodeBatch` of `max_batch` slots (rows of one KV cache). Requests
-waiting when slots are free are prefilled into them — each deciding its own exit, as a single
-request does; requests that start together share one prefill call — and then decode with every
-other active slot in one graph call per step. A finished, cancelled or disconnected request frees
-its slot at once. Every slot's tokens equal what the request would get alone.
+One thread owns the model and a `DecodeBatch` of `max_batch` slots (rows of one KV cache). Images
+come encoded (the server runs the vision graph on its preparing thread, so decode steps go on
+meanwhile). Requests waiting when slots are free are prefilled into them — each deciding its own
+exit, as a single request does; requests that start together share one prefill call — and then
+decode with every other active slot in one graph call per step. A finished, cancelled or
+disconnected request frees its slot at once. Every slot's tokens equal what the request would get
+alone.
 
 Events go back to the caller through `emit(kind, payload)`, called on the engine thread: ("piece",
 text), then ("done", Answer) or ("error", DyvteError).
@@ -214,12 +216,14 @@ class BatchEngine:
         return PrefillRequest(request.prompt_ids, request.image, request.policy, request.prune)
 
     def _state(self, request: ServeRequest) -> DecodeState:
+        # an image encoded before it was queued (the server's preparing thread) counts in its TTFT
+        encoded_ms = request.image.encoded_ms if request.image is not None else 0.0
         return DecodeState(
             self.model.prompts.tokenizer,
             request.sampler,
             request.rule,
             request.prompt_ids.shape[0],
-            started_at=request.queued_at,
+            started_at=request.queued_at - encoded_ms / 1e3,
             preprocess_ms=request.preprocess_ms,
         )
 

@@ -74,7 +74,9 @@ def test_a_batch_with_mixed_images_exits_and_lengths_equals_single_answers(case,
 
 
 def test_the_engine_answers_requests_joining_a_running_batch_as_alone(case, model, image_files):
-    """Three requests on two slots: the third joins when the first leaves."""
+    """Three requests on two slots: the third joins when the first leaves. The first and third come
+    with their images encoded before they are queued (as the server encodes them), the second not:
+    the first two share a prefill."""
     from dyvte_rt.serving.engine import BatchEngine, ServeRequest
 
     if "inplace" not in case.kv_flavours:
@@ -86,8 +88,11 @@ def test_the_engine_answers_requests_joining_a_running_batch_as_alone(case, mode
     engine = BatchEngine(model, max_batch=2, max_queue=4, context=256)
     events = [queue.Queue() for _ in items]
     try:
-        for (image, question, exit), sink in zip(items, events, strict=True):
+        for index, ((image, question, exit), sink) in enumerate(zip(items, events, strict=True)):
             prepared = model.prepare_image(image) if image is not None else None
+            if index != 1:
+                prepared = model.pipeline.encode_image(prepared)
+                assert prepared.encoded and prepared.encoded_ms > 0
             ids = model.prompts.encode(
                 question, with_image=image is not None, visual_tokens=prepared.visual_tokens
             )

@@ -326,6 +326,48 @@ def _cancelled(url: str) -> float:
     return 0.0
 
 
+def test_decode_steps_go_on_while_an_arriving_image_is_encoded(model, monkeypatch):
+    """The vision graph runs on the server's preparing thread: it waits here for 5 decode steps of a
+    running stream, which could never come if it ran on the engine thread (it would time out)."""
+    from dyvte_rt.runtime.batch import DecodeBatch
+
+    expected = model.ask(IMAGE, QUESTION, max_new_tokens=8)
+    steps = [0]
+    real_step = DecodeBatch.step
+    monkeypatch.setattr(
+        DecodeBatch, "step", lambda self: (steps.__setitem__(0, steps[0] + 1), real_step(self))[1]
+    )
+    vision = model.pipeline.sessions["vision"]
+    real_run, seen = vision.run, []
+
+    def slow_vision(feeds, into=None):
+        start, deadline = steps[0], time.time() + 20
+        while steps[0] < start + 5 and time.time() < deadline:
+            time.sleep(0.005)
+        seen.append(steps[0] - start)
+        return real_run(feeds, into)
+
+    monkeypatch.setattr(vision, "run", slow_vision)
+    text_only = [{"role": "user", "content": "count to one hundred"}]
+    with _live(model) as (url, _):
+        body = {"messages": text_only, "max_tokens": 200, "ignore_eos": True, "stream": True}
+        running = urllib.request.urlopen(
+            urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                   {"Content-Type": "application/json"}), timeout=60)  # fmt: skip
+        running.readline()  # the stream has started: its request holds a slot and decodes
+        request = urllib.request.Request(
+            url + "/v1/chat/completions",
+            json.dumps({"messages": _messages(), "max_tokens": 8}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            answer = json.load(reply)
+        running.close()
+    assert len(seen) == 1 and seen[0] >= 5, seen  # encoded once, on the preparing thread, while decoding
+    assert answer["choices"][0]["message"]["content"] == expected.text
+    assert answer["dyvte"]["exit_layer"] == expected.exit_layer
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_goes_away_frees_its_slot_within_a_step(model, monkeypatch, stream):
     """Each step slowed to 20 ms, so 170 tokens would take 3.4 s: the slot must be free long before."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import itertools
 import json
 import signal
 import subprocess
@@ -119,7 +120,8 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
             f"{clients} clients: {run['rss_mb']:.0f} MB resident after {run['requests']} requests, "
             f"{run['errors']} errors, "
             f"{run['tokens_per_s']:.1f} tok/s together; TTFT p50 {run['ttft_ms_p50']:.0f} ms "
-            f"p99 {run['ttft_ms_p99']:.0f} ms; latency p50 {run['latency_ms_p50']:.0f} ms p99 "
+            f"p99 {run['ttft_ms_p99']:.0f} ms; gap between pieces p50 {run['gap_ms_p50']:.0f} ms "
+            f"p99 {run['gap_ms_p99']:.0f} ms; latency p50 {run['latency_ms_p50']:.0f} ms p99 "
             f"{run['latency_ms_p99']:.0f} ms"
             + (
                 f"; {run['bad']['sent']} bad requests, {run['bad']['wrong']} answered wrongly"
@@ -156,6 +158,7 @@ def _load(url: str, body: dict, clients: int, seconds: float | None, requests: i
     ok = [r for r in rows if r["ok"]]
     ttft = [r["ttft_ms"] for r in ok]
     latency = [r["latency_ms"] for r in ok]
+    gaps = [gap for r in ok for gap in r["gaps_ms"]]
     return {
         "clients": clients,
         "requests": len(rows),
@@ -166,6 +169,9 @@ def _load(url: str, body: dict, clients: int, seconds: float | None, requests: i
         "latency_ms_p50": float(np.percentile(latency, 50)) if latency else float("nan"),
         "latency_ms_p99": float(np.percentile(latency, 99)) if latency else float("nan"),
         "exit_layers": sorted({r["exit_layer"] for r in ok}, key=str),
+        # between one streamed piece and the next of the same answer (others' prefills included)
+        "gap_ms_p50": float(np.percentile(gaps, 50)) if gaps else float("nan"),
+        "gap_ms_p99": float(np.percentile(gaps, 99)) if gaps else float("nan"),
     }
 
 
@@ -176,15 +182,17 @@ def _request(url: str, body: dict) -> dict:
         headers={"Content-Type": "application/json"},
     )
     started = time.perf_counter()
-    first, last, extras = None, None, {}
+    first, last, extras, pieces = None, None, {}, []
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             for line in response:
                 if line.startswith(b"data: {"):
                     chunk = json.loads(line[6:])
                     choices = chunk.get("choices") or [{}]
-                    if first is None and choices[0].get("delta", {}).get("content"):
-                        first = time.perf_counter()
+                    if choices[0].get("delta", {}).get("content"):
+                        pieces.append(time.perf_counter())
+                    if first is None and pieces:
+                        first = pieces[0]
                     extras = chunk.get("dyvte") or extras  # on the chunk that finishes the answer
                     if "usage" in chunk:  # the last chunk (stream_options.include_usage)
                         last = chunk
@@ -198,6 +206,7 @@ def _request(url: str, body: dict) -> dict:
         "first_content_ms": 1e3 * ((first or done) - started),  # hold text back until the end
         "latency_ms": 1e3 * (done - started),
         "exit_layer": extras.get("exit_layer") if last else None,
+        "gaps_ms": [1e3 * (b - a) for a, b in itertools.pairwise(pieces)],  # between streamed pieces
     }
 
 

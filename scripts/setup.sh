@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install dyvte-rt with the CPU runtime and its export, calibrate,
-# serve and dev extras. Safe to run again: it only installs what is missing.
+# serve, ray and dev extras. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -8,4 +8,4 @@ python=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # CPU torch first: a bare torch requirement can pull a multi-GB CUDA build.
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e ".[cpu,export,calibrate,serve,dev]"
+"${pip[@]}" -e ".[cpu,export,calibrate,serve,ray,dev]"

@@ -12,6 +12,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "export": ("torch", "transformers", "onnx", "onnxscript", "safetensors"),
     "calibrate": ("torch", "transformers", "onnx", "onnxscript", "safetensors", "matplotlib"),
     "serve": ("starlette", "uvicorn", "prometheus_client"),
+    "ray": ("ray", "starlette", "uvicorn", "prometheus_client"),
     "peers": ("onnxruntime_genai", "llama_cpp", "gguf"),
 }
 

@@ -32,6 +32,12 @@ class ServeConfig(RunnerConfig):
     header_timeout: float = 10.0  # seconds for a request's headers to arrive
     body_timeout: float = 60.0  # seconds for its body to arrive after them
     metrics_public: bool = False  # /metrics without the API key
+    ray: bool = False  # replicas on a Ray cluster (Ray Serve) instead of one process
+    replicas: int = 2  # with --ray: fixed replicas; 0: autoscale between 1 and --max-replicas
+    max_replicas: int = 4
+    ray_address: str | None = None  # None: start a local Ray instance; "auto": the running cluster
+    replica_cpus: float = 1.0  # CPUs Ray reserves per replica (its ONNX Runtime threads: --threads)
+    replica_gpus: float = 0.0  # GPUs per replica (1: each replica pinned to its own GPU)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -102,16 +108,36 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--metrics-public", action="store_true", help="serve /metrics without the API key (--api-key)"
     )
+    scale = parser.add_argument_group("scale-out on Ray Serve (pip install 'dyvte-rt[ray]')")
+    scale.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve replicas of the model on a Ray cluster behind the same routes, each with its own "
+        "engine; Ray Serve routes requests, checks each replica's health and restarts failed ones",
+    )
+    scale.add_argument(
+        "--replicas", type=int, metavar="N", help="replicas (0: autoscale on the requests each holds)"
+    )
+    scale.add_argument("--max-replicas", type=int, metavar="N", help="the most replicas autoscaling starts")
+    scale.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the cluster to join ('auto': the one `ray start` runs here; default: a local Ray started now)",
+    )
+    scale.add_argument("--replica-cpus", type=float, metavar="N", help="CPUs reserved per replica")
+    scale.add_argument(
+        "--replica-gpus", type=float, metavar="N", help="GPUs per replica (1 pins each to its own GPU)"
+    )
     use_config_defaults(parser, ServeConfig)
     parser.set_defaults(make_config=partial(config_from, ServeConfig), run=run)
 
 
 def run(config: ServeConfig) -> int:
-    require("serve", "dyvte-rt serve")
+    require("ray" if config.ray else "serve", "dyvte-rt serve --ray" if config.ray else "dyvte-rt serve")
+    if config.replicas < 1 and config.replicas != 0:
+        raise InputError(f"--replicas must be at least 1 (or 0 for autoscaling), not {config.replicas}")
     import uvicorn
 
-    from dyvte_rt.serving.app import ServerLimits, create_app
-    from dyvte_rt.serving.engine import BatchEngine
     from dyvte_rt.serving.timeouts import header_timeout_protocol
 
     for name in ("idle_timeout", "header_timeout", "body_timeout", "drain_seconds"):
@@ -119,18 +145,13 @@ def run(config: ServeConfig) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(config, name)}")
     if config.allow_local_images is not None and not config.allow_local_images.is_dir():
         raise InputError(f"--allow-local-images {config.allow_local_images} is not a directory")
+    if config.ray:
+        from dyvte_rt.serving.ray_serve import serve_on_ray
+
+        return serve_on_ray(config)
     with open_model(config) as model:
-        engine = BatchEngine(model, config.max_batch, config.max_queue, config.context)
-        limits = ServerLimits(
-            max_body_bytes=int(config.max_body_mb * 2**20),
-            max_image_memory=image_budget(config.max_image_mb),
-            allow_local_images=config.allow_local_images,
-            api_key=config.api_key,
-            metrics_public=config.metrics_public,
-            body_timeout=config.body_timeout,
-        )
-        name = config.model_name or model.bundle.path.resolve().name
-        app = create_app(model, engine, name, limits)
+        app, engine = build_app(config, model)
+        name = app.state.model_name
         print(
             f"serving {name} on http://{config.host}:{config.port}/v1 (batch {config.max_batch})",
             file=sys.stderr,
@@ -151,6 +172,26 @@ def run(config: ServeConfig) -> int:
         finally:
             engine.stop(timeout=config.drain_seconds)
     return 0
+
+
+def build_app(config: ServeConfig, model):
+    """The server's app and its engine over a loaded model (one process, or one Ray replica)."""
+    from dyvte_rt.serving.app import ServerLimits, create_app
+    from dyvte_rt.serving.engine import BatchEngine
+
+    engine = BatchEngine(model, config.max_batch, config.max_queue, config.context)
+    limits = ServerLimits(
+        max_body_bytes=int(config.max_body_mb * 2**20),
+        max_image_memory=image_budget(config.max_image_mb),
+        allow_local_images=config.allow_local_images,
+        api_key=config.api_key,
+        metrics_public=config.metrics_public,
+        body_timeout=config.body_timeout,
+    )
+    name = config.model_name or model.bundle.path.resolve().name
+    app = create_app(model, engine, name, limits)
+    app.state.model_name = name
+    return app, engine
 
 
 def image_budget(max_image_mb: float | None) -> int:

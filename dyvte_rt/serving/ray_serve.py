@@ -1,0 +1,138 @@
+"""Scale-out on Ray Serve: `dyvte-rt serve --ray` runs replicas of the server behind the same routes.
+
+Each replica is a Ray actor that loads the bundle and runs its own `BatchEngine` and the same
+Starlette app as `dyvte-rt serve` (every route, the web page included), mounted through Ray Serve's
+ASGI ingress; Ray Serve's HTTP proxy on --host:--port hands each request to a replica. Ray Serve
+does what a home-made balancer would not: it restarts a replica that dies, asks each replica's
+`check_health` every few seconds (a replica whose engine has stopped reports itself unhealthy and is
+replaced), and with `--replicas 0` autoscales between 1 and `--max-replicas` on the requests each
+replica holds — its engine's batch slots plus its queue — aiming at `--max-batch` per replica.
+Replicas are pinned to what Ray reserves for them: `--replica-cpus` CPUs (and as many ONNX Runtime
+threads unless --threads says otherwise) or `--replica-gpus 1`, one GPU each (Ray sets the visible
+device). Without `--ray-address` a local Ray instance is started for the server's lifetime;
+`--ray-address auto` joins the cluster `ray start` runs (docs/serving.md, *Scale-out*).
+
+`build` is the same deployment as a Ray Serve application builder, for `serve run` and KubeRay's
+Serve configs: `serve run dyvte_rt.serving.ray_serve:build bundle=DIR replicas=2 max_batch=8`.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import typing
+from dataclasses import fields, replace
+from pathlib import Path
+
+from dyvte_rt.bundle.locations import resolve_bundle
+from dyvte_rt.errors import InputError
+
+DEPLOYMENT = "dyvte"  # the Ray Serve application and deployment name
+HEALTH_PERIOD_S = 2.0
+
+
+def replica_class() -> type:
+    """The deployment's class (made on first use: ray is an optional extra)."""
+    from ray import serve
+
+    @serve.ingress()
+    class DyvteReplica:
+        """One replica: the bundle loaded, an engine, the server's app over them."""
+
+        def __init__(self, config) -> None:
+            from dyvte_rt.cli.common import open_model
+            from dyvte_rt.cli.serve import build_app
+
+            self.model = open_model(config)
+            self.server_app, self.engine = build_app(config, self.model)
+
+        def __serve_build_asgi_app__(self):
+            return self.server_app
+
+        def check_health(self) -> None:
+            """Ray Serve replaces a replica whose check raises."""
+            if self.engine.failure is not None:
+                raise RuntimeError(f"the engine has stopped ({self.engine.failure})")
+
+    return DyvteReplica
+
+
+def application(config):
+    """The Ray Serve application for `config` (a ServeConfig with ray=True)."""
+    from ray import serve
+
+    threads = config.threads or max(1, int(config.replica_cpus))
+    config = replace(config, bundle=resolve_bundle(config.bundle).resolve(), threads=threads)
+    options: dict = {
+        "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
+        "max_ongoing_requests": config.max_batch + config.max_queue,  # what one engine admits
+        "health_check_period_s": HEALTH_PERIOD_S,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": float(config.drain_seconds),
+    }
+    if config.replicas == 0:
+        options["autoscaling_config"] = {
+            "min_replicas": 1,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.max_batch,
+        }
+    else:
+        options["num_replicas"] = config.replicas
+    return serve.deployment(replica_class(), name=DEPLOYMENT, **options).bind(config)
+
+
+def serve_on_ray(config) -> int:
+    """Deploy, serve until SIGTERM or Ctrl-C, then shut the deployment (and a local Ray) down."""
+    import ray
+    from ray import serve
+
+    app = application(config)  # the bundle resolved (and a bad one refused) before Ray starts
+    ray.init(address=config.ray_address, include_dashboard=False, logging_level="WARNING")
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(app, name=DEPLOYMENT, route_prefix="/")
+        count = f"{config.replicas} replicas" if config.replicas else f"1-{config.max_replicas} replicas"
+        print(f"serving on http://{config.host}:{config.port}/v1 ({count} on Ray Serve)", file=sys.stderr)
+        stop.wait()
+    finally:
+        serve.delete(DEPLOYMENT)
+        if config.ray_address is None:
+            serve.shutdown()
+            ray.shutdown()
+    return 0
+
+
+def config_from_args(args: dict[str, str]):
+    """A ServeConfig from `serve run`'s key=value arguments (the command line's names, with _)."""
+    from dyvte_rt.cli.serve import ServeConfig
+
+    hints = typing.get_type_hints(ServeConfig)
+    known = {f.name for f in fields(ServeConfig)}
+    values: dict = {"ray": True}
+    for key, text in args.items():
+        name = key.replace("-", "_")
+        if name not in known or name == "ray":
+            raise InputError(
+                f"unknown server option {key!r}", hint=f"use one of {', '.join(sorted(known - {'ray'}))}"
+            )
+        kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
+        try:
+            if kind is bool:
+                if str(text).lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(text)
+                values[name] = str(text).lower() in ("1", "true", "yes")
+            else:
+                values[name] = Path(text) if kind is Path else kind(text)
+        except ValueError:
+            wanted = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, kind.__name__)
+            raise InputError(f"server option {key}={text!r} is not {wanted}") from None
+    return ServeConfig(**values)
+
+
+def build(args: dict[str, str]):
+    """Ray Serve's application builder: `serve run dyvte_rt.serving.ray_serve:build bundle=DIR ...`."""
+    return application(config_from_args(args))

@@ -1,0 +1,202 @@
+"""`dyvte-rt serve --ray` on a local Ray cluster the test starts (`ray start --head --num-cpus 2`):
+two replicas of the demo behind the server's routes answer as one server does; a replica killed
+while it serves fails its requests cleanly, the other replica serves on, and Ray Serve brings the
+killed one back."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.dyvte_rt.served import free_port, start_server
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = ROOT / "examples/three_shapes.png"
+QUESTIONS = [
+    "what color is the shape in the top left?",
+    "what shape is in the top right?",
+    "how many shapes are there?",
+    "where is the blue shape?",
+]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp = Path(f"/tmp/ray-test-{os.getpid()}")  # Ray's socket paths must stay short
+    port = free_port()
+    start = [RAY, "start", "--head", "--num-cpus", "2", "--include-dashboard=false", f"--port={port}",
+             f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served(cluster, demo_bundle):
+    process, url = start_server(
+        demo_bundle, "--ray", "--replicas", "2", "--replica-cpus", "1", "--ray-address", cluster,
+        "--max-batch", "2", "--max-queue", "8",
+    )  # fmt: skip
+    try:
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+
+
+def _ask(url: str, question: str, max_tokens: int = 16, **fields) -> dict:
+    import base64
+
+    image = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                             {"type": "text", "text": question}]}]  # fmt: skip
+    body = json.dumps({"messages": messages, "max_tokens": max_tokens, **fields}).encode()
+    request = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.load(reply)
+
+
+def _replicas() -> list[int]:
+    """PIDs of this machine's dyvte replica actors (Ray names their processes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ServeReplica:dyvte" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _wait_for(condition, timeout: float = 120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def test_two_replicas_answer_as_one_server_does(served, demo_bundle):
+    from dyvte_rt import DyvteModel
+
+    assert len(_wait_for(lambda: len(_replicas()) == 2 and _replicas())) == 2
+    with DyvteModel.load(demo_bundle) as model:
+        expected = [model.ask(IMAGE, q, max_new_tokens=16) for q in QUESTIONS]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda q: _ask(served, q), QUESTIONS * 2))
+    for reply, want in zip(replies, expected * 2, strict=True):
+        assert reply["choices"][0]["message"]["content"] == want.text
+        assert reply["dyvte"]["exit_layer"] == want.exit_layer
+    with urllib.request.urlopen(served + "/health", timeout=30) as health:
+        assert json.load(health)["status"] == "ok"
+    with urllib.request.urlopen(served + "/", timeout=30) as page:  # the web page comes through too
+        assert b"/web/app.js" in page.read()
+
+
+def _stream(url: str, question: str, started) -> str:
+    """One streamed answer to its end: "done" ([DONE] came), "cut" (the stream ended without it)
+    or the HTTP status it was refused with."""
+    import base64
+
+    image = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                             {"type": "text", "text": question}]}]  # fmt: skip
+    body = {"messages": messages, "max_tokens": 170, "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            started.release()
+            for line in reply:
+                if line.strip() == b"data: [DONE]":
+                    return "done"
+        return "cut"
+    except urllib.error.HTTPError as err:
+        started.release()
+        return str(err.code)
+    except OSError:  # the connection closed under it
+        started.release()
+        return "cut"
+
+
+def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(served):
+    import threading
+
+    before = _wait_for(lambda: len(_replicas()) == 2 and _replicas())
+    started = threading.Semaphore(0)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # 8 on each replica: 2 decoding, 6 queued
+        running = [pool.submit(_stream, served, QUESTIONS[i % 4], started) for i in range(16)]
+        assert started.acquire(timeout=120)  # the first answers stream
+        os.kill(before[0], signal.SIGKILL)
+        outcomes = [f.result(timeout=180) for f in running]  # each one ends: none hangs
+    failed = [o for o in outcomes if o != "done"]
+    assert failed and "done" in outcomes, outcomes  # the killed replica's failed, the other's finished
+    assert all(o == "cut" or o.startswith("5") for o in failed), outcomes
+    assert _ask(served, QUESTIONS[0])["choices"][0]["message"]["content"]  # new requests are served
+    after = _wait_for(lambda: len(_replicas()) == 2 and before[0] not in _replicas() and _replicas(), 180)
+    assert before[0] not in after  # Ray Serve started a new replica in its place
+    replies = [_ask(served, q) for q in QUESTIONS]
+    assert all(r["choices"][0]["message"]["content"] for r in replies)
+
+
+def test_serve_run_s_arguments_become_the_server_s_options(demo_bundle):
+    from dyvte_rt.errors import InputError
+    from dyvte_rt.serving.ray_serve import config_from_args
+
+    config = config_from_args(
+        {
+            "bundle": str(demo_bundle),
+            "replicas": "3",
+            "max-batch": "4",
+            "metrics_public": "true",
+            "api_key": "k",
+        }
+    )
+    assert config.ray and config.replicas == 3 and config.max_batch == 4 and config.metrics_public
+    assert config.bundle == demo_bundle and config.api_key == "k"
+    for bad, message in (
+        ({"replicas": "two"}, "replicas='two' is not an integer"),
+        ({"colour": "red"}, "unknown"),
+    ):
+        with pytest.raises(InputError, match=message):
+            config_from_args(bad)
+
+
+def test_a_bad_replica_count_is_one_line(demo_bundle):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dyvte_rt.cli",
+            "serve",
+            "--bundle",
+            str(demo_bundle),
+            "--ray",
+            "--replicas",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "--replicas must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,6 +1,7 @@
 """Qwen2.5-VL's vision tower at one image size: multiply-adds counted for the two forms of its
-windowed attention, and the vision graph of each given bundle run side by side (wall time, peak
-resident memory of a process that loads the bundle and runs only the vision graph).
+windowed attention, and the vision graph of each given bundle run side by side (wall time; resident
+memory of a process that loads the bundle, after loading and at its peak once it has run only the
+vision graph).
 
     python benchmarks/qwen_vision_cost.py --image 1280x720
     python benchmarks/qwen_vision_cost.py --image 1280x720 --bundle runs/qwen-slice4-bundle-masked \
@@ -73,14 +74,18 @@ def run_vision(bundle: str, width: int, height: int) -> dict:
 
     pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     with Bundle.open(bundle) as opened:
+        loaded = _status_gib("VmRSS")
         prepared = opened.family.prepare_image(Image.fromarray(pixels))
         feeds = {io_names.PIXEL_VALUES: prepared.pixel_values, **prepared.feeds}
         start = time.perf_counter()
         opened.backend.download(opened.sessions["vision"].run(feeds)[io_names.IMAGE_FEATURES])
         seconds = time.perf_counter() - start
+    return {"vision_s": seconds, "loaded_rss_gib": loaded, "peak_rss_gib": _status_gib("VmHWM")}
+
+
+def _status_gib(field: str) -> float:
     with open("/proc/self/status") as status:
-        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
-    return {"vision_s": seconds, "peak_rss_gib": peak}
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     for bundle, rows in runs.items():
         result["bundles"][bundle] = {
             "vision_s": statistics.median(r["vision_s"] for r in rows),
+            "loaded_rss_gib": max(r["loaded_rss_gib"] for r in rows),
             "peak_rss_gib": max(r["peak_rss_gib"] for r in rows),
             "runs": rows,
         }
@@ -123,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     for form in ("masked", "slots"):
         print(f"  {form:>6}: {counted.tflop(form):.2f} TFLOP")
     for bundle, row in result["bundles"].items():
-        print(f"  {bundle}: vision {row['vision_s']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB")
+        print(
+            f"  {bundle}: vision {row['vision_s']:.1f} s, resident {row['loaded_rss_gib']:.2f} GiB "
+            f"loaded, {row['peak_rss_gib']:.2f} GiB at the peak"
+        )
 
 
 if __name__ == "__main__":

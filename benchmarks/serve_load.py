@@ -13,6 +13,8 @@ resident memory after warm-up (two requests per client at the largest client cou
 
     python benchmarks/serve_load.py --bundle ~/.cache/dyvte-rt/demo-bundle --clients 8 --seconds 60 \
         --bad-per-second 1
+    python benchmarks/serve_load.py --bundle runs/demo-bundle --clients 8 --seconds 30 --threads 1 \
+        --serve-args "--ray --replicas 2 --replica-cpus 1"      # replicas on Ray Serve
 
 --bad-per-second R also sends R bad requests a second from one more client, in turn from a battery
 (broken JSON, wrong types, out-of-range values, unknown routes, images too wide, too big or not
@@ -27,6 +29,7 @@ import base64
 import concurrent.futures
 import itertools
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -56,6 +59,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--warmup-seconds", type=float, default=15.0)
     parser.add_argument("--bad-per-second", type=float, default=0.0, help="bad requests a second, too")
+    parser.add_argument(
+        "--serve-args", default="", help="more options for dyvte-rt serve, e.g. '--ray --replicas 2'"
+    )
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
     if (args.seconds is None) == (args.requests is None):
@@ -71,7 +77,13 @@ def main() -> int:
         "--port",
         str(args.port),
     ]
-    command += ["--max-batch", str(args.max_batch), "--threads", str(args.threads)]
+    command += [
+        "--max-batch",
+        str(args.max_batch),
+        "--threads",
+        str(args.threads),
+        *shlex.split(args.serve_args),
+    ]
     with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a chatty server never blocks
         server = subprocess.Popen(command, stderr=log, text=True)
         try:

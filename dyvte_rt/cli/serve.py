@@ -46,7 +46,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="an OpenAI-compatible local server (chat completions, streaming, metrics)",
         description="Serve a bundle over HTTP: POST /v1/chat/completions (OpenAI's chat format, with "
         "image_url parts as data: URIs and an extension field `exit`), GET /v1/models, /health and /metrics "
-        "(Prometheus), and a web page at / for trying the model by hand. Requests are decoded together in batches that new requests join between steps. Binds "
+        "(Prometheus), and a web page at / for trying the model by hand. Requests are decoded together "
+        "in batches that new requests join between steps; --ray serves replicas on Ray Serve. Binds "
         "127.0.0.1 unless --host says otherwise; SIGTERM stops accepting and finishes what is in flight.",
         formatter_class=HelpFormatter,
         parents=[bundle_options(), device_options()],

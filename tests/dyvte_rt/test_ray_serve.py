@@ -34,16 +34,21 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 @pytest.fixture(scope="module")
 def cluster():
+    """A one-machine cluster on a free local port, token authentication off for it and for the
+    server that joins it (Ray turns it on whenever ~/.ray/auth_token exists, which an earlier local
+    `ray.init()` leaves behind; the cluster and its clients must agree)."""
     temp = Path(f"/tmp/ray-test-{os.getpid()}")  # Ray's socket paths must stay short
     port = free_port()
     start = [RAY, "start", "--head", "--num-cpus", "2", "--include-dashboard=false", f"--port={port}",
              f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
-    subprocess.run(start, check=True, capture_output=True, timeout=120)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        subprocess.run(start, check=True, capture_output=True, timeout=120)
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

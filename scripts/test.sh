@@ -12,7 +12,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
         || { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null; }
 fi
 .venv/bin/ruff check .
-# two workers, each taking whole test files (a file's module fixtures are built once): about 10.5 min
+# two workers, each taking whole test files (a file's module fixtures are built once): about 19 min
 # on 2 cores from a fresh clone; checkpoints and bundles are built once and shared by both workers
 # (tests/artefacts.py), later runs of the same code reuse them from .pytest_cache/
 .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

@@ -1,8 +1,10 @@
 """`dyvte-rt serve` as a user starts it: a subprocess on a free local port, waited for until its
-/health answers (the server tests and the web page's browser test share it)."""
+/health answers, and the chat messages the tests send it (the server tests, the Ray Serve tests
+and the web page's browser test share them)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import subprocess
@@ -10,6 +12,31 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+IMAGE = Path(__file__).resolve().parents[2] / "examples/three_shapes.png"
+QUESTIONS = [
+    "what color is the shape in the top left?",
+    "what shape is in the top right?",
+    "how many shapes are there?",
+    "where is the blue shape?",
+]
+
+
+def data_uri(path: Path = IMAGE) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def messages(question: str, url: str | None = None) -> list[dict]:
+    """One user message: an image (the example's unless `url` says otherwise) and a question."""
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url or data_uri()}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
 
 
 def free_port() -> int:

@@ -19,16 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.dyvte_rt.served import free_port, start_server
+from tests.dyvte_rt.served import IMAGE, QUESTIONS, free_port, messages, start_server
 
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = ROOT / "examples/three_shapes.png"
-QUESTIONS = [
-    "what color is the shape in the top left?",
-    "what shape is in the top right?",
-    "how many shapes are there?",
-    "where is the blue shape?",
-]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -65,12 +57,7 @@ def served(cluster, demo_bundle):
 
 
 def _ask(url: str, question: str, max_tokens: int = 16, **fields) -> dict:
-    import base64
-
-    image = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                             {"type": "text", "text": question}]}]  # fmt: skip
-    body = json.dumps({"messages": messages, "max_tokens": max_tokens, **fields}).encode()
+    body = json.dumps({"messages": messages(question), "max_tokens": max_tokens, **fields}).encode()
     request = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as reply:
         return json.load(reply)
@@ -119,12 +106,7 @@ def test_two_replicas_answer_as_one_server_does(served, demo_bundle):
 def _stream(url: str, question: str, started) -> str:
     """One streamed answer to its end: "done" ([DONE] came), "cut" (the stream ended without it)
     or the HTTP status it was refused with."""
-    import base64
-
-    image = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                             {"type": "text", "text": question}]}]  # fmt: skip
-    body = {"messages": messages, "max_tokens": 170, "ignore_eos": True, "stream": True}
+    body = {"messages": messages(question), "max_tokens": 170, "ignore_eos": True, "stream": True}
     request = urllib.request.Request(
         url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )

@@ -1,6 +1,5 @@
 """`dyvte-rt serve` against a live server on 127.0.0.1 with the demo bundle."""
 
-import base64
 import concurrent.futures
 import json
 import os
@@ -15,16 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.dyvte_rt.served import IMAGE, QUESTIONS
+from tests.dyvte_rt.served import data_uri as _data_uri
+from tests.dyvte_rt.served import messages as _messages
 from tests.dyvte_rt.served import start_server as _start
 
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = ROOT / "examples/three_shapes.png"
-QUESTIONS = [
-    "what color is the shape in the top left?",
-    "what shape is in the top right?",
-    "how many shapes are there?",
-    "where is the blue shape?",
-]
 KEY = "test-key"
 
 
@@ -34,22 +28,6 @@ def server(demo_bundle):
     yield url
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
-
-
-def _data_uri(path: Path = IMAGE) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def _messages(question: str, url: str | None = None) -> list[dict]:
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url or _data_uri()}},
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
 
 
 def _post(

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.dyvte_rt.served import start_server
+from tests.dyvte_rt.served import IMAGE, start_server
 
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = ROOT / "examples/three_shapes.png"
 QUESTION = "what color is the shape in the top left?"
 WAIT = 60  # seconds for an answer on 2 busy cores
 

@@ -133,7 +133,8 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
             f"{run['errors']} errors, "
             f"{run['tokens_per_s']:.1f} tok/s together; TTFT p50 {run['ttft_ms_p50']:.0f} ms "
             f"p99 {run['ttft_ms_p99']:.0f} ms; gap between pieces p50 {run['gap_ms_p50']:.0f} ms "
-            f"p99 {run['gap_ms_p99']:.0f} ms; latency p50 {run['latency_ms_p50']:.0f} ms p99 "
+            f"p99 {run['gap_ms_p99']:.0f} ms; between tokens (server) p50 {run['token_gap_ms_p50']:.0f} ms "
+            f"p99 {run['token_gap_ms_p99']:.0f} ms; latency p50 {run['latency_ms_p50']:.0f} ms p99 "
             f"{run['latency_ms_p99']:.0f} ms"
             + (
                 f"; {run['bad']['sent']} bad requests, {run['bad']['wrong']} answered wrongly"
@@ -163,10 +164,12 @@ def _load(url: str, body: dict, clients: int, seconds: float | None, requests: i
             rows.append(_request(url, body))
         return rows
 
+    gaps_before = _token_gaps(url)
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         rows = [row for batch in pool.map(client, range(clients)) for row in batch]
     elapsed = time.perf_counter() - started
+    token_gaps = _token_gaps(url) - gaps_before
     ok = [r for r in rows if r["ok"]]
     ttft = [r["ttft_ms"] for r in ok]
     latency = [r["latency_ms"] for r in ok]
@@ -184,7 +187,42 @@ def _load(url: str, body: dict, clients: int, seconds: float | None, requests: i
         # between one streamed piece and the next of the same answer (others' prefills included)
         "gap_ms_p50": float(np.percentile(gaps, 50)) if gaps else float("nan"),
         "gap_ms_p99": float(np.percentile(gaps, 99)) if gaps else float("nan"),
+        # between one token and the next of the same request, as the server's engine saw them
+        # (its dyvte_inter_token_seconds histogram; text pieces may hold several tokens)
+        "token_gap_ms_p50": 1e3 * _quantile(token_gaps, 0.50),
+        "token_gap_ms_p99": 1e3 * _quantile(token_gaps, 0.99),
+        "token_gaps": int(token_gaps[-1]) if len(token_gaps) else 0,
     }
+
+
+GAP_METRIC = "dyvte_inter_token_seconds_bucket"
+
+
+def _token_gaps(url: str) -> np.ndarray:
+    """The server's cumulative inter-token histogram counts, by bucket (empty: no such metric)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+            text = response.read().decode()
+    except OSError:
+        return np.zeros(0)
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(GAP_METRIC)]
+    return np.array(counts)
+
+
+def _quantile(cumulative: np.ndarray, q: float) -> float:
+    """Prometheus' histogram_quantile: linear within the bucket that holds the q-th observation."""
+    from dyvte_rt.serving.metrics import GAP_BUCKETS
+
+    if not len(cumulative) or cumulative[-1] == 0:
+        return float("nan")
+    rank = q * cumulative[-1]
+    bucket = int(np.searchsorted(cumulative, rank))
+    if bucket >= len(GAP_BUCKETS):  # beyond the last bound (+Inf)
+        return float(GAP_BUCKETS[-1])
+    low = GAP_BUCKETS[bucket - 1] if bucket else 0.0
+    below = cumulative[bucket - 1] if bucket else 0.0
+    inside = cumulative[bucket] - below
+    return low + (GAP_BUCKETS[bucket] - low) * ((rank - below) / inside if inside else 0.0)
 
 
 def _request(url: str, body: dict) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from dyvte_rt.runtime.batch import Slot
 
@@ -35,6 +35,7 @@ class Answer:
     visual_tokens_kept: int = 0  # visual tokens left after the prune (all of them without one)
     pruned_after_layer: int | None = None  # the layer a prune followed (-1: the input embeddings)
     kept_visual: list[int] | None = None  # the visual tokens (0..V-1) that stayed, sorted
+    token_gaps_ms: list[float] = field(default_factory=list)  # from each token to the next
 
     @property
     def answer(self) -> str:
@@ -86,6 +87,7 @@ class Answer:
             visual_tokens_kept=prefill.visual_tokens_kept,
             pruned_after_layer=prefill.pruned_after_layer,
             kept_visual=list(prefill.kept_visual) if prefill.kept_visual is not None else None,
+            token_gaps_ms=list(state.token_gaps_ms),
         )
 
 

@@ -21,6 +21,7 @@ class ServeConfig(RunnerConfig):
     port: int = 8000
     max_batch: int = 8
     max_queue: int = 64
+    prefill_chunk: int = 128  # a longer prompt's prefill goes through each segment this many tokens at a time
     context: int | None = None  # None: the model's context, at most 2048, per request
     api_key: str | None = None
     allow_local_images: Path | None = None
@@ -56,6 +57,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, help="TCP port")
     parser.add_argument("--max-batch", type=int, metavar="N", help="requests decoded together")
     parser.add_argument("--max-queue", type=int, metavar="N", help="requests waiting for a slot before 503s")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="TOKENS",
+        help="prefills run a step at a time between decode steps: a prompt longer than TOKENS goes "
+        "through each segment TOKENS at a time (like chunked prefill in vLLM, or llama.cpp's "
+        "--ubatch-size), so running streams keep their pace; 0: a segment at a time",
+    )
     parser.add_argument(
         "--context",
         type=int,
@@ -180,7 +189,7 @@ def build_app(config: ServeConfig, model):
     from dyvte_rt.serving.app import ServerLimits, create_app
     from dyvte_rt.serving.engine import BatchEngine
 
-    engine = BatchEngine(model, config.max_batch, config.max_queue, config.context)
+    engine = BatchEngine(model, config.max_batch, config.max_queue, config.context, config.prefill_chunk)
     limits = ServerLimits(
         max_body_bytes=int(config.max_body_mb * 2**20),
         max_image_memory=image_budget(config.max_image_mb),

@@ -136,6 +136,8 @@ class DecodeState:
         self.started_at = time.perf_counter() if started_at is None else started_at
         self.preprocess_ms = preprocess_ms
         self.first_token_at: float | None = None
+        self.token_gaps_ms: list[float] = []  # between each token and the next (a stream's pace)
+        self._last_token_at: float | None = None
         self.finished_at: float | None = None
         self.costs = Costs()
         self._unread: list[str] = []
@@ -161,6 +163,9 @@ class DecodeState:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
+        else:
+            self.token_gaps_ms.append(1e3 * (now - self._last_token_at))
+        self._last_token_at = now
         self.tokens.append(token)
         if token in self.rule.eos and not self.rule.ignore_eos:
             self._end(FINISH_STOP, now)

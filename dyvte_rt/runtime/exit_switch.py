@@ -69,6 +69,10 @@ class ExitSwitch:
             for row, sample in enumerate(ids):
                 self._pool[row, : len(sample)] = router_pool(sample, image, graphs.dtype)[0]
 
+    def needs_scores(self, layer: int) -> bool:
+        """Whether a FastV prune may come after `layer`: it ranks with the segment's scores."""
+        return any(p.active and p.method == "fastv" and p.layer == layer for p in self.prunes)
+
     def visual_rows(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample b's rows that hold visual tokens now, and which visual token (0..V-1) each holds."""
         if self.exit_layers[b] is not None:

@@ -19,12 +19,14 @@ Host transfers are the token ids, position ids, per-segment KV lengths, the rout
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from dyvte_rt.bundle import io_names as names
 from dyvte_rt.bundle.loaded import Bundle, as_runtime_error
+from dyvte_rt.bundle.manifest import SegmentInfo
 from dyvte_rt.errors import InputError, PolicyError
 from dyvte_rt.inputs.preprocess import PreparedImage
 from dyvte_rt.runtime.compute import DecoderDims, PrefillMacs, layer_macs, prefill_macs
@@ -144,6 +146,17 @@ class Pipeline:
     def prefill_batch(self, requests: list[PrefillRequest], cache: KVCache) -> BatchPrefill:
         """Several prompts at once, padded on the right, each exiting at its own layer; row b of
         `cache` receives request b."""
+        return run_to_end(self.prefill_steps(requests, cache))
+
+    def prefill_steps(
+        self, requests: list[PrefillRequest], cache: KVCache, chunk: int | None = None
+    ) -> PrefillSteps:
+        """`prefill_batch` a step at a time: the generator yields after the vision graph, the
+        embeddings and each segment (each `chunk` prompt tokens of a segment, for a single prompt
+        longer than that, unless FastV prunes after the segment: its scores need the whole pass),
+        and returns the BatchPrefill. A server decodes its running requests
+        between the steps; the work and every result are those of `prefill_batch` (a chunk attends
+        to the chunks before it through the KV cache, as a conversation's later turn does)."""
         for request in requests:
             self.check_policy(request.policy)
             self.check_prune(request.prune)
@@ -163,12 +176,11 @@ class Pipeline:
                 raise InputError(
                     f"the prompt has {visual} image tokens but the image gives {request.image.visual_tokens}"
                 )
+        busy = _BusyClock()
         try:
-            started = time.perf_counter()
             features, deepstack_levels = self._vision_batch(requests, n_visual)
-            vision_ms = 1e3 * (time.perf_counter() - started)
-            vision_ms += sum(r.image.encoded_ms for r in requests if r.image is not None)
-            started = time.perf_counter()
+            vision_ms = busy.lap_ms() + sum(r.image.encoded_ms for r in requests if r.image is not None)
+            yield from busy.paused()
             feeds = {names.INPUT_IDS: padded, names.IMAGE_FEATURES: features}
             hidden = self._run("embed", feeds)[names.INPUT_EMBEDS]
             positions = self._prompt_positions(requests, ids, padded.shape[1], cache)  # [B, S] or [3, B, S]
@@ -181,13 +193,15 @@ class Pipeline:
                 )
             if switch is not None:  # DART on the input embeddings
                 hidden, positions, valid = switch(None, hidden, positions, valid)
-            hidden, positions, valid, padded_macs = self._segments(
-                hidden, positions, valid, cache, switch, deepstack
+            yield from busy.paused()
+            chunk = chunk if batch == 1 and chunk and chunk < padded.shape[1] else None
+            hidden, positions, valid, padded_macs = yield from self._segment_steps(
+                hidden, positions, valid, cache, switch, deepstack, chunk, busy
             )
             logits = self._head(hidden, valid)  # [B, vocab]
         except BackendError as err:
             raise as_runtime_error(err) from None
-        prefill_ms = 1e3 * (time.perf_counter() - started)
+        prefill_ms = busy.lap_ms()
         results = []
         for row in range(batch):
             exit_layer = switch.exit_layers[row] if switch is not None else None
@@ -274,38 +288,103 @@ class Pipeline:
         valid: np.ndarray,
         cache: KVCache,
         switch: ExitSwitch | None,
-        deepstack: DeepStackAdder | None = None,
     ) -> tuple[Value, np.ndarray, np.ndarray, int]:
-        """The one segment loop, for prefill and decode alike; `switch` may drop tokens after a
-        segment, `deepstack` add a DeepStack level before it does. `valid` [B]: each row's real
-        tokens (the rest is padding). Returns the hidden state, positions and valid counts after the
-        last segment, and the multiply-adds computed."""
+        """Every segment at once (a decode step, a later turn's tokens)."""
+        return run_to_end(self._segment_steps(hidden, positions, valid, cache, switch))
+
+    def _segment_steps(
+        self,
+        hidden: Value,
+        positions: np.ndarray,
+        valid: np.ndarray,
+        cache: KVCache,
+        switch: ExitSwitch | None,
+        deepstack: DeepStackAdder | None = None,
+        chunk: int | None = None,
+        busy: _BusyClock | None = None,
+    ) -> Generator[None, None, tuple[Value, np.ndarray, np.ndarray, int]]:
+        """The one segment loop, for prefill and decode alike, yielding after each segment (with
+        `chunk`, a single sample's tokens go through a segment `chunk` at a time, yielding after each);
+        `switch` may drop tokens after a segment, `deepstack` add a DeepStack level before it does.
+        `valid` [B]: each row's real tokens (the rest is padding). Returns the hidden state,
+        positions and valid counts after the last segment, and the multiply-adds computed."""
+        busy = busy if busy is not None else _BusyClock()
         position_value = self.backend.upload(positions)
         computed = 0
         for segment in self.segments:
-            layers = range(segment.first_layer, segment.last_layer + 1)
-            held = cache.lengths[:, layers.start].copy()  # [B] rows each sample held before this step
-            feeds = {
-                names.HIDDEN_IN: hidden,
-                names.POSITION_IDS: position_value,
-                **cache.feeds(layers, valid),
-            }
-            if segment.prune_scores:
-                feeds[names.LAST_INDEX] = valid - 1
-            out = self.sessions[segment.graph].run(feeds, into=cache.outputs(layers))
-            cache.update(layers, valid, out)
-            rows, length = positions.shape[-2:]
-            computed += len(layers) * rows * layer_macs(length, self.decoder_dims, int(held.max()) + length)
-            hidden = out[names.HIDDEN_OUT]
+            scores_needed = switch is not None and switch.needs_scores(segment.last_layer)
+            if chunk is not None and not scores_needed and int(valid[0]) > chunk:
+                hidden, macs = yield from self._segment_in_chunks(
+                    segment, hidden, positions, int(valid[0]), cache, chunk, busy
+                )
+                scores = None
+            else:
+                out, macs = self._segment_whole(segment, hidden, position_value, positions, valid, cache)
+                hidden, scores = out[names.HIDDEN_OUT], out.get(names.PRUNE_SCORES)
+            computed += macs
             if deepstack is not None:
                 hidden = deepstack(segment.last_layer, hidden, positions.shape[-1], switch)
             if switch is not None:
                 before = positions
-                scores = out.get(names.PRUNE_SCORES)
                 hidden, positions, valid = switch(segment, hidden, positions, valid, scores)
                 if positions is not before:  # a sample exited: its rows moved, whatever the padded length
                     position_value = self.backend.upload(positions)
+            yield from busy.paused()
         return hidden, positions, valid, computed
+
+    def _segment_whole(
+        self,
+        segment: SegmentInfo,
+        hidden: Value,
+        position_value: Value,
+        positions: np.ndarray,
+        valid: np.ndarray,
+        cache: KVCache,
+    ) -> tuple[dict[str, Value], int]:
+        """Every row's tokens through `segment` in one call -> its outputs and the multiply-adds."""
+        layers = range(segment.first_layer, segment.last_layer + 1)
+        held = cache.lengths[:, layers.start].copy()  # [B] rows each sample held before this step
+        feeds = {names.HIDDEN_IN: hidden, names.POSITION_IDS: position_value, **cache.feeds(layers, valid)}
+        if segment.prune_scores:
+            feeds[names.LAST_INDEX] = valid - 1
+        out = self.sessions[segment.graph].run(feeds, into=cache.outputs(layers))
+        cache.update(layers, valid, out)
+        rows, length = positions.shape[-2:]
+        return out, len(layers) * rows * layer_macs(length, self.decoder_dims, int(held.max()) + length)
+
+    def _segment_in_chunks(
+        self,
+        segment: SegmentInfo,
+        hidden: Value,
+        positions: np.ndarray,
+        length: int,
+        cache: KVCache,
+        chunk: int,
+        busy: _BusyClock,
+    ) -> Generator[None, None, tuple[Value, int]]:
+        """One sample's `length` tokens through `segment`, `chunk` at a time: each chunk attends to the
+        keys and values the chunks before it wrote, so the outputs are the whole pass's. The hidden
+        state is cut and joined on the host (the cost of chunking)."""
+        layers = range(segment.first_layer, segment.last_layer + 1)
+        states = self.backend.download(hidden)  # [1, S, D]
+        outputs, computed = [], 0
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            held = int(cache.lengths[0, layers.start])
+            feeds = {
+                names.HIDDEN_IN: self.backend.upload(np.ascontiguousarray(states[:, start:stop])),
+                names.POSITION_IDS: self.backend.upload(np.ascontiguousarray(positions[..., start:stop])),
+                **cache.feeds(layers, stop - start),
+            }
+            if segment.prune_scores:  # an input the graph has; its scores are not needed here
+                feeds[names.LAST_INDEX] = np.array([stop - start - 1], dtype=np.int64)
+            out = self.sessions[segment.graph].run(feeds, into=cache.outputs(layers))
+            cache.update(layers, stop - start, out)
+            computed += len(layers) * layer_macs(stop - start, self.decoder_dims, held + stop - start)
+            outputs.append(self.backend.download(out[names.HIDDEN_OUT]))
+            if stop < length:
+                yield from busy.paused()
+        return self.backend.upload(np.concatenate(outputs, axis=1)), computed
 
     def _vision_batch(
         self, requests: list[PrefillRequest], n_visual: list[int]
@@ -383,3 +462,35 @@ class Pipeline:
 
     def _run(self, graph: str, feeds: dict) -> dict[str, Value]:
         return self.sessions[graph].run(feeds)
+
+
+PrefillSteps = Generator[None, None, BatchPrefill]
+
+
+def run_to_end(steps: Generator):
+    """Run a generator of steps through and return what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+class _BusyClock:
+    """Time a prefill spends computing, not the time it waits between its steps."""
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+        self._ms = 0.0
+
+    def lap_ms(self) -> float:
+        """Busy time since the last lap (resets)."""
+        now = time.perf_counter()
+        ms, self._ms, self._since = self._ms + 1e3 * (now - self._since), 0.0, now
+        return ms
+
+    def paused(self) -> Generator[None, None, None]:
+        """Yield once, not counting the time until resumed."""
+        self._ms += 1e3 * (time.perf_counter() - self._since)
+        yield
+        self._since = time.perf_counter()

@@ -300,7 +300,12 @@ class _Api:
         # decoding the image, preparing it and tokenising run on a worker thread: the event loop
         # (other streams, /health) carries on meanwhile
         loop = asyncio.get_running_loop()
-        ids, prepared, preprocess_ms = await loop.run_in_executor(self.preparer, self._prepare, chat.messages)
+        arrived = time.perf_counter()
+        ids, prepared = await loop.run_in_executor(self.preparer, self._prepare, chat.messages)
+        # the request's TTFT counts from here: waiting for the preparing thread (one image at a time)
+        # and preparing the image are its preprocess time, the vision graph its encoding time
+        encoded_ms = prepared.encoded_ms if prepared is not None else 0.0
+        preprocess_ms = 1e3 * (time.perf_counter() - arrived) - encoded_ms
         try:
             rule = self.model.stop_rule(chat.new_tokens, chat.stops, chat.ignore_eos)
         except DyvteError as err:
@@ -314,13 +319,11 @@ class _Api:
         return request, events
 
     def _prepare(self, messages: list[Message]):
-        """Messages -> (prompt ids, prepared and encoded image or None, preparation ms), on a worker
-        thread: the image goes through the vision graph here, while the engine thread decodes."""
+        """Messages -> (prompt ids, prepared and encoded image or None), on a worker thread: the
+        image goes through the vision graph here, while the engine thread decodes."""
         turns, image = self._conversation(messages)
         try:
-            started = time.perf_counter()
             prepared = None if image is None else self.model.family.prepare_image(image)
-            preprocess_ms = 1e3 * (time.perf_counter() - started)
             visual = None if prepared is None else prepared.visual_tokens
             ids = self.model.prompts.encode_turns(turns, with_image=image is not None, visual_tokens=visual)
         except DyvteError as err:
@@ -330,7 +333,7 @@ class _Api:
                 prepared = self.model.pipeline.encode_image(prepared)
             except DyvteError as err:  # the backend failed: ours, not the client's
                 raise ApiError(500, err.one_line(), "server_error", "internal_error") from None
-        return ids, prepared, preprocess_ms
+        return ids, prepared
 
     def _conversation(
         self, messages: list[Message]

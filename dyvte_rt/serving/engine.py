@@ -2,11 +2,17 @@
 
 One thread owns the model and a `DecodeBatch` of `max_batch` slots (rows of one KV cache). Images
 come encoded (the server runs the vision graph on its preparing thread, so decode steps go on
-meanwhile). Requests waiting when slots are free are prefilled into them — each deciding its own
-exit, as a single request does; requests that start together share one prefill call — and then
-decode with every other active slot in one graph call per step. A finished, cancelled or
-disconnected request frees its slot at once. Every slot's tokens equal what the request would get
-alone.
+meanwhile). Requests waiting when slots are free start their prefill into them at once — each
+deciding its own exit, as a single request does; short prompts that start together share one
+prefill call, a prompt longer than `prefill_chunk` tokens goes through each segment that many
+tokens at a time — and then decode with every other active slot in one graph call per step.
+
+Prefills do not run whole: the engine alternates one decode step of the running requests with one
+step (a segment, or a chunk of one) of a prefill in progress, taking the prefills in turn. So a
+stream's gap between tokens stays about a decode step plus a prefill step, and a request's first
+token waits for its own prefill's steps and a share of the others', not for every prefill queued
+before it. A finished, cancelled or disconnected request frees its slot at once. Every slot's
+tokens equal what the request would get alone.
 
 Events go back to the caller through `emit(kind, payload)`, called on the engine thread: ("piece",
 text), then ("done", Answer) or ("error", DyvteError).
@@ -34,7 +40,7 @@ from dyvte_rt.api.answer import Answer
 from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.errors import DyvteError, InputError
 from dyvte_rt.inputs.preprocess import PreparedImage
-from dyvte_rt.runtime.batch import DecodeBatch
+from dyvte_rt.runtime.batch import DecodeBatch, StartingPrefill
 from dyvte_rt.runtime.decoding import FINISH_CANCELLED, DecodeState, StopRule
 from dyvte_rt.runtime.pipeline import PrefillRequest
 from dyvte_rt.runtime.policy import ExitPolicy
@@ -77,22 +83,41 @@ class ServeRequest:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
+class _Starting:
+    """A prefill in progress and the requests it starts, by slot."""
+
+    prefill: StartingPrefill
+    requests: dict[int, ServeRequest]
+
+    def waiting(self) -> list[tuple[int, ServeRequest]]:
+        """The slots and requests not prefilled yet."""
+        return [(slot, self.requests[slot]) for slot, _, _ in self.prefill.waiting]
+
+
 class BatchEngine:
     def __init__(
-        self, model: DyvteModel, max_batch: int = 8, max_queue: int = 64, context: int | None = None
+        self,
+        model: DyvteModel,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        context: int | None = None,
+        prefill_chunk: int = 128,
     ) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise InputError("--max-batch must be at least 1 and --max-queue at least 0")
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 0:
+            raise InputError("--max-batch must be at least 1, --max-queue and --prefill-chunk at least 0")
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk or None  # 0: each segment's prefill in one call
         self.context = min(context or 2048, model.manifest.dims.max_positions)
         self.batch = DecodeBatch(model.pipeline, model.pipeline.new_cache(self.context, batch=max_batch))
         self.requests: dict[int, ServeRequest] = {}  # slot -> request
         self.queue: collections.deque[ServeRequest] = collections.deque()
+        self._prefills: collections.deque[_Starting] = collections.deque()  # taken in turn
         self._wake = threading.Condition()
         self._stopping = False
-        self._starting = 0  # taken off the queue, being prefilled: they count against the bound
+        self._starting = 0  # requests taken off the queue, being prefilled
         self.failure: str | None = None  # why the engine thread stopped, if it did
         self.on_finished: Callable[[ServeRequest, Answer], None] | None = None  # metrics hooks
         self.on_cancelled: Callable[[ServeRequest], None] | None = None
@@ -106,7 +131,8 @@ class BatchEngine:
 
     @property
     def active(self) -> int:
-        return len(self.requests)
+        """Requests being served: decoding, or prefilling into their slots."""
+        return len(self.requests) + self._starting
 
     def submit(self, request: ServeRequest) -> None:
         room = self.context - request.prompt_ids.shape[0]
@@ -119,10 +145,9 @@ class BatchEngine:
         with self._wake:
             if self.failure is not None:
                 raise EngineDown(f"the engine has stopped ({self.failure})", hint="restart the server")
-            held = len(self.queue) + self._starting + self.active
-            if held >= self.max_queue + self.max_batch:
+            if len(self.queue) + self.active >= self.max_queue + self.max_batch:
                 raise QueueFullError(
-                    f"{self.active + self._starting} requests are being served and {len(self.queue)} wait",
+                    f"{self.active} requests are being served and {len(self.queue)} wait",
                     hint="retry later",
                 )
             self.queue.append(request)
@@ -151,12 +176,16 @@ class BatchEngine:
                     if self.on_step is not None:
                         self.on_step(self.batch.active)
                     self._step()
+                self._advance_prefill()
         except BaseException as err:  # the engine itself broke: say so, fail everyone, refuse more
             with self._wake:
                 self.failure = f"{type(err).__name__}: {err}"[:300]
                 waiting, self.queue = list(self.queue), collections.deque()
+                starting = [r for s in self._prefills for _, r in s.waiting()]
+                self._prefills.clear()
+                self._starting = 0
             down = EngineDown(f"the engine has stopped ({self.failure})", hint="restart the server")
-            for request in [*self.requests.values(), *waiting]:
+            for request in [*self.requests.values(), *starting, *waiting]:
                 request.emit("error", down)
             self.requests.clear()
 
@@ -174,43 +203,67 @@ class BatchEngine:
         self._report(finished)
 
     def _admit(self) -> None:
-        """Prefill the waiting requests that fit into free slots, together."""
+        """Begin the prefill of the waiting requests that fit into free slots: the short ones
+        together, each long one (chunked) alone."""
         with self._wake:
-            starting = []
+            taken = []
             for slot in self.batch.free_slots():
                 while self.queue and self.queue[0].cancelled.is_set():
                     self.queue.popleft()
                 if not self.queue:
                     break
-                starting.append((slot, self.queue.popleft()))
-            self._starting = len(starting)
-        if not starting:
-            return
-        try:
-            entries = [(slot, self._prefill_request(r), self._state(r)) for slot, r in starting]
-            self.batch.prefill(entries)
-            self.requests.update(dict(starting))
-        except Exception as err:
-            for slot, _ in starting:
-                self._release_if_taken(slot)
-            if len(starting) == 1:
-                starting[0][1].emit("error", _failed(err, "the prefill"))
-            else:
-                for slot, request in starting:  # one at a time: only the request at fault fails
-                    self._start_alone(slot, request)
-        finally:
-            with self._wake:
-                self._starting = 0
-        self._report([])
+                taken.append((slot, self.queue.popleft()))
+            self._starting += len(taken)
+        chunked = [(slot, r) for slot, r in taken if self._chunked(r)]
+        together = [(slot, r) for slot, r in taken if not self._chunked(r)]
+        for group in ([together] if together else []) + [[entry] for entry in chunked]:
+            self._begin(group)
 
-    def _start_alone(self, slot: int, request: ServeRequest) -> None:
+    def _chunked(self, request: ServeRequest) -> bool:
+        return self.prefill_chunk is not None and request.prompt_ids.shape[0] > self.prefill_chunk
+
+    def _begin(self, group: list[tuple[int, ServeRequest]]) -> None:
         try:
-            self.batch.prefill([(slot, self._prefill_request(request), self._state(request))])
+            entries = [(slot, self._prefill_request(r), self._state(r)) for slot, r in group]
+            prefill = self.batch.begin(entries, self.prefill_chunk)
         except Exception as err:
-            self._release_if_taken(slot)
-            request.emit("error", _failed(err, "the prefill"))
+            self._fail_starting([r for _, r in group], _failed(err, "the prefill"))
             return
-        self.requests[slot] = request
+        self._prefills.append(_Starting(prefill, dict(group)))
+
+    def _advance_prefill(self) -> None:
+        """One step of the prefill whose turn it is; the requests it finishes start decoding. If
+        it fails, a lone request gets the error and a group's requests start again one by one
+        (only the request at fault fails)."""
+        if not self._prefills:
+            return
+        current = self._prefills[0]
+        waiting = current.waiting()
+        try:
+            started = current.prefill.advance()
+        except Exception as err:
+            self._prefills.popleft()
+            if len(waiting) == 1:
+                self._fail_starting([waiting[0][1]], _failed(err, "the prefill"))
+            else:
+                for entry in waiting:
+                    self._begin([entry])
+            return
+        if started:
+            with self._wake:
+                self._starting -= len(started)
+                self.requests.update({slot: current.requests[slot] for slot in started})
+            self._report([])
+        if current.prefill.done:
+            self._prefills.popleft()
+        else:
+            self._prefills.rotate(-1)  # the next prefill's turn
+
+    def _fail_starting(self, requests: list[ServeRequest], error: DyvteError) -> None:
+        with self._wake:
+            self._starting -= len(requests)
+        for request in requests:
+            request.emit("error", error)
 
     def _prefill_request(self, request: ServeRequest) -> PrefillRequest:
         return PrefillRequest(request.prompt_ids, request.image, request.policy, request.prune)
@@ -231,6 +284,16 @@ class BatchEngine:
         for slot, request in list(self.requests.items()):
             if request.cancelled.is_set():
                 self.batch.cancel(slot)
+        for current in list(self._prefills):  # a prefill all of whose requests left stops
+            waiting = [request for _, request in current.waiting()]
+            if waiting and all(r.cancelled.is_set() for r in waiting):
+                current.prefill.abandon()
+                self._prefills.remove(current)
+                with self._wake:
+                    self._starting -= len(waiting)
+                for request in waiting:
+                    if self.on_cancelled is not None:
+                        self.on_cancelled(request)
         self._report([])
 
     def _report(self, finished: list[int]) -> None:

@@ -4,6 +4,7 @@ one prefill of the whole conversation."""
 
 import queue
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,10 +74,12 @@ def test_a_batch_with_mixed_images_exits_and_lengths_equals_single_answers(case,
     assert together[3].exit_layer is None and together[1].exit_layer == 1
 
 
-def test_the_engine_answers_requests_joining_a_running_batch_as_alone(case, model, image_files):
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_the_engine_answers_requests_joining_a_running_batch_as_alone(case, model, image_files, chunk):
     """Three requests on two slots: the third joins when the first leaves. The first and third come
-    with their images encoded before they are queued (as the server encodes them), the second not:
-    the first two share a prefill."""
+    with their images encoded before they are queued (as the server encodes them), the second not.
+    Prefills run a step at a time between decode steps: a segment at a time (chunk 0; the first two
+    share a prefill), or 5 prompt tokens at a time, each prompt alone."""
     from dyvte_rt.serving.engine import BatchEngine, ServeRequest
 
     if "inplace" not in case.kv_flavours:
@@ -85,7 +88,7 @@ def test_the_engine_answers_requests_joining_a_running_batch_as_alone(case, mode
         return
     items = _questions(image_files)[:3]
     alone = [model.ask(i, q, exit=e, max_new_tokens=MAX_NEW) for i, q, e in items]
-    engine = BatchEngine(model, max_batch=2, max_queue=4, context=256)
+    engine = BatchEngine(model, max_batch=2, max_queue=4, context=256, prefill_chunk=chunk)
     events = [queue.Queue() for _ in items]
     try:
         for index, ((image, question, exit), sink) in enumerate(zip(items, events, strict=True)):
@@ -112,6 +115,52 @@ def test_the_engine_answers_requests_joining_a_running_batch_as_alone(case, mode
             assert "".join(pieces) == done.text == single.text
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("exit", "prune"),
+    [
+        ("never", "none"),
+        ("layer:1", "none"),
+        ("router", "none"),
+        ("never", "fastv:1:0.5"),
+        ("layer:2", "dart:-1:0.5"),
+    ],
+)
+def test_a_prefill_in_chunks_equals_the_whole_prefill(model, image_files, exit, prune):
+    """A prompt through each segment 5 tokens at a time (what the server does with long prompts):
+    the same exit, pruning, router probabilities, logits and KV cache as one call per segment."""
+    from dyvte_rt.runtime.pipeline import PrefillRequest
+
+    pipeline = model.pipeline
+    image = model.prepare_image(next(iter(image_files.values())))
+    ids = model.prompts.encode(QUESTION, visual_tokens=image.visual_tokens)[0]
+    request = PrefillRequest(ids, image, model.policy(exit, threshold=0.5), model.prune_policy(prune))
+    whole_cache, chunked_cache = (pipeline.new_cache(len(ids) + 4) for _ in range(2))
+    whole = pipeline.prefill_batch([request], whole_cache).results[0]
+    steps, count = pipeline.prefill_steps([request], chunked_cache, chunk=5), 0
+    while True:  # each step is one yield of the generator
+        try:
+            next(steps)
+            count += 1
+        except StopIteration as done:
+            chunked = done.value.results[0]
+            break
+    assert count > len(pipeline.segments) + 2  # vision, embeddings, and more than one step a segment
+    assert chunked.exit_layer == whole.exit_layer and chunked.kept_visual == whole.kept_visual
+    assert (whole.kept_visual is not None) == (prune != "none")
+    assert chunked.exit_probs == pytest.approx(whole.exit_probs, abs=1e-5)
+    np.testing.assert_allclose(chunked.logits, whole.logits, rtol=1e-4, atol=1e-4)
+    assert (chunked_cache.lengths == whole_cache.lengths).all()
+    for key, value in _kv_values(whole_cache).items():
+        held = int(whole_cache.lengths[0, key[0]])
+        expected = pipeline.backend.download(value)[..., :held, :]
+        got = pipeline.backend.download(_kv_values(chunked_cache)[key])[..., :held, :]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _kv_values(cache) -> dict:
+    return cache.buffers if hasattr(cache, "buffers") else cache.values
 
 
 @pytest.mark.parametrize("exit", ["never", "layer:1"])

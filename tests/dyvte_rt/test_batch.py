@@ -83,3 +83,43 @@ def test_a_finished_answer_leaves_the_batch(bundles, sample_image, monkeypatch):
 def test_batches_need_the_inplace_flavour(concat_bundles, sample_image):
     with DyvteModel.load(concat_bundles["qwen2"]) as model, pytest.raises(InputError, match="in-place KV"):
         model.ask_batch([(sample_image, "a?"), (sample_image, "b?")])
+
+
+def test_a_prefill_run_a_step_at_a_time_leaves_its_rows_to_it_while_others_decode(
+    bundles, sample_image, monkeypatch
+):
+    """Row 1 decodes while row 0, below it, is prefilled 4 tokens at a time: decode steps leave row 0
+    out (the step's call covers row 1 alone), and both answers equal the answers alone."""
+    from dyvte_rt.runtime.batch import DecodeBatch
+
+    with DyvteModel.load(bundles["llama-gqa"]) as model:
+        alone = [
+            model.ask(sample_image, q, exit=e, max_new_tokens=8, ignore_eos=True)
+            for q, e in ((QUESTIONS[0], "layer:1"), (QUESTIONS[2], "never"))
+        ]
+        rule = model.stop_rule(8, ignore_eos=True)
+        entries = [
+            (slot, *model._request(sample_image, q, e, None, rule, None, None))
+            for slot, (q, e) in ((1, (QUESTIONS[0], "layer:1")), (0, (QUESTIONS[2], "never")))
+        ]
+        batch = DecodeBatch(model.pipeline, model.pipeline.new_cache(128, batch=3))
+        batch.prefill(entries[:1])
+        rows = []
+        forward = model.pipeline.forward_tokens
+        monkeypatch.setattr(
+            model.pipeline, "forward_tokens", lambda t, p, c: rows.append(c.batch) or forward(t, p, c)
+        )
+        starting = batch.begin(entries[1:], chunk=4)
+        assert batch.free_slots() == [2]  # row 0 is held
+        steps = 0
+        while not starting.done:
+            starting.advance()
+            if not starting.done:
+                batch.step()
+                steps += 1
+        assert steps > len(model.pipeline.segments) + 2  # vision, embeddings, segments in chunks
+        assert rows == [1] * 7  # row 1 alone, until it had its 8 tokens
+        while batch.active:
+            batch.step()
+        answers = [batch.slots[1].state, batch.slots[0].state]
+    assert [a.tokens for a in answers] == [a.token_ids for a in alone]

@@ -147,6 +147,8 @@ def _oversized(url: str) -> int:
 
 
 def test_metrics_and_models(server):
+    code, _ = _post(server, {"messages": _messages(QUESTIONS[0]), "max_tokens": 4, "ignore_eos": True})
+    assert code == 200
     with pytest.raises(urllib.error.HTTPError) as denied:  # behind the key unless --metrics-public
         urllib.request.urlopen(f"{server}/metrics", timeout=10)
     assert denied.value.code == 401
@@ -156,6 +158,11 @@ def test_metrics_and_models(server):
     assert (
         "dyvte_requests_total" in text and "dyvte_exit_layer_bucket" in text and "dyvte_queue_depth" in text
     )
+    value = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"
+    }
+    answered = value['dyvte_requests_total{outcome="ok"}']  # each has one gap fewer than tokens
+    assert value["dyvte_inter_token_seconds_count"] == value["dyvte_generated_tokens_total"] - answered
     request = urllib.request.Request(f"{server}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         assert json.load(response)["data"][0]["object"] == "model"

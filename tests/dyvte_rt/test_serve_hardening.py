@@ -264,12 +264,12 @@ def test_a_stopped_engine_is_503_on_health_and_on_new_requests(model, monkeypatc
 
 def test_a_burst_admits_slots_plus_queue_and_refuses_the_rest_with_retry_after(model, monkeypatch):
     """Requests being prefilled count against the bound (they once did not, and 16 queued)."""
-    from dyvte_rt.runtime.batch import DecodeBatch
+    from dyvte_rt.runtime.batch import StartingPrefill
 
     client, engine = _client(model, max_batch=4, max_queue=4)
     gate = threading.Event()
-    real = DecodeBatch.prefill
-    monkeypatch.setattr(DecodeBatch, "prefill", lambda self, entries: (gate.wait(30), real(self, entries))[1])
+    real = StartingPrefill.advance
+    monkeypatch.setattr(StartingPrefill, "advance", lambda self: (gate.wait(30), real(self))[1])
     replies = []
     try:
 

@@ -29,7 +29,7 @@ running requests keep decoding while a long prompt is prefilled.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -258,20 +258,15 @@ class StartingPrefill:
 
 def _runs_around(top: int, held: set[int]) -> list[tuple[int, int]]:
     """Rows 0..top-1 cut into [start, stop) runs that leave out the `held` ones."""
-    runs, start = [], 0
-    for row in range(top + 1):
-        if row == top or row in held:
-            if row > start:
-                runs.append((start, row))
-            start = row + 1
-    return runs
+    runs = _adjacent_runs([row for row in range(top) if row not in held], slot=lambda row: row)
+    return [(run[0], run[-1] + 1) for run in runs]
 
 
-def _adjacent_runs(entries: list) -> list[list]:
+def _adjacent_runs(entries: list, slot: Callable = lambda entry: entry[0]) -> list[list]:
     """Entries sorted by slot, cut where the slots stop being consecutive."""
     runs: list[list] = []
     for entry in entries:
-        if runs and entry[0] == runs[-1][-1][0] + 1:
+        if runs and slot(entry) == slot(runs[-1][-1]) + 1:
             runs[-1].append(entry)
         else:
             runs.append([entry])

@@ -319,7 +319,7 @@ class Pipeline:
                 )
                 scores = None
             else:
-                out, macs = self._segment_whole(segment, hidden, position_value, positions, valid, cache)
+                out, macs = self._segment_call(segment, hidden, position_value, positions, valid, cache)
                 hidden, scores = out[names.HIDDEN_OUT], out.get(names.PRUNE_SCORES)
             computed += macs
             if deepstack is not None:
@@ -332,7 +332,7 @@ class Pipeline:
             yield from busy.paused()
         return hidden, positions, valid, computed
 
-    def _segment_whole(
+    def _segment_call(
         self,
         segment: SegmentInfo,
         hidden: Value,
@@ -341,7 +341,8 @@ class Pipeline:
         valid: np.ndarray,
         cache: KVCache,
     ) -> tuple[dict[str, Value], int]:
-        """Every row's tokens through `segment` in one call -> its outputs and the multiply-adds."""
+        """Every row's `valid` tokens through `segment` in one graph call (a whole segment, or one
+        chunk of it) -> its outputs and the multiply-adds."""
         layers = range(segment.first_layer, segment.last_layer + 1)
         held = cache.lengths[:, layers.start].copy()  # [B] rows each sample held before this step
         feeds = {names.HIDDEN_IN: hidden, names.POSITION_IDS: position_value, **cache.feeds(layers, valid)}
@@ -365,22 +366,20 @@ class Pipeline:
         """One sample's `length` tokens through `segment`, `chunk` at a time: each chunk attends to the
         keys and values the chunks before it wrote, so the outputs are the whole pass's. The hidden
         state is cut and joined on the host (the cost of chunking)."""
-        layers = range(segment.first_layer, segment.last_layer + 1)
         states = self.backend.download(hidden)  # [1, S, D]
         outputs, computed = [], 0
         for start in range(0, length, chunk):
             stop = min(start + chunk, length)
-            held = int(cache.lengths[0, layers.start])
-            feeds = {
-                names.HIDDEN_IN: self.backend.upload(np.ascontiguousarray(states[:, start:stop])),
-                names.POSITION_IDS: self.backend.upload(np.ascontiguousarray(positions[..., start:stop])),
-                **cache.feeds(layers, stop - start),
-            }
-            if segment.prune_scores:  # an input the graph has; its scores are not needed here
-                feeds[names.LAST_INDEX] = np.array([stop - start - 1], dtype=np.int64)
-            out = self.sessions[segment.graph].run(feeds, into=cache.outputs(layers))
-            cache.update(layers, stop - start, out)
-            computed += len(layers) * layer_macs(stop - start, self.decoder_dims, held + stop - start)
+            piece = np.ascontiguousarray(positions[..., start:stop])
+            out, macs = self._segment_call(
+                segment,
+                self.backend.upload(np.ascontiguousarray(states[:, start:stop])),
+                self.backend.upload(piece),
+                piece,
+                np.array([stop - start]),
+                cache,
+            )  # its prune scores (if the graph has them) are not needed: FastV never prunes here
+            computed += macs
             outputs.append(self.backend.download(out[names.HIDDEN_OUT]))
             if stop < length:
                 yield from busy.paused()

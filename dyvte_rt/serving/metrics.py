@@ -41,26 +41,7 @@ class ServerMetrics:
         self.token_gap = Histogram(  # vLLM's inter-token latency: the pace a stream sees
             "dyvte_inter_token_seconds",
             "Time from each generated token to the next of the same request",
-            buckets=[
-                0.005,
-                0.01,
-                0.02,
-                0.03,
-                0.05,
-                0.075,
-                0.1,
-                0.15,
-                0.2,
-                0.3,
-                0.5,
-                0.75,
-                1,
-                1.5,
-                2,
-                3,
-                5,
-                10,
-            ],
+            buckets=GAP_BUCKETS,
             registry=self.registry,
         )
         self.latency = Histogram(

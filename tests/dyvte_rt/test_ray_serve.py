@@ -125,15 +125,27 @@ def _stream(url: str, question: str, started) -> str:
         return "cut"
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(served):
     import threading
 
     before = _wait_for(lambda: len(_replicas()) == 2 and _replicas())
     started = threading.Semaphore(0)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # 8 on each replica: 2 decoding, 6 queued
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # about 8 on each replica: 2 decoding, 6 queued
         running = [pool.submit(_stream, served, QUESTIONS[i % 4], started) for i in range(16)]
-        assert started.acquire(timeout=120)  # the first answers stream
+        # A replica accepts at most 10 (--max-batch + --max-queue): once 12 streams have begun, each
+        # replica holds some, whichever one the kill hits (killing after the first one alone could
+        # hit a replica that had none yet, and every request would end "done").
+        for _ in range(12):
+            assert started.acquire(timeout=120)
         os.kill(before[0], signal.SIGKILL)
+        _wait_for(lambda: not Path(f"/proc/{before[0]}").exists() or _is_zombie(before[0]), 30)
         outcomes = [f.result(timeout=180) for f in running]  # each one ends: none hangs
     failed = [o for o in outcomes if o != "done"]
     assert failed and "done" in outcomes, outcomes  # the killed replica's failed, the other's finished

@@ -7,14 +7,21 @@
 Starts the server (its own process, 127.0.0.1), warms it up, then runs each client count in turn:
 every client streams requests back to back (`ignore_eos`, exactly --max-tokens tokens each) for
 --seconds or --requests. Reports per client count: requests, errors, aggregate generated tokens/s,
-TTFT (as the server reports it: from joining its queue to the first token, which a random model's
-byte tokens may keep out of the text until the end) and request latency p50/p99, and the server's
+TTFT (as the server reports it: from the request's arrival to the first token, which a random
+model's byte tokens may keep out of the text until the end) and request latency p50/p99, and the server's
 resident memory after warm-up (two requests per client at the largest client count) and at the end.
 
     python benchmarks/serve_load.py --bundle ~/.cache/dyvte-rt/demo-bundle --clients 8 --seconds 60 \
         --bad-per-second 1
     python benchmarks/serve_load.py --bundle runs/demo-bundle --clients 8 --seconds 30 --threads 1 \
         --serve-args "--ray --replicas 2 --replica-cpus 1"      # replicas on Ray Serve
+
+    python benchmarks/serve_load.py --bundle runs/slice4-bundle-int4 --rate 0.1,0.2 --requests 12
+
+--rate R (comma-separated) is an open-loop load instead: requests arrive at R a second on average
+(Poisson arrivals, a fixed seed), each on its own connection whether or not earlier ones have been
+answered, --requests of them in all or for --seconds; below saturation this is what a service with
+many occasional users sees, where a closed loop of clients measures the saturated queue.
 
 --bad-per-second R also sends R bad requests a second from one more client, in turn from a battery
 (broken JSON, wrong types, out-of-range values, unknown routes, images too wide, too big or not
@@ -48,8 +55,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--clients", default="8", help="comma-separated concurrent client counts")
+    parser.add_argument(
+        "--rate", type=_rates, default=None, help="comma-separated arrival rates (requests/s): an open loop"
+    )
     parser.add_argument("--seconds", type=float, default=None, help="run each client count this long")
-    parser.add_argument("--requests", type=int, default=None, help="or this many requests per client")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="or this many requests per client (per rate with --rate)"
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -96,6 +108,17 @@ def main() -> int:
     return 0
 
 
+def _rates(text: str) -> list[float]:
+    """--rate's value: positive numbers, comma-separated."""
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers") from None
+    if not all(r > 0 for r in rates):
+        raise argparse.ArgumentTypeError("rates must be above 0")
+    return rates
+
+
 def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
     _wait(url, server, log)
     image = "data:image/png;base64," + base64.b64encode(args.image.read_bytes()).decode()
@@ -118,18 +141,23 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
     # warm-up at the largest client count (and the bad requests, if any) for --warmup-seconds, so
     # the batch's buffers, the allocator's arenas and every path's first use are behind us before
     # memory is read (two requests a client left 8 clients 8% short of their plateau)
-    most = max(int(c) for c in args.clients.split(","))
+    most = 1 if args.rate else max(int(c) for c in args.clients.split(","))
     with _BadClient(url, args.bad_per_second):
         _load(url, body, most, seconds=args.warmup_seconds, requests=2)
     report = {"warm_rss_mb": _rss_mb(server.pid), "runs": {}}
-    for run_index, clients in enumerate(int(c) for c in args.clients.split(",")):
+    loads = args.rate or [int(c) for c in args.clients.split(",")]
+    for run_index, load in enumerate(loads):
         with _BadClient(url, args.bad_per_second) as bad:
-            report["runs"][f"{run_index}:{clients}"] = _load(url, body, clients, args.seconds, args.requests)
-        run = report["runs"][f"{run_index}:{clients}"]
+            if args.rate:
+                run = _open_loop(url, body, load, args.seconds, args.requests)
+            else:
+                run = _load(url, body, load, args.seconds, args.requests)
+        report["runs"][f"{run_index}:{load}"] = run
         run["bad"] = bad.report()
         run["rss_mb"] = _rss_mb(server.pid)
+        label = f"{load:g} requests/s (open loop)" if args.rate else f"{load} clients"
         print(
-            f"{clients} clients: {run['rss_mb']:.0f} MB resident after {run['requests']} requests, "
+            f"{label}: {run['rss_mb']:.0f} MB resident after {run['requests']} requests, "
             f"{run['errors']} errors, "
             f"{run['tokens_per_s']:.1f} tok/s together; TTFT p50 {run['ttft_ms_p50']:.0f} ms "
             f"p99 {run['ttft_ms_p99']:.0f} ms; gap between pieces p50 {run['gap_ms_p50']:.0f} ms "
@@ -169,13 +197,34 @@ def _load(url: str, body: dict, clients: int, seconds: float | None, requests: i
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         rows = [row for batch in pool.map(client, range(clients)) for row in batch]
     elapsed = time.perf_counter() - started
-    token_gaps = _token_gaps(url) - gaps_before
+    return {"clients": clients, **_summary(rows, elapsed, _token_gaps(url) - gaps_before)}
+
+
+def _open_loop(url: str, body: dict, rate: float, seconds: float | None, requests: int | None) -> dict:
+    """Requests arriving at `rate` a second (Poisson, seed 0), each sent when it arrives."""
+    arrivals = np.cumsum(np.random.default_rng(0).exponential(1.0 / rate, size=requests or 100_000))
+    if seconds:
+        arrivals = arrivals[: max(1, int(np.searchsorted(arrivals, seconds)))]
+    gaps_before = _token_gaps(url)
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(arrivals)) as pool:
+        futures = []
+        for at in arrivals:
+            time.sleep(max(0.0, started + at - time.perf_counter()))
+            futures.append(pool.submit(_request, url, body))
+        rows = [f.result() for f in futures]
+    elapsed = time.perf_counter() - started
+    summary = _summary(rows, elapsed, _token_gaps(url) - gaps_before)
+    return {"rate": rate, "offered_per_s": len(arrivals) / arrivals[-1], **summary}
+
+
+def _summary(rows: list[dict], elapsed: float, token_gaps: np.ndarray) -> dict:
+    """Counts and percentiles of one run's requests (and the server's token gaps meanwhile)."""
     ok = [r for r in rows if r["ok"]]
     ttft = [r["ttft_ms"] for r in ok]
     latency = [r["latency_ms"] for r in ok]
     gaps = [gap for r in ok for gap in r["gaps_ms"]]
     return {
-        "clients": clients,
         "requests": len(rows),
         "errors": len(rows) - len(ok),
         "tokens_per_s": sum(r["tokens"] for r in ok) / elapsed,

@@ -8,8 +8,9 @@ Starts the server (its own process, 127.0.0.1), warms it up, then runs each clie
 every client streams requests back to back (`ignore_eos`, exactly --max-tokens tokens each) for
 --seconds or --requests. Reports per client count: requests, errors, aggregate generated tokens/s,
 TTFT (as the server reports it: from the request's arrival to the first token, which a random
-model's byte tokens may keep out of the text until the end) and request latency p50/p99, and the server's
-resident memory after warm-up (two requests per client at the largest client count) and at the end.
+model's byte tokens may keep out of the text until the end) and request latency p50/p99, and the
+server's resident memory after warm-up (two requests per client at the largest client count) and at
+the end.
 
     python benchmarks/serve_load.py --bundle ~/.cache/dyvte-rt/demo-bundle --clients 8 --seconds 60 \
         --bad-per-second 1

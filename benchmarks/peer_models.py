@@ -4,7 +4,11 @@
   tokenizer), the input ONNX Runtime GenAI's model builder takes;
 - `ort_genai_model`: ONNX Runtime GenAI's own model builder on it (fp32, int8 or int4);
 - `gguf_model`: the same weights written as GGUF with the `gguf` package (F32/F16) and quantised by
-  llama.cpp itself (Q8_0, Q4_0) through llama-cpp-python.
+  llama.cpp itself (Q8_0, Q4_0) through llama-cpp-python;
+- `mmproj_model`: the checkpoint's CLIP tower and projector as llama.cpp's image encoder (mmproj
+  GGUF, F16 or F32), written by the converter llama.cpp ships for LLaVA-1.5
+  (`tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py`), taken from the sources inside the
+  installed llama-cpp-python's sdist.
 
 Nothing here is hand-tuned per peer: each gets its own tool's defaults except where equal conditions
 require a setting (thread count, block size), and every choice is recorded in the harness output.
@@ -14,9 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
+from importlib.metadata import version
 from pathlib import Path
 
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -212,3 +219,122 @@ def _quantize_gguf(source: Path, out: Path, kind: str) -> None:
     if status != 0:
         raise RuntimeError(f"llama.cpp could not quantise {source.name} to {kind} (status {status})")
     partial.rename(out)
+
+
+MMPROJ_TYPES = ("F16", "F32")  # what llama.cpp's LLaVA-1.5 image-encoder converter writes
+_CONVERTER = "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py"
+
+
+def llama_cpp_sources(cache: Path) -> Path:
+    """llama.cpp's source tree as vendored by the installed llama-cpp-python (its converters and its
+    own gguf-py), from that version's sdist: the converter then matches the library that loads its
+    output."""
+    release = version("llama-cpp-python")
+    out = cache / f"llama.cpp-{release}"
+    if (out / _CONVERTER).is_file():
+        return out
+    sdist = cache / f"llama_cpp_python-{release}.tar.gz"
+    if not sdist.is_file():
+        command = [
+            sys.executable, "-m", "pip", "download", f"llama-cpp-python=={release}",
+            "--no-deps", "--no-binary", ":all:", "-d", str(cache), "-q",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not sdist.is_file():
+            raise RuntimeError(
+                f"could not download llama-cpp-python {release}'s sources: {done.stderr[-500:]}"
+            )
+    prefix = f"llama_cpp_python-{release}/vendor/llama.cpp/"
+    wanted = (prefix + "tools/mtmd/legacy-models/", prefix + "gguf-py/")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with tarfile.open(sdist) as archive:
+        for member in archive.getmembers():
+            if member.isfile() and member.name.startswith(wanted):
+                member.name = member.name.removeprefix(prefix)
+                archive.extract(member, staging, filter="data")
+    staging.rename(out)
+    return out
+
+
+def clip_vision_name(name: str) -> str | None:
+    """A llava-hf vision-tower tensor name as a standalone CLIPVisionModel names it (None otherwise)."""
+    _, found, rest = name.partition("vision_tower.")
+    if not found:
+        return None
+    return "vision_model." + rest.removeprefix("vision_model.")
+
+
+def mmproj_model(checkpoint: Path, kind: str, cache: Path) -> Path:
+    """The checkpoint's CLIP tower and MLP projector as llama.cpp's image encoder (an mmproj GGUF),
+    converted by llama.cpp's own LLaVA-1.5 converter (run through `mmproj_convert.py`)."""
+    if kind not in MMPROJ_TYPES:
+        raise ValueError(f"mmproj type must be one of {MMPROJ_TYPES}")
+    out = cache / f"mmproj-{checkpoint_key(checkpoint)}-{kind}.gguf"
+    if out.is_file():
+        return out
+    work = cache / f"mmproj-{checkpoint_key(checkpoint)}-inputs"
+    vit, projector = converter_inputs(checkpoint, work)
+    sources = llama_cpp_sources(cache)
+    command = [
+        sys.executable, str(Path(__file__).with_name("mmproj_convert.py")), str(sources / _CONVERTER),
+        "-m", str(vit), "--clip-model-is-vision", "--llava-projector", str(projector),
+        "--output-dir", str(work / "out"),
+    ]  # fmt: skip
+    if kind == "F32":
+        command.append("--use-f32")
+    preprocessor = _image_processor_config(checkpoint)
+    for key in ("image_mean", "image_std"):
+        if key in preprocessor:
+            command += [f"--{key.replace('_', '-')}", *map(str, preprocessor[key])]
+    env = {**os.environ, "PYTHONPATH": str(sources / "gguf-py")}  # the converter's own gguf version
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp's image-encoder converter failed: {done.stderr.strip()[-1000:]}")
+    (work / "out" / f"mmproj-model-{kind.lower()}.gguf").rename(out)
+    shutil.rmtree(work)
+    return out
+
+
+def converter_inputs(checkpoint: Path, work: Path) -> tuple[Path, Path]:
+    """What llama.cpp's LLaVA-1.5 converter takes: the tower as a CLIPVisionModel directory (every
+    config field written out, the feature layer where the converter looks for it) and the
+    projector as a `llava.projector` file (a plain dict of tensors, loadable with weights_only)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    if (
+        config.get("model_type") != "llava"
+        or config["vision_config"].get("model_type") != "clip_vision_model"
+    ):
+        raise ValueError("llama.cpp's LLaVA-1.5 converter takes a llava checkpoint with a CLIP tower")
+    vision, projector = {}, {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118
+                if (target := clip_vision_name(name)) is not None:
+                    vision[target] = handle.get_tensor(name)
+                elif "multi_modal_projector." in name:
+                    projector[name[name.index("multi_modal_projector.") :]] = handle.get_tensor(name)
+    shutil.rmtree(work, ignore_errors=True)
+    vit = work / "vit"
+    vit.mkdir(parents=True)
+    vit_config = CLIPVisionConfig(**config["vision_config"]).to_dict()
+    vit_config["architectures"] = ["CLIPVisionModel"]
+    vit_config["vision_feature_layer"] = config["vision_feature_layer"]
+    (vit / "config.json").write_text(json.dumps(vit_config, indent=2))
+    save_file(vision, str(vit / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(projector, work / "llava.projector")
+    return vit, work / "llava.projector"
+
+
+def _image_processor_config(checkpoint: Path) -> dict:
+    """The image processor's settings, saved by transformers 5 (processor_config.json) or 4."""
+    if (checkpoint / "processor_config.json").is_file():
+        return json.loads((checkpoint / "processor_config.json").read_text()).get("image_processor", {})
+    if (checkpoint / "preprocessor_config.json").is_file():
+        return json.loads((checkpoint / "preprocessor_config.json").read_text())
+    return {}

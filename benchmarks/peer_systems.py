@@ -11,6 +11,7 @@ random token ids of that count. Systems are measured one process at a time so th
 
 from __future__ import annotations
 
+import ctypes
 import json
 import resource
 import sys
@@ -141,6 +142,8 @@ def measure_ort_genai(spec: dict) -> list[dict]:
 
 
 def measure_llama_cpp(spec: dict) -> list[dict]:
+    """llama.cpp on token ids; with `mmproj`, its image path (libmtmd) encodes the image and the
+    prompt is the text before it, the image's embeddings, the text after it, as LLaVA lays it out."""
     import llama_cpp
 
     n, new = spec["prompt_tokens"], spec["max_new_tokens"]
@@ -154,12 +157,25 @@ def measure_llama_cpp(spec: dict) -> list[dict]:
         logits_all=False,
         verbose=False,
     )
-    ids = np.random.default_rng(0).integers(5, spec["vocab_size"], n).tolist()
+    image = LlamaCppImage(llm, spec) if spec.get("mmproj") else None
+    text = n - (spec["visual_tokens"] if image else 0)
+    ids = np.random.default_rng(0).integers(5, spec["vocab_size"], text).tolist()
+    before, after = (
+        (ids[: spec["text_before_image"]], ids[spec["text_before_image"] :]) if image else ([], ids)
+    )
     rows = []
     for _ in range(spec["requests"]):
         llm.reset()
+        llm._ctx.kv_cache_clear()
         started = _clock()
-        llm.eval(ids)
+        vision_ms = None
+        if image is not None:
+            image.encode()
+            vision_ms = 1e3 * (_clock() - started)
+            if before:
+                llm.eval(before)
+            llm.n_tokens = image.decode(llm.n_tokens)
+        llm.eval(after)
         token = int(np.argmax(last_logits(llm)))
         first = _clock()
         for _ in range(new - 1):
@@ -168,14 +184,98 @@ def measure_llama_cpp(spec: dict) -> list[dict]:
         done = _clock()
         rows.append(
             {
-                "prefill_ms": 1e3 * (first - started),
-                "vision_ms": None,
+                "prefill_ms": 1e3 * (first - started) - (vision_ms or 0.0),
+                "vision_ms": vision_ms,
                 "ttft_ms": 1e3 * (first - started),
                 "decode_tokens_per_s": (new - 1) / (done - first),
-                "prompt_tokens": n,
+                "prompt_tokens": len(before) + (image.tokens if image else 0) + len(after),
             }
         )
+        if image is not None:
+            if spec.get("features_out"):  # the mmproj's output, to compare with dyvte-rt's vision graph
+                np.save(spec["features_out"], image.features())
+            image.release()
     return rows
+
+
+class LlamaCppImage:
+    """One image through llama.cpp's libmtmd: read and preprocessed from its file, encoded by the
+    mmproj (CLIP tower + projector), its embeddings decoded into the language model's KV cache."""
+
+    def __init__(self, llm, spec: dict) -> None:
+        import llama_cpp.mtmd_cpp as mtmd
+
+        self.mtmd, self.llm, self.path = mtmd, llm, spec["image"]
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = False
+        params.n_threads = spec["threads"]
+        params.print_timings = False
+        self.ctx = mtmd.mtmd_init_from_file(spec["mmproj"].encode(), llm.model, params)
+        if self.ctx is None:
+            raise RuntimeError(f"libmtmd could not load {spec['mmproj']}")
+        self.expected = spec["visual_tokens"]
+        self.chunks = self.bitmap = self.chunk = None
+        self.tokens = 0
+
+    def encode(self) -> None:
+        """Image file -> bitmap -> the image chunk (resized, normalised) -> the mmproj's output."""
+        mtmd = self.mtmd
+        self.bitmap = mtmd.mtmd_helper_bitmap_init_from_file(self.ctx, str(self.path).encode(), False)
+        if self.bitmap is None:
+            raise RuntimeError(f"libmtmd could not read {self.path}")
+        text = mtmd.mtmd_input_text()
+        marker = mtmd.mtmd_default_marker()
+        text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
+        self.chunks = mtmd.mtmd_input_chunks_init()
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(self.bitmap)
+        if mtmd.mtmd_tokenize(self.ctx, self.chunks, ctypes.byref(text), bitmaps, 1) != 0:
+            raise RuntimeError("libmtmd could not tokenise the image")
+        images = [
+            mtmd.mtmd_input_chunks_get(self.chunks, i)
+            for i in range(mtmd.mtmd_input_chunks_size(self.chunks))
+        ]
+        images = [c for c in images if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+        if len(images) != 1:
+            raise RuntimeError(f"libmtmd made {len(images)} image chunks of one image")
+        self.chunk = images[0]
+        self.tokens = mtmd.mtmd_input_chunk_get_n_tokens(self.chunk)
+        if self.tokens != self.expected:
+            raise RuntimeError(
+                f"llama.cpp's image path gives {self.tokens} visual tokens, the bundle {self.expected}"
+            )
+        if mtmd.mtmd_encode_chunk(self.ctx, self.chunk) != 0:
+            raise RuntimeError("libmtmd could not encode the image")
+
+    def decode(self, n_past: int) -> int:
+        """The image's embeddings into the KV cache at n_past; returns the position after them."""
+        import llama_cpp
+
+        mtmd = self.mtmd
+        new_n_past = llama_cpp.llama_pos(0)
+        status = mtmd.mtmd_helper_decode_image_chunk(
+            self.ctx,
+            self.llm._ctx.ctx,
+            self.chunk,
+            mtmd.mtmd_get_output_embd(self.ctx),
+            llama_cpp.llama_pos(n_past),
+            llama_cpp.llama_seq_id(0),
+            self.llm.n_batch,
+            ctypes.byref(new_n_past),
+            mtmd.mtmd_helper_post_decode_callback(),
+            None,
+        )
+        if status != 0:
+            raise RuntimeError(f"libmtmd could not decode the image's embeddings (status {status})")
+        return new_n_past.value
+
+    def features(self) -> np.ndarray:
+        """The last encoded image's embeddings, [visual tokens, hidden]."""
+        out = self.mtmd.mtmd_get_output_embd(self.ctx)
+        return np.ctypeslib.as_array(out, shape=(self.tokens, self.llm.n_embd())).copy()
+
+    def release(self) -> None:
+        self.mtmd.mtmd_input_chunks_free(self.chunks)
+        self.mtmd.mtmd_bitmap_free(self.bitmap)
 
 
 def last_logits(llm) -> np.ndarray:

@@ -1,13 +1,18 @@
 """dyvte-rt side by side with the runtimes people choose between, on the same weights.
 
     python benchmarks/peers.py --model runs/llava-7b-slice-4 --bundle runs/slice4-bundle \\
-        --peers hf,hf-eager,ort-genai,llama.cpp --precision fp32,int4 --exit never,layer:1 --runs 3
+        --peers hf,hf-eager,ort-genai,llama.cpp,llama.cpp-image --precision fp32,int4 \\
+        --exit never,layer:1 --runs 3
 
 Every peer is built from the one llava-hf checkpoint's language model (`peer_models.py`):
 Hugging Face transformers (default attention and eager), ONNX Runtime GenAI with its own model
 builder, llama.cpp (llama-cpp-python) from GGUF; dyvte-rt runs the bundles given with --bundle
-(one per precision). All decode exactly --max-new-tokens tokens greedily from a prompt of the same
-token count, with the same thread count; each system runs in a process of its own, and systems
+(one per precision). `llama.cpp-image` is llama.cpp with its own image path: the checkpoint's CLIP
+tower and projector converted by llama.cpp's converter into an mmproj GGUF (--mmproj-type), the
+image read, preprocessed and encoded by libmtmd, its embeddings decoded between the prompt's text
+tokens; the harness compares its image embeddings with dyvte-rt's vision graph's once. All decode
+exactly --max-new-tokens tokens greedily from a prompt of the same token count, with the same
+thread count; each system runs in a process of its own, and systems
 alternate round by round so that machine drift hits all. The machine's read bandwidth and matmul
 throughput are measured in the same run and turned into bounds: a decode step cannot be faster than
 reading its weights and KV cache once, a prefill no faster than its multiply-adds at peak
@@ -28,10 +33,17 @@ from pathlib import Path
 
 import numpy as np
 from limits import matmul_gflop_per_s, memory_bandwidth_gb_per_s
-from peer_models import gguf_model, language_model_dir, language_model_name, ort_genai_model
+from peer_models import (
+    MMPROJ_TYPES,
+    gguf_model,
+    language_model_dir,
+    language_model_name,
+    mmproj_model,
+    ort_genai_model,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("hf", "hf-eager", "ort-genai", "llama.cpp")
+PEERS = ("hf", "hf-eager", "ort-genai", "llama.cpp", "llama.cpp-image")
 PRECISIONS = ("fp32", "int8", "int4")
 GGUF_FOR = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
 
@@ -57,7 +69,9 @@ def main() -> int:
     bundles = {load_manifest(b, verify_hashes=False).precision: b for b in args.bundle}
     reference_bundle = next(iter(bundles.values()))
     with DyvteModel.load(reference_bundle, verify_hashes=False) as model:
-        prompt_tokens = int(model.prompts.encode(args.question).shape[1])
+        prompt = model.prompts.encode(args.question)[0]
+        prompt_tokens = len(prompt)
+        text_before_image = int(np.argmax(prompt == model.manifest.tokens.image))
         dims = model.manifest.dims
         visual_tokens = model.manifest.vision.visual_tokens
     common = {
@@ -67,9 +81,12 @@ def main() -> int:
         "image": str(args.image),
         "question": args.question,
         "prompt_tokens": prompt_tokens,
+        "visual_tokens": visual_tokens,
+        "text_before_image": text_before_image,
         "vocab_size": dims.vocab_size,
     }
     systems = build_systems(args, bundles, common, dims)
+    image_check = check_image_features(systems, reference_bundle, args)
     progress(f"{len(systems)} systems, prompt of {prompt_tokens} tokens")
     readings = []  # the machine's limits, measured before every round and at the end: the best is the bound
     for round_index in range(args.runs):
@@ -81,6 +98,8 @@ def main() -> int:
     readings.append(measure_limits(args.threads))
     limits = {key: max(r[key] for r in readings) for key in readings[0]}
     report = summarise(systems, limits, args, prompt_tokens, visual_tokens, dims)
+    if image_check:
+        report["settings"]["llama_cpp_image_features"] = image_check
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 0
 
@@ -111,6 +130,12 @@ def parse_args() -> argparse.Namespace:
         "--gguf-fp", choices=("F32", "F16"), default="F32", help="llama.cpp's unquantised type"
     )
     parser.add_argument(
+        "--mmproj-type",
+        choices=MMPROJ_TYPES,
+        default="F16",
+        help="llama.cpp-image: the mmproj's type (llama.cpp's LLaVA-1.5 converter writes F16 or F32)",
+    )
+    parser.add_argument(
         "--block-size", type=int, default=32, help="int4/int8 block size of ONNX Runtime GenAI"
     )
     parser.add_argument("--image", type=Path, default=ROOT / "examples/three_shapes.png")
@@ -133,7 +158,7 @@ def build_systems(args, bundles: dict[str, Path], common: dict, dims) -> list[Sy
     kv_row = 2 * dims.num_kv_heads * dims.head_dim * dims.num_layers  # elements per position
     spins = (False, True) if args.spinning == "both" else (False,)
     lm_dir = None
-    if {"ort-genai", "llama.cpp"} & set(args.peers):
+    if {"ort-genai", "llama.cpp", "llama.cpp-image"} & set(args.peers):
         progress("extracting the language model")
         lm_dir = language_model_dir(args.model, args.cache)
     for precision in args.precision:
@@ -191,7 +216,68 @@ def build_systems(args, bundles: dict[str, Path], common: dict, dims) -> list[Sy
                     "language model only, no image path",
                 )
             )
+        if "llama.cpp-image" in args.peers:
+            kind = args.gguf_fp if precision == "fp32" else GGUF_FOR[precision]
+            progress(f"GGUF {kind} and llama.cpp's mmproj {args.mmproj_type}")
+            path = gguf_model(lm_dir, kind, args.cache)
+            mmproj = mmproj_model(args.model, args.mmproj_type, args.cache)
+            spec = {**common, "kind": "llama.cpp", "path": str(path), "mmproj": str(mmproj)}
+            systems.append(
+                System(
+                    f"llama.cpp {kind} + mmproj {args.mmproj_type}",
+                    spec,
+                    path.stat().st_size + mmproj.stat().st_size,
+                    gguf_weight_bytes(path),
+                    2 * kv_row,
+                    precision,
+                    "its own image path (libmtmd)",
+                )
+            )
     return systems
+
+
+def check_image_features(systems: list[System], bundle: Path, args) -> dict | None:
+    """llama.cpp's image embeddings for the benchmark's image against dyvte-rt's vision graph's
+    (first bundle given): both read the same tower, so a low cosine means the peer is not doing the
+    same work (wrong feature layer, class token kept)."""
+    from dyvte_rt.api.model import DyvteModel
+    from dyvte_rt.bundle.io_names import IMAGE_FEATURES
+
+    peer = next((s for s in systems if s.spec.get("mmproj")), None)
+    if peer is None:
+        return None
+    out = args.cache / "llama-cpp-image-features.npy"
+    run_worker({**peer.spec, "requests": 1, "features_out": str(out)})
+    theirs = np.load(out)
+    with DyvteModel.load(bundle, verify_hashes=False) as model:
+        image = model.pipeline.encode_image(model.prepare_image(args.image))
+        ours = model.pipeline.backend.download(image.encoded[IMAGE_FEATURES])[0]
+    if ours.shape != theirs.shape:
+        raise RuntimeError(f"llama.cpp's image embeddings are {theirs.shape}, dyvte-rt's {ours.shape}")
+    check = {"tokens": len(ours), **feature_agreement(ours, theirs)}
+    progress(
+        f"llama.cpp's image embeddings vs dyvte-rt's: cosine median {check['cosine_median']:.4f}, "
+        f"about the mean token {check['centred_cosine_median']:.4f}"
+    )
+    return check
+
+
+def feature_agreement(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
+    """Per-token cosine of two [tokens, hidden] feature sets, as they are and about each one's mean
+    token: random-weight towers give nearly the same vector for every token, which hides a
+    permutation or a dropped token from the plain cosine but not from the centred one."""
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+    plain = cosine(ours, theirs)
+    centred = cosine(ours - ours.mean(0), theirs - theirs.mean(0))
+    return {
+        "cosine_min": float(plain.min()),
+        "cosine_median": float(np.median(plain)),
+        "centred_cosine_min": float(centred.min()),
+        "centred_cosine_median": float(np.median(centred)),
+    }
 
 
 def measure_limits(threads: int) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The peers harness on a small checkpoint: Hugging Face and ONNX Runtime GenAI beside dyvte-rt.
 
-llama.cpp is left out here: llama-cpp-python compiles llama.cpp from source (minutes on 2 cores).
+llama.cpp is left out here: llama-cpp-python compiles llama.cpp from source (minutes on 2 cores);
+what the harness hands llama.cpp's image-encoder converter is checked without it.
 """
 
 import dataclasses
@@ -66,3 +67,80 @@ def test_harness_reports_every_system_against_the_machines_limits(small_model):
     settings = report["settings"]
     assert settings["threads"] == 2 and settings["greedy"] and settings["eos_ignored"]
     assert settings["prompt_tokens"] == 29
+
+
+PROBE = """
+import sys
+import numpy as np
+import torch
+from transformers import CLIPVisionModel  # as llama.cpp's converter imports it
+
+vit, projector_file, out = sys.argv[1:]
+model = CLIPVisionModel.from_pretrained(vit)
+names = list(model.state_dict())
+layers = len(model.vision_model.encoder.layers)
+model.vision_model.encoder.layers = model.vision_model.encoder.layers[:layers - 1]  # the converter's cut
+projector = torch.load(projector_file)  # weights_only, as torch loads by default
+pixels = torch.from_numpy(np.load(out + ".pixels.npy"))
+with torch.no_grad():
+    hidden = model.vision_model(pixels).last_hidden_state[:, 1:]  # what the mmproj keeps: no post-norm
+    hidden = torch.nn.functional.linear(hidden, projector["multi_modal_projector.linear_1.weight"],
+                                        projector["multi_modal_projector.linear_1.bias"])
+    hidden = torch.nn.functional.gelu(hidden)
+    hidden = torch.nn.functional.linear(hidden, projector["multi_modal_projector.linear_2.weight"],
+                                        projector["multi_modal_projector.linear_2.bias"])
+np.save(out, hidden.numpy())
+print(all(n.startswith("vision_model.") for n in names), layers)
+"""
+
+
+def test_llama_cpp_converter_inputs_carry_the_checkpoints_image_features(tmp_path):
+    """What the harness hands llama.cpp's LLaVA-1.5 converter (a CLIPVisionModel directory and a
+    llava.projector file), read the way that converter reads them under transformers 5 through
+    mmproj_convert.py, gives the checkpoint's own image features (the converter itself needs
+    llama.cpp's sources, so it runs in the benchmark, not here)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peer_models import converter_inputs
+
+    from export.families.llava import TINY_BACKBONES, build_random_llava, llama_decoder
+    from export.loading import load_checkpoint
+
+    checkpoint = build_random_llava(llama_decoder, TINY_BACKBONES["llama-mha"].spec, tmp_path / "ckpt")
+    vit, projector = converter_inputs(checkpoint, tmp_path / "inputs")
+    loaded = load_checkpoint(checkpoint)
+    size = loaded.model.config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.adapter.image_features(pixels)[0].numpy()
+    out = tmp_path / "features.npy"
+    np.save(str(out) + ".pixels.npy", pixels.numpy())
+    (tmp_path / "probe.py").write_text(PROBE)
+    command = [sys.executable, str(ROOT / "benchmarks/mmproj_convert.py"), str(tmp_path / "probe.py")]
+    done = subprocess.run(
+        [*command, str(vit), str(projector), str(out)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    names_nested, layers = done.stdout.split()
+    assert names_nested == "True"  # the names the converter maps to llama.cpp's (v.blk.N...)
+    assert int(layers) == loaded.model.config.vision_config.num_hidden_layers
+    assert np.abs(np.load(out)[0] - expected).max() < 1e-5
+
+
+def test_feature_agreement_sees_a_shifted_token_layout_that_the_plain_cosine_hides():
+    """Random-weight towers give nearly one vector for every token: a layout shifted by one token
+    (llama.cpp's CLS-last defect) keeps the plain cosine near 1, the centred one falls."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peers import feature_agreement
+
+    rng = np.random.default_rng(0)
+    ours = rng.normal(size=64) + 0.05 * rng.normal(size=(16, 64))  # a shared vector + small per-token parts
+    same = feature_agreement(ours, ours + 1e-4 * rng.normal(size=ours.shape))
+    shifted = feature_agreement(ours, np.roll(ours, 1, axis=0))
+    assert same["cosine_min"] > 0.999 and same["centred_cosine_min"] > 0.99
+    assert shifted["cosine_median"] > 0.99
+    assert shifted["centred_cosine_median"] < 0.5

@@ -149,6 +149,9 @@ class OrtSession(Session):
         session_options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if options.spin else "0"
         )
+        if options.profile:
+            session_options.enable_profiling = True
+            session_options.profile_file_prefix = f"{options.profile}-{self.path.stem}"
         providers: list = list(self.backend.providers)
         if options.device == "ort-tensorrt":
             from engines.tensorrt.record import ENGINE_DIR, read_graph_profiles
@@ -165,6 +168,10 @@ class OrtSession(Session):
                 f"cannot load {self.path.name}: {str(err).splitlines()[0][:200]}",
                 hint="the file is damaged or truncated; re-export the bundle",
             ) from None
+
+    def end_profiling(self) -> str:
+        """Stop ONNX Runtime's profiler (SessionOptions.profile) and return its JSON file."""
+        return self._session.end_profiling()
 
     def _io_names_impl(self) -> tuple[list[str], list[str]]:
         return [i.name for i in self._session.get_inputs()], [o.name for o in self._session.get_outputs()]

@@ -39,6 +39,9 @@ class SessionOptions:
     # request; without it prefill took 4% longer and decoding no longer (docs/benchmarks.md).
     memory_arena: bool = False
     optimization: str = "all"  # none | basic | extended | all
+    # A file prefix: ONNX Runtime writes each graph's run op by op (benchmarks/decode_profile.py
+    # --ops); empty: off. Other backends ignore it.
+    profile: str = ""
 
 
 @dataclass

@@ -24,6 +24,7 @@ Prints a Markdown table; --json prints {"systems", "limits", "settings"} instead
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("hf", "hf-eager", "ort-genai", "llama.cpp", "llama.cpp-image")
 PRECISIONS = ("fp32", "int8", "int4")
 GGUF_FOR = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
+PEER_MODULES = {"ort-genai": "onnxruntime_genai", "llama.cpp": "llama_cpp", "llama.cpp-image": "llama_cpp"}
 
 
 @dataclass
@@ -150,6 +152,12 @@ def parse_args() -> argparse.Namespace:
     unknown = sorted(set(args.peers) - set(PEERS)) + sorted(set(args.precision) - set(PRECISIONS))
     if unknown:
         parser.error(f"unknown peers or precisions: {unknown}")
+    for path in (args.model, *args.bundle):
+        if not path.is_dir():
+            parser.error(f"{path} is not a directory (a checkpoint for --model, a bundle for --bundle)")
+    for peer, module in PEER_MODULES.items():
+        if peer in args.peers and importlib.util.find_spec(module) is None:
+            parser.error(f"the {peer} peer needs {module}: pip install 'dyvte-rt[peers]'")
     return args
 
 

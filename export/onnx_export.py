@@ -17,6 +17,7 @@ import torch
 from dyvte_rt.errors import DyvteError
 from export.attention import TRANSLATIONS
 from export.graph_plans import GraphPlan
+from export.graph_rewrites import divide_by_square_roots
 
 EXTERNAL_DATA_BYTES = 1536 << 20  # well under protobuf's 2 GB limit
 
@@ -73,11 +74,22 @@ def export_plan(
             custom_translation_table=TRANSLATIONS,
             verbose=False,
         )
+    _fusable(path)
     files = tuple(
         sorted(p.name for p in out_dir.iterdir() if p.name == plan.file or p.name.startswith(plan.file + "."))
     )
     error = verify_plan(plan, path, release_weights=release_weights)
     return ExportedGraph(plan.name, files, count, error)
+
+
+def _fusable(path: Path) -> None:
+    """Rewrite what ONNX Runtime's fusions cannot match as exported (export.graph_rewrites); the
+    weights in external data stay where they are."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if divide_by_square_roots(model.graph):
+        onnx.save(model, str(path))
 
 
 def verify_plan(

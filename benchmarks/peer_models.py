@@ -270,10 +270,11 @@ def mmproj_model(checkpoint: Path, kind: str, cache: Path) -> Path:
     converted by llama.cpp's own LLaVA-1.5 converter (run through `mmproj_convert.py`)."""
     if kind not in MMPROJ_TYPES:
         raise ValueError(f"mmproj type must be one of {MMPROJ_TYPES}")
-    out = cache / f"mmproj-{checkpoint_key(checkpoint)}-{kind}.gguf"
+    key = checkpoint_key(checkpoint)
+    out = cache / f"mmproj-{key}-{kind}.gguf"
     if out.is_file():
         return out
-    work = cache / f"mmproj-{checkpoint_key(checkpoint)}-inputs"
+    work = cache / f"mmproj-{key}-inputs"
     vit, projector = converter_inputs(checkpoint, work)
     sources = llama_cpp_sources(cache)
     command = [

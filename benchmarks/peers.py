@@ -208,39 +208,27 @@ def build_systems(args, bundles: dict[str, Path], common: dict, dims) -> list[Sy
                         "language model only, no image path",
                     )
                 )
-        if "llama.cpp" in args.peers:
+        with_image = "llama.cpp-image" in args.peers
+        if "llama.cpp" in args.peers or with_image:
             kind = args.gguf_fp if precision == "fp32" else GGUF_FOR[precision]
             progress(f"GGUF {kind}")
             path = gguf_model(lm_dir, kind, args.cache)
+            read = gguf_weight_bytes(path)
             spec = {**common, "kind": "llama.cpp", "path": str(path)}
-            systems.append(
-                System(
-                    f"llama.cpp {kind}",
-                    spec,
-                    path.stat().st_size,
-                    gguf_weight_bytes(path),
-                    2 * kv_row,  # llama.cpp keeps its KV cache in f16
-                    precision,
-                    "language model only, no image path",
+            kv = 2 * kv_row  # llama.cpp keeps its KV cache in f16
+            if "llama.cpp" in args.peers:
+                notes = "language model only, no image path"
+                systems.append(
+                    System(f"llama.cpp {kind}", spec, path.stat().st_size, read, kv, precision, notes)
                 )
-            )
-        if "llama.cpp-image" in args.peers:
-            kind = args.gguf_fp if precision == "fp32" else GGUF_FOR[precision]
-            progress(f"GGUF {kind} and llama.cpp's mmproj {args.mmproj_type}")
-            path = gguf_model(lm_dir, kind, args.cache)
-            mmproj = mmproj_model(args.model, args.mmproj_type, args.cache)
-            spec = {**common, "kind": "llama.cpp", "path": str(path), "mmproj": str(mmproj)}
-            systems.append(
-                System(
-                    f"llama.cpp {kind} + mmproj {args.mmproj_type}",
-                    spec,
-                    path.stat().st_size + mmproj.stat().st_size,
-                    gguf_weight_bytes(path),
-                    2 * kv_row,
-                    precision,
-                    "its own image path (libmtmd)",
-                )
-            )
+            if with_image:
+                progress(f"llama.cpp's mmproj {args.mmproj_type}")
+                mmproj = mmproj_model(args.model, args.mmproj_type, args.cache)
+                name = f"llama.cpp {kind} + mmproj {args.mmproj_type}"
+                size = path.stat().st_size + mmproj.stat().st_size
+                image_spec = {**spec, "mmproj": str(mmproj)}
+                notes = "its own image path (libmtmd)"
+                systems.append(System(name, image_spec, size, read, kv, precision, notes))
     return systems
 
 

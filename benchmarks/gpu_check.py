@@ -79,6 +79,16 @@ def environment() -> dict:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             out[package] = None
+    try:  # the build that is imported (the GPU one can be laid over a CPU one with PYTHONPATH)
+        import onnxruntime
+
+        out["onnxruntime_imported"] = {
+            "version": onnxruntime.__version__,
+            "from": str(Path(onnxruntime.__file__).parent),
+            "providers": onnxruntime.get_available_providers(),
+        }
+    except ImportError:
+        out["onnxruntime_imported"] = None
     return out
 
 

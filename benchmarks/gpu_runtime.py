@@ -356,7 +356,12 @@ def main() -> int:
     )
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the 7B-shaped slice")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per policy (after a warm-up)")
-    parser.add_argument("--work", type=Path, help="where bundles are exported (default: a temporary folder)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="where bundles are exported (default: a temporary folder); bundles already there are used "
+        "as they are, so demo bundles exported on another machine can travel with the run",
+    )
     parser.add_argument("--quick", action="store_true", help="skip the 7B-shaped slice (a CPU rehearsal)")
     parser.add_argument(
         "--slice-variant",
@@ -367,16 +372,19 @@ def main() -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-runtime-"))
     report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": args.device}
-    section(report, "environment", environment)
-    section(report, "tokens", lambda: tokens(work, args.device))
-    section(report, "batch", lambda: batch(work, args.device))
-    section(report, "engine", lambda: engine(work, args.device))
-    if not args.quick:
-        timed = (work, args.device, args.layers, args.runs, args.slice_variant)
-        section(report, "slice", lambda: slice_(*timed))
-        section(report, "cuda_graph", lambda: cuda_graph(*timed))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    timed = (work, args.device, args.layers, args.runs, args.slice_variant)
+    sections = {
+        "environment": environment,
+        "tokens": lambda: tokens(work, args.device),
+        "batch": lambda: batch(work, args.device),
+        "engine": lambda: engine(work, args.device),
+        **({} if args.quick else {"slice": lambda: slice_(*timed), "cuda_graph": lambda: cuda_graph(*timed)}),
+    }
+    for name, run in sections.items():
+        section(report, name, run)
+        # written after every section: a run stopped at the device's time limit keeps what it measured
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"[gpu_runtime] report written to {args.out}", file=sys.stderr)
     failed = [k for k, v in report.items() if isinstance(v, dict) and "error" in v]
     differ = [

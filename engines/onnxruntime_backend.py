@@ -34,23 +34,24 @@ _INSTALL_HINT = {
 }
 
 
-def installed_runtimes() -> list[str]:
-    """The ONNX Runtime distributions pip has installed (normally exactly one)."""
-    found = []
+def installed_runtimes() -> dict[str, Path]:
+    """The ONNX Runtime distributions installed (normally exactly one), each with its folder."""
+    found = {}
     for name in _RUNTIME_PACKAGES:
         try:
-            metadata.version(name)
+            found[name] = Path(metadata.distribution(name).locate_file("")).resolve()
         except metadata.PackageNotFoundError:
             continue
-        found.append(name)
     return found
 
 
-def check_installation(installed: list[str] | None = None) -> None:
-    """Refuse the two broken set-ups with one line each: no ONNX Runtime, or both builds at once.
+def check_installation(installed: Mapping[str, Path] | None = None) -> None:
+    """Refuse the two broken set-ups with one line each: no ONNX Runtime, or both builds in one folder.
 
-    With `onnxruntime` and `onnxruntime-gpu` both installed they share one `onnxruntime` import
-    package; whichever was installed last wins, and the CUDA provider silently disappears.
+    `onnxruntime` and `onnxruntime-gpu` share one `onnxruntime` import package: installed into the
+    same folder, whichever came last overwrote the other's files and the CUDA provider silently
+    disappears. In different folders (the GPU build laid over a CPU one with PYTHONPATH, say) the
+    first on the path is imported whole, and `providers_for` checks that it has the provider asked for.
     """
     installed = installed_runtimes() if installed is None else installed
     if not installed:
@@ -59,7 +60,7 @@ def check_installation(installed: list[str] | None = None) -> None:
             hint="pip install 'dyvte-rt[cpu]' (or 'dyvte-rt[gpu]' on a machine with CUDA)",
             unavailable=True,
         )
-    if len(installed) > 1:
+    if len(installed) > 1 and len(set(installed.values())) < len(installed):
         raise BackendError(
             "both onnxruntime and onnxruntime-gpu are installed, and the CPU package shadows the GPU one",
             hint="pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'dyvte-rt[cpu]' "
@@ -76,10 +77,15 @@ def providers_for(device: str) -> list[str]:
     if wanted not in ort.get_available_providers():
         raise BackendError(
             f"--device {device} needs ONNX Runtime's {wanted}, which this installation "
-            f"({', '.join(installed_runtimes())}) lacks",
+            f"({', '.join(installed_runtimes())} from {Path(ort.__file__).parent}) lacks",
             hint=_INSTALL_HINT.get(device),
             unavailable=True,
         )
+    if device != "cpu" and hasattr(ort, "preload_dlls"):
+        # the CUDA and cuDNN libraries of the nvidia-* pip packages, which the provider's dlopen does
+        # not search (ONNX Runtime would log the failure and fall back to the CPU); the runtime never
+        # imports torch, which would otherwise have loaded them
+        ort.preload_dlls()
     return _PROVIDERS[device]
 
 

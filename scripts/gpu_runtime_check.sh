@@ -2,14 +2,17 @@
 # dyvte-rt's own runtime on an NVIDIA GPU through onnxruntime-gpu, prepared here and run on a lent
 # machine that has no network (beside scripts/gpu_check.sh, which times the PyTorch reference).
 #
-#   bash scripts/gpu_runtime_check.sh parts [WHEEL]  # here: fetch (or take) the wheel, split it, print the calls
+#   bash scripts/gpu_runtime_check.sh parts [WHEEL]  # here: fetch (or take) the wheel, repack it, split it, print the calls
 #   bash scripts/gpu_runtime_check.sh receive N      # on the device: part N arrived intact?
-#   bash scripts/gpu_runtime_check.sh install        # on the device: reassemble, install, CUDA provider loads?
+#   bash scripts/gpu_runtime_check.sh install        # on the device: reassemble, unpack, CUDA provider loads?
 #   bash scripts/gpu_runtime_check.sh check [ARGS]   # on the device: benchmarks/gpu_runtime.py -> $OUT/gpu_runtime.json
 #
-# A device call carries at most 64 MiB, the wheel is about 244 MiB: it travels in parts of
-# PART_MIB (55) MiB, one per back-to-back call, in the git-ignored .gpu-wheel/ (kept on the device
-# while it stays warm). If the machine went back between calls, start again from part 0.
+# A device call carries at most 64 MiB and the wheel is about 244 MiB, so it is repacked first: its
+# files as a tar.xz (the CUDA kernels compress to 0.81 of the wheel's deflate) without the two
+# libraries the Python package never loads (libonnxruntime.so, the C API's copy of the runtime,
+# and the TensorRT provider, whose libraries are not on the machine), about 190 MiB. That travels in
+# parts of PART_MIB (55) MiB, one per back-to-back call, in the git-ignored .gpu-wheel/ (kept on the
+# device while it stays warm). If the machine went back between calls, start again from part 0.
 # GPU_WHEEL_DIR, GPU_SITE and PYTHON move the folders and the interpreter (for the CPU rehearsal:
 # tests/benchmarks/test_gpu_runtime_check.py runs every stage with a small fake wheel).
 set -euo pipefail
@@ -43,9 +46,17 @@ stage_parts() {
         wheel=$(ls "$parts_dir"/download/*.whl | head -1)
     fi
     [ -f "$wheel" ] || die "no wheel at $wheel"
-    split -b "${part_mib}M" -d -a 2 "$wheel" "$parts_dir/part-"
+    local archive unpacked
+    archive="$parts_dir/$(basename "$wheel" .whl).tar.xz"
+    unpacked=$(mktemp -d)
+    "$python" -m zipfile -e "$wheel" "$unpacked" || die "$wheel is not a readable wheel"
+    find "$unpacked" \( -name 'libonnxruntime.so*' -o -name 'libonnxruntime_providers_tensorrt.so' \) -delete
+    echo "repacking $(basename "$wheel") as $(basename "$archive") (xz, a minute or two) ..."
+    tar -C "$unpacked" -cf - . | xz -T0 -6 > "$archive"
+    rm -rf "$unpacked"
+    split -b "${part_mib}M" -d -a 2 "$archive" "$parts_dir/part-"
     {
-        echo "wheel $(basename "$wheel") $(sha "$wheel") $(stat -c %s "$wheel")"
+        echo "archive $(basename "$archive") $(sha "$archive") $(stat -c %s "$archive")"
         for part in "$parts_dir"/part-*; do echo "part $(basename "$part") $(sha "$part")"; done
     } > "$parts_dir/SHA256SUMS"
     local names=("$parts_dir"/part-*) count last
@@ -56,11 +67,13 @@ stage_parts() {
     for i in $(seq 0 "$last"); do
         local part
         part=$(printf 'part-%02d' "$i")
-        local command="bash scripts/gpu_runtime_check.sh receive $i"
-        [ "$i" -eq "$last" ] && command="$command && bash scripts/gpu_runtime_check.sh install"
-        echo "  run(command='$command', carry=['$parts_dir/SHA256SUMS', '$parts_dir/$part'], timeout_s=300)"
+        local command="bash scripts/gpu_runtime_check.sh receive $i" timeout=120
+        if [ "$i" -eq "$last" ]; then  # the last part, the install and the check in one call: one start-up fewer
+            command="$command && bash scripts/gpu_runtime_check.sh install && bash scripts/gpu_runtime_check.sh check"
+            timeout=600
+        fi
+        echo "  run(command='$command', carry=['$parts_dir/SHA256SUMS', '$parts_dir/$part'], timeout_s=$timeout)"
     done
-    echo "  run(command='bash scripts/gpu_runtime_check.sh check', timeout_s=480)"
     echo "then give_back; the report is \$OUT/gpu_runtime.json (commit it under benchmarks/results/)"
 }
 
@@ -83,26 +96,36 @@ stage_receive() {
     echo "$name ok; $have of $total parts here"
 }
 
+with_cuda_libraries() {  # the nvidia-* pip packages' lib folders on LD_LIBRARY_PATH, for the provider's dlopen
+    local folders
+    folders=$("$python" -c 'import glob, os, site
+print(":".join(sorted({os.path.dirname(p) for s in site.getsitepackages()
+                       for p in glob.glob(s + "/nvidia/**/lib*.so*", recursive=True)})))' 2> /dev/null || true)
+    [ -z "$folders" ] || export LD_LIBRARY_PATH=$folders${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+}
+
 stage_install() {
     [ -f "$parts_dir/SHA256SUMS" ] || die "no $parts_dir/SHA256SUMS: run the receive calls first"
-    local wheel_name wheel_sha missing=()
-    read -r _ wheel_name wheel_sha _ < <(grep '^wheel ' "$parts_dir/SHA256SUMS")
+    local archive_name archive_sha missing=()
+    read -r _ archive_name archive_sha _ < <(grep '^archive ' "$parts_dir/SHA256SUMS")
     for part in $(awk '$1 == "part" { print $2 }' "$parts_dir/SHA256SUMS"); do
         [ -f "$parts_dir/$part" ] && [ "$(sha "$parts_dir/$part")" = "$(expected "$part")" ] || missing+=("$part")
     done
     [ ${#missing[@]} -eq 0 ] || die "missing or damaged: ${missing[*]} (the machine went back? start again from part 0)"
     mkdir -p "$parts_dir/whole"
-    cat "$parts_dir"/part-* > "$parts_dir/whole/$wheel_name"
-    [ "$(sha "$parts_dir/whole/$wheel_name")" = "$wheel_sha" ] || die "the reassembled wheel's sha256 differs"
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-        "$parts_dir/whole/$wheel_name" || die "pip could not install $wheel_name into $site"
+    cat "$parts_dir"/part-* > "$parts_dir/whole/$archive_name"
+    [ "$(sha "$parts_dir/whole/$archive_name")" = "$archive_sha" ] || die "the reassembled archive's sha256 differs"
+    rm -rf "$site" && mkdir -p "$site"
+    tar -C "$site" -xJf "$parts_dir/whole/$archive_name" || die "could not unpack $archive_name into $site"
     rm -rf "$parts_dir/whole"
+    with_cuda_libraries
     PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} "$python" benchmarks/gpu_providers.py
 }
 
 stage_check() {
     [ -d "$site/onnxruntime" ] || die "onnxruntime-gpu is not installed in $site: run the install stage first"
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+    with_cuda_libraries
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
     "$python" benchmarks/gpu_providers.py >&2 || true
     PYTHONUNBUFFERED=1 exec "$python" benchmarks/gpu_runtime.py "$@"

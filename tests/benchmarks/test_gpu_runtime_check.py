@@ -1,6 +1,7 @@
-"""The GPU runtime check's stages rehearsed on the CPU with a small fake wheel: the wheel split into
-parts with a manifest, parts checked on arrival, a damaged or missing part refused in one line,
-the reassembled wheel installed into its own folder, and the provider probe's one-line verdict."""
+"""The GPU runtime check's stages rehearsed on the CPU with a small fake wheel: the wheel repacked
+without the libraries the package never loads and split into parts with a manifest, parts checked
+on arrival, a damaged or missing part refused in one line, the archive reassembled and unpacked
+into its own folder, and the provider probe's one-line verdict."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def fake_wheel(folder: Path) -> Path:
     files = {
         "dyvte_fake_probe/__init__.py": b"VALUE = 42\n",
         "dyvte_fake_probe/padding.bin": os.urandom(5 * 2**19),
+        # the two libraries the repack leaves out (the Python package never loads them)
+        "dyvte_fake_probe/capi/libonnxruntime.so.0.1": b"C API copy",
+        "dyvte_fake_probe/capi/libonnxruntime_providers_tensorrt.so": b"TensorRT provider",
+        "dyvte_fake_probe/capi/libonnxruntime_providers_cuda.so": b"CUDA provider",
         "dyvte_fake_probe-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: dyvte-fake-probe\n"
         b"Version: 0.1\n",
         "dyvte_fake_probe-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
@@ -54,12 +59,12 @@ def test_every_stage_runs_here_with_a_fake_wheel(tmp_path):
     assert done.returncode == 0, done.stderr
     parts = sorted(p.name for p in here.glob("part-*"))
     assert parts == ["part-00", "part-01", "part-02"]
-    assert (
-        done.stdout.count("run(command=") == 4
-        and "receive 2 && bash scripts/gpu_runtime_check.sh install" in done.stdout
+    assert done.stdout.count("run(command=") == 3 and (
+        "receive 2 && bash scripts/gpu_runtime_check.sh install && bash scripts/gpu_runtime_check.sh check"
+        in done.stdout
     )
     manifest = (here / "SHA256SUMS").read_text().splitlines()
-    assert manifest[0].startswith("wheel dyvte_fake_probe-0.1-py3-none-any.whl ") and len(manifest) == 4
+    assert manifest[0].startswith("archive dyvte_fake_probe-0.1-py3-none-any.tar.xz ") and len(manifest) == 4
 
     # the device receives the manifest and one part per call
     env["GPU_WHEEL_DIR"] = str(device)
@@ -84,6 +89,10 @@ def test_every_stage_runs_here_with_a_fake_wheel(tmp_path):
     # reassembled and installed into its own folder; this CPU build has no CUDA provider: one line
     installed = stage(env, "install")
     assert (tmp_path / "site/dyvte_fake_probe/__init__.py").is_file(), installed.stderr
+    assert (tmp_path / "site/dyvte_fake_probe-0.1.dist-info/METADATA").is_file()
+    assert sorted(p.name for p in (tmp_path / "site/dyvte_fake_probe/capi").iterdir()) == [
+        "libonnxruntime_providers_cuda.so"
+    ]
     assert installed.returncode == 1
     assert (
         installed.stdout.strip()

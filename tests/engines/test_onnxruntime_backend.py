@@ -1,6 +1,8 @@
 """Packaging traps of ONNX Runtime are refused with one line that says what to run; row views of
 backend buffers share their memory on the CPU as they would on a GPU (bound by address)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,19 +13,35 @@ from engines.onnxruntime_backend import RowView, check_installation, installed_r
 
 def test_no_runtime_names_the_extras():
     with pytest.raises(BackendError, match="not installed") as refused:
-        check_installation([])
+        check_installation({})
     assert "dyvte-rt[cpu]" in str(refused.value) and refused.value.unavailable
 
 
-def test_cpu_and_gpu_runtimes_side_by_side_are_refused():
+def test_cpu_and_gpu_runtimes_in_one_folder_are_refused():
+    site = Path("/venv/site-packages")
     with pytest.raises(BackendError, match="shadows the GPU one") as refused:
-        check_installation(["onnxruntime", "onnxruntime-gpu"])
+        check_installation({"onnxruntime": site, "onnxruntime-gpu": site})
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in str(refused.value)
 
 
 def test_this_machine_has_exactly_one_runtime():
-    assert len(installed_runtimes()) == 1 and installed_runtimes()[0] in ("onnxruntime", "onnxruntime-gpu")
+    assert list(installed_runtimes()) in (["onnxruntime"], ["onnxruntime-gpu"]), installed_runtimes()
     check_installation()
+
+
+def test_a_gpu_build_laid_over_the_cpu_one_from_another_folder_is_accepted(tmp_path, monkeypatch):
+    """The GPU machine's set-up: its CPU onnxruntime stays, onnxruntime-gpu is unpacked into a folder
+    put first on PYTHONPATH. Both are found, in different folders, and nothing overwrote anything."""
+    info = tmp_path / "onnxruntime_gpu-1.31.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.31.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = installed_runtimes()
+    assert found["onnxruntime-gpu"] == tmp_path.resolve() and found["onnxruntime"] != tmp_path.resolve()
+    check_installation()
+    # the same two in one folder (pip installed the second over the first) stay refused
+    with pytest.raises(BackendError, match="shadows"):
+        check_installation(dict.fromkeys(found, tmp_path))
 
 
 def test_row_views_share_the_buffers_memory():

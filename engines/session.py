@@ -38,6 +38,10 @@ class SessionOptions:
     # for the session's life. Off by default: on the 7B slice it held 0.2 x the weights after one
     # request; without it prefill took 4% longer and decoding no longer (docs/benchmarks.md).
     memory_arena: bool = False
+    # Keep the host's resident memory near the bundle's bytes (engines/host_memory.py: freed heap
+    # pages returned after loading, each prefill and each request; clean weight pages dropped after
+    # loading). glibc on Linux only.
+    lean_host_memory: bool = True
     optimization: str = "all"  # none | basic | extended | all
     # A file prefix: ONNX Runtime writes each graph's run op by op (benchmarks/decode_profile.py
     # --ops); empty: off. Other backends ignore it.

@@ -52,6 +52,13 @@ class QualityError(DyvteError):
     """A quantised graph drifted too far from its float graph."""
 
 
+# Weights above this live in external data: ONNX Runtime maps that file, MatMulNBits packs its
+# weights from the mapping and the mapping is released, while weights inlined in the .onnx are
+# parsed onto the heap first, where their freed pages stay resident (docs/benchmarks.md, *Resident
+# memory of quantised bundles*).
+EXTERNAL_WEIGHTS_BYTES = 8 << 20
+
+
 def quantize_graph(source: Path, path: Path, settings: QuantizeSettings) -> list[str]:
     """Write `source` with its constant-weight MatMuls (and, with `matmulnbits`, its embedding
     tables) quantised to `path`; returns the files written."""
@@ -75,11 +82,11 @@ def quantize_graph(source: Path, path: Path, settings: QuantizeSettings) -> list
     quantized = quantizer.model.model
     if settings.format == "matmulnbits":
         quantize_embedding_gathers(quantized, settings.bits, settings.block_size)
-    large = sum(t.ByteSize() for t in quantized.graph.initializer) > (1 << 30)
+    external = sum(t.ByteSize() for t in quantized.graph.initializer) > EXTERNAL_WEIGHTS_BYTES
     onnx.save(
         quantized,
         str(path),
-        save_as_external_data=large,
+        save_as_external_data=external,
         all_tensors_to_one_file=True,
         location=data.name,
         size_threshold=1024,

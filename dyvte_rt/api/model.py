@@ -54,17 +54,21 @@ class DyvteModel:
         verify_hashes: bool = True,
         dtype: str | None = None,
         memory_arena: bool = False,
+        lean_memory: bool = True,
     ) -> DyvteModel:
         """`dtype` (fp32 | fp16): refuse a bundle of another precision; None accepts the bundle's
         own, except fp16 on the CPU. `spin`: let idle worker threads spin-wait (lower latency only
         where cores are to spare). `memory_arena`: keep ONNX Runtime's CPU arena (holds a prefill's
-        activations between requests)."""
+        activations between requests). `lean_memory`: return to the OS what loading left resident
+        beyond the packed weights, and the heap pages each prefill and request freed (glibc;
+        engines/host_memory.py)."""
         options = SessionOptions(
             device=device,
             intra_op_threads=threads,
             optimization=optimization,
             spin=spin,
             memory_arena=memory_arena,
+            lean_host_memory=lean_memory,
         )
         return cls(Bundle.open(bundle, options, verify_hashes=verify_hashes, dtype=dtype))
 
@@ -168,6 +172,8 @@ class DyvteModel:
             (slot,) = batch.prefill([(0, request, state)])
             yield from batch.stream(0)
             generation.answer = Answer.from_slot(slot, request.policy.spec(), request.prune.spec())
+            del batch, slot
+            self.bundle.release_freed_memory()  # the request's KV cache
 
         return Generation(produce)
 
@@ -214,10 +220,13 @@ class DyvteModel:
             if not batch.active:
                 break
             finished = batch.step()
-        return [
+        answers = [
             Answer.from_slot(slot, request.policy.spec(), request.prune.spec())
             for slot, (_, request, _) in zip(slots, entries, strict=True)
         ]
+        del batch, slots
+        self.bundle.release_freed_memory()  # the batch's KV cache
+        return answers
 
     def chat(
         self,

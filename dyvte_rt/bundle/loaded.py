@@ -12,6 +12,7 @@ from dyvte_rt.bundle.manifest import BundleError, Manifest, SegmentInfo, load_ma
 from dyvte_rt.errors import BackendUnavailableError
 from dyvte_rt.families import Family, family_for
 from engines import Backend, BackendError, Session, SessionOptions, open_backend
+from engines.host_memory import drop_mapped_pages, release_freed_heap
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -86,6 +87,7 @@ class Bundle:
     backend: Backend
     sessions: dict[str, Session]  # graph name -> session
     family: Family  # what the runtime asks about images and positions
+    lean_memory: bool = True  # freed heap pages returned after each prefill and request (host_memory)
 
     @classmethod
     def open(
@@ -115,7 +117,10 @@ class Bundle:
             if isinstance(err, BackendError):
                 raise as_runtime_error(err) from None
             raise
-        return cls(path, manifest, backend, sessions, family_for(manifest))
+        if options.lean_host_memory:  # what packing left behind (engines/host_memory.py)
+            drop_mapped_pages(path)
+            release_freed_heap()
+        return cls(path, manifest, backend, sessions, family_for(manifest), options.lean_host_memory)
 
     @property
     def float_dtype(self) -> np.dtype:
@@ -124,6 +129,11 @@ class Bundle:
     @property
     def segments(self) -> tuple[SegmentInfo, ...]:
         return self.manifest.segments
+
+    def release_freed_memory(self) -> None:
+        """Return the heap pages a prefill or a finished request freed to the OS (when lean)."""
+        if self.lean_memory:
+            release_freed_heap()
 
     def close(self) -> None:
         for session in self.sessions.values():

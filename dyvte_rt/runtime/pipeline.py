@@ -199,8 +199,10 @@ class Pipeline:
                 hidden, positions, valid, cache, switch, deepstack, chunk, busy
             )
             logits = self._head(hidden, valid)  # [B, vocab]
+            del hidden, features, feeds, deepstack_levels  # freed before the heap is trimmed
         except BackendError as err:
             raise as_runtime_error(err) from None
+        self.bundle.release_freed_memory()  # the prefill's activations
         prefill_ms = busy.lap_ms()
         results = []
         for row in range(batch):

@@ -233,3 +233,47 @@ def test_threshold_recalibration_on_a_quantized_bundle(demo_quantized, fresh_que
     report = json.loads(capsys.readouterr().out)
     assert report["questions"] == 40 and report["agreement"] >= 0.9 and 0 < report["threshold"] <= 1
     assert load_manifest(bundle).exit.threshold == report["threshold"]
+
+
+def test_quantised_weights_above_the_threshold_go_to_external_data_and_stay_lossless_when_dropped(
+    tmp_path, monkeypatch
+):
+    """A quantised graph's weights are written to external data (above EXTERNAL_WEIGHTS_BYTES), which
+    ONNX Runtime memory-maps; dropping those mapped pages after loading (engines/host_memory.py)
+    changes no output, as the pages are read back from the file."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import export.quantize as quantize
+    from engines.host_memory import clean_file_mappings, drop_mapped_pages
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((256, 512)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "one_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n", 512])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    source = tmp_path / "float.onnx"
+    onnx.save(model, str(source))
+    settings = quantize.QuantizeSettings(bits=4)
+    inline = tmp_path / "inline"
+    inline.mkdir()
+    assert quantize.quantize_graph(source, inline / "g.onnx", settings) == ["g.onnx"]  # small: one file
+    monkeypatch.setattr(quantize, "EXTERNAL_WEIGHTS_BYTES", 0)
+    external = tmp_path / "external"
+    external.mkdir()
+    assert quantize.quantize_graph(source, external / "g.onnx", settings) == ["g.onnx", "g.onnx.data"]
+    x = {"x": rng.standard_normal((1, 5, 256)).astype(np.float32)}
+    want = ort.InferenceSession(str(inline / "g.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(str(external / "g.onnx"), options, providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, x)[0], want)
+    assert clean_file_mappings(external), "ONNX Runtime did not map the external data"
+    assert drop_mapped_pages(external) > 0
+    assert np.array_equal(session.run(None, x)[0], want)

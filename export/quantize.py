@@ -91,6 +91,8 @@ def quantize_graph(source: Path, path: Path, settings: QuantizeSettings) -> list
         location=data.name,
         size_threshold=1024,
     )
+    if data.is_file():  # onnx creates external data owner-only (0600); as readable as the graph beside it
+        data.chmod(path.stat().st_mode & 0o777)
     return sorted(
         p.name for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + ".")
     )

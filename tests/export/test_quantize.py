@@ -268,6 +268,8 @@ def test_quantised_weights_above_the_threshold_go_to_external_data_and_stay_loss
     external = tmp_path / "external"
     external.mkdir()
     assert quantize.quantize_graph(source, external / "g.onnx", settings) == ["g.onnx", "g.onnx.data"]
+    # readable by whoever may read the graph (a service account serving a bundle built by another)
+    assert (external / "g.onnx.data").stat().st_mode & 0o777 == (external / "g.onnx").stat().st_mode & 0o777
     x = {"x": rng.standard_normal((1, 5, 256)).astype(np.float32)}
     want = ort.InferenceSession(str(inline / "g.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
     options = ort.SessionOptions()

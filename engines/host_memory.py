@@ -7,8 +7,8 @@ after every request:
   request's KV cache are freed after use — glibc's mmap threshold grows with every large block
   freed (up to 32 MiB), so they come from its heap, whose free pages it keeps mapped unless
   `malloc_trim` returns them (free pages in the middle of the heap included). The runtime asks
-  after loading, after each prefill and after each request (a few milliseconds against seconds
-  of prefill);
+  after loading, and after each prefill and request large enough to be worth a trim (about
+  0.4 ms; `dyvte_rt.bundle.loaded.TRIM_MIN_BYTES`);
 - weights in external data are memory-mapped; what a kernel did not pack (MatMulNBits keeps its
   original scales) stays resident once read while packing. Those pages are dropped with
   `madvise(MADV_DONTNEED)`, only in mappings no page of which was ever written: there it loses

@@ -172,8 +172,9 @@ class DyvteModel:
             (slot,) = batch.prefill([(0, request, state)])
             yield from batch.stream(0)
             generation.answer = Answer.from_slot(slot, request.policy.spec(), request.prune.spec())
+            held = batch.cache.allocated_bytes()
             del batch, slot
-            self.bundle.release_freed_memory()  # the request's KV cache
+            self.bundle.release_freed_memory(held)  # the request's KV cache
 
         return Generation(produce)
 
@@ -224,8 +225,9 @@ class DyvteModel:
             Answer.from_slot(slot, request.policy.spec(), request.prune.spec())
             for slot, (_, request, _) in zip(slots, entries, strict=True)
         ]
+        held = batch.cache.allocated_bytes()
         del batch, slots
-        self.bundle.release_freed_memory()  # the batch's KV cache
+        self.bundle.release_freed_memory(held)  # the batch's KV cache
         return answers
 
     def chat(

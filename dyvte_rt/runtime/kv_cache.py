@@ -56,6 +56,10 @@ class KVCache(ABC):
         """Bytes of the rows held (what a cache of exactly that size would take)."""
         return int(self.lengths.sum()) * self.row_bytes()
 
+    def allocated_bytes(self) -> int:
+        """Bytes its buffers take: the rows held, where buffers grow with them (concat)."""
+        return self.nbytes()
+
     @abstractmethod
     def feeds(self, layers: range, new_tokens: int | np.ndarray) -> dict[str, Value | np.ndarray]:
         """A segment's cache inputs for a step that adds `new_tokens` rows (per sample: [B]) to each

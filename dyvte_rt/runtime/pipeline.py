@@ -202,7 +202,7 @@ class Pipeline:
             del hidden, features, feeds, deepstack_levels  # freed before the heap is trimmed
         except BackendError as err:
             raise as_runtime_error(err) from None
-        self.bundle.release_freed_memory()  # the prefill's activations
+        self.bundle.release_freed_memory(cache.nbytes())  # the prefill's activations
         prefill_ms = busy.lap_ms()
         results = []
         for row in range(batch):

@@ -61,35 +61,25 @@ def export_plan(
     external = nbytes > EXTERNAL_DATA_BYTES
     path = out_dir / plan.file
     with _quiet():
-        torch.onnx.export(
+        program = torch.onnx.export(
             plan.module.eval(),
             plan.sample,
-            str(path),
             dynamo=True,
             input_names=plan.input_names,
             output_names=plan.output_names,
             dynamic_shapes=plan.dynamic_shapes,
             opset_version=opset,
-            external_data=external,
             custom_translation_table=TRANSLATIONS,
             verbose=False,
         )
-    _fusable(path)
+        divide_by_square_roots(program.model.graph)  # before saving: RMSNorms ONNX Runtime fuses
+        program.save(str(path), external_data=external)
+        del program  # its initializers hold the module's weights (a streamed export drops them next)
     files = tuple(
         sorted(p.name for p in out_dir.iterdir() if p.name == plan.file or p.name.startswith(plan.file + "."))
     )
     error = verify_plan(plan, path, release_weights=release_weights)
     return ExportedGraph(plan.name, files, count, error)
-
-
-def _fusable(path: Path) -> None:
-    """Rewrite what ONNX Runtime's fusions cannot match as exported (export.graph_rewrites); the
-    weights in external data stay where they are."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    if divide_by_square_roots(model.graph):
-        onnx.save(model, str(path))
 
 
 def verify_plan(

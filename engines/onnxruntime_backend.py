@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -84,8 +86,10 @@ def providers_for(device: str) -> list[str]:
     if device != "cpu" and hasattr(ort, "preload_dlls"):
         # the CUDA and cuDNN libraries of the nvidia-* pip packages, which the provider's dlopen does
         # not search (ONNX Runtime would log the failure and fall back to the CPU); the runtime never
-        # imports torch, which would otherwise have loaded them
-        ort.preload_dlls()
+        # imports torch, which would otherwise have loaded them. Best effort: what it could not load
+        # it prints, to stderr here so that a command's JSON on stdout stays whole
+        with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(Exception):
+            ort.preload_dlls()
     return _PROVIDERS[device]
 
 

@@ -52,10 +52,10 @@ class QualityError(DyvteError):
     """A quantised graph drifted too far from its float graph."""
 
 
-# Weights above this live in external data: ONNX Runtime maps that file, MatMulNBits packs its
-# weights from the mapping and the mapping is released, while weights inlined in the .onnx are
-# parsed onto the heap first, where their freed pages stay resident (docs/benchmarks.md, *Resident
-# memory of quantised bundles*).
+# Weights above this live in external data: ONNX Runtime maps that file and MatMulNBits packs its
+# weights straight from the mapping, while weights inlined in the .onnx are parsed onto the heap
+# first, where their freed pages stay resident (docs/benchmarks.md, *Resident memory of quantised
+# bundles*).
 EXTERNAL_WEIGHTS_BYTES = 8 << 20
 
 

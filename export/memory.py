@@ -4,12 +4,11 @@ while it is exported, freed heap handed back to the system, and what the process
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import os
-import sys
 
 from dyvte_rt.errors import InputError
+from engines.host_memory import release_freed_heap
 
 # Peak resident memory of exporting one graph, measured on the LLaVA-1.5-7B-shaped slice
 # (docs/benchmarks.md, Export): the graph's weights, the exporter's copies while it writes them, and
@@ -61,9 +60,7 @@ def release_freed_memory() -> None:
     """Collect garbage and hand the freed heap back to the system: glibc keeps freed blocks for
     reuse, and after a graph's exporter and checks that held gigabytes of a 7B export's memory."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_heap()
 
 
 def resident_gib() -> float:

@@ -69,6 +69,7 @@ def quantize_graph(source: Path, path: Path, settings: QuantizeSettings) -> list
     for name in ("onnxruntime.quantization", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
     model = onnx.load(str(source))
+    gemms_as_matmuls(model)  # the quantiser reads MatMul weights only
     quantizer = MatMulNBitsQuantizer(
         model,
         bits=settings.bits,
@@ -96,6 +97,48 @@ def quantize_graph(source: Path, path: Path, settings: QuantizeSettings) -> list
     return sorted(
         p.name for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + ".")
     )
+
+
+def gemms_as_matmuls(model) -> int:
+    """Rewrite each `Gemm(A, W, C)` with a constant weight W (alpha 1, beta 1, A not transposed) as
+    `MatMul(A, W')` then `Add(C)`, W' = W transposed where Gemm transposed it. The dynamo exporter
+    writes a linear layer on 2-D activations as Gemm (Qwen2.5-VL's vision tower flattens its
+    patches), and ONNX Runtime's weight-only quantiser only reads MatMul weights: without this those
+    layers stayed float. Returns how many Gemms were rewritten."""
+    from onnx import helper, numpy_helper
+
+    tables = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    rewritten, nodes = 0, []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        scaled = attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+        plain = not scaled and not attrs.get("transA", 0)
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or not plain or weight not in tables:
+            nodes.append(node)
+            continue
+        array = numpy_helper.to_array(tables[weight])
+        if attrs.get("transB", 0):
+            array = np.ascontiguousarray(array.T)
+        name = f"{weight}_as_matmul"
+        model.graph.initializer.append(numpy_helper.from_array(array, name))
+        readers[weight] -= 1
+        if not readers[weight]:  # nothing else reads the Gemm's copy
+            model.graph.initializer.remove(tables.pop(weight))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}_matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=node.name + "_matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], list(node.output), name=f"{node.name}_add"))
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return rewritten
 
 
 def quantize_embedding_gathers(model, bits: int, block_size: int) -> int:

@@ -279,3 +279,36 @@ def test_quantised_weights_above_the_threshold_go_to_external_data_and_stay_loss
     assert clean_file_mappings(external), "ONNX Runtime did not map the external data"
     assert drop_mapped_pages(external) > 0
     assert np.array_equal(session.run(None, x)[0], want)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_linear_layers_written_as_gemm_are_quantised_too(trans_b, tmp_path):
+    """The dynamo exporter writes a linear layer on 2-D activations as Gemm (Qwen2.5-VL's vision
+    tower); ONNX Runtime's quantiser reads MatMul weights only, so Gemms become MatMul + Add first:
+    quantised, with the Gemm's output within int8 noise."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import QuantizeSettings, quantize_graph
+
+    rng = np.random.default_rng(trans_b)
+    weight = rng.standard_normal((64, 96)).astype(np.float32)  # [K, N]
+    stored = weight.T.copy() if trans_b else weight
+    bias = rng.standard_normal(96).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=trans_b)],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 96])],
+        [numpy_helper.from_array(stored, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    quantize_graph(tmp_path / "float.onnx", tmp_path / "q.onnx", QuantizeSettings(bits=8))
+    assert {"MatMulNBits", "Add"} <= _ops(tmp_path / "q.onnx") and "Gemm" not in _ops(tmp_path / "q.onnx")
+    x = rng.standard_normal((7, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    want = x @ weight + bias
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()

@@ -37,7 +37,6 @@ stage_parts() {
         die "a part of $part_mib MiB and the working tree ($((tree_bytes / 1048576)) MiB) exceed a call's 64 MiB: lower PART_MIB"
     fi
     mkdir -p "$parts_dir"
-    rm -f "$parts_dir"/part-* "$parts_dir"/SHA256SUMS
     if [ -z "$wheel" ]; then
         "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
             --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
@@ -46,6 +45,7 @@ stage_parts() {
         wheel=$(ls "$parts_dir"/download/*.whl | head -1)
     fi
     [ -f "$wheel" ] || die "no wheel at $wheel"
+    rm -f "$parts_dir"/part-* "$parts_dir"/SHA256SUMS  # the parts of an earlier wheel, once this one is here
     local archive unpacked
     archive="$parts_dir/$(basename "$wheel" .whl).tar.xz"
     unpacked=$(mktemp -d)
@@ -68,11 +68,16 @@ stage_parts() {
         local part
         part=$(printf 'part-%02d' "$i")
         local command="bash scripts/gpu_runtime_check.sh receive $i" timeout=120
+        local carry="'$parts_dir/SHA256SUMS', '$parts_dir/$part'"
         if [ "$i" -eq "$last" ]; then  # the last part, the install and the check in one call: one start-up fewer
             command="$command && bash scripts/gpu_runtime_check.sh install && bash scripts/gpu_runtime_check.sh check"
             timeout=600
+            if [ -f runs/gpur/demo-fp16-inplace/manifest.json ]; then  # demo bundles exported here travel too
+                command="$command --work runs/gpur"
+                for bundle in runs/gpur/demo-*; do carry="$carry, '$bundle'"; done
+            fi
         fi
-        echo "  run(command='$command', carry=['$parts_dir/SHA256SUMS', '$parts_dir/$part'], timeout_s=$timeout)"
+        echo "  run(command='$command', carry=[$carry], timeout_s=$timeout)"
     done
     echo "then give_back; the report is \$OUT/gpu_runtime.json (commit it under benchmarks/results/)"
 }
@@ -116,7 +121,9 @@ stage_install() {
     cat "$parts_dir"/part-* > "$parts_dir/whole/$archive_name"
     [ "$(sha "$parts_dir/whole/$archive_name")" = "$archive_sha" ] || die "the reassembled archive's sha256 differs"
     rm -rf "$site" && mkdir -p "$site"
-    tar -C "$site" -xJf "$parts_dir/whole/$archive_name" || die "could not unpack $archive_name into $site"
+    # Python's tarfile reads xz itself: the device image need not have the xz program
+    "$python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+        "$parts_dir/whole/$archive_name" "$site" || die "could not unpack $archive_name into $site"
     rm -rf "$parts_dir/whole"
     with_cuda_libraries
     PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} "$python" benchmarks/gpu_providers.py

@@ -65,6 +65,9 @@ def test_every_stage_runs_here_with_a_fake_wheel(tmp_path):
     )
     manifest = (here / "SHA256SUMS").read_text().splitlines()
     assert manifest[0].startswith("archive dyvte_fake_probe-0.1-py3-none-any.tar.xz ") and len(manifest) == 4
+    wrong = stage(env, "parts", str(tmp_path / "missing.whl"))  # a wrong path keeps the parts made before
+    assert wrong.returncode == 1 and "no wheel at" in wrong.stderr
+    assert sorted(p.name for p in here.glob("part-*")) == parts and (here / "SHA256SUMS").is_file()
 
     # the device receives the manifest and one part per call
     env["GPU_WHEEL_DIR"] = str(device)

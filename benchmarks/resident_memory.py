@@ -74,15 +74,15 @@ def per_graph(args) -> dict:
     import onnxruntime  # noqa: F401
 
     from dyvte_rt.bundle.manifest import load_manifest
+    from dyvte_rt.cli.inspect import graph_bytes
     from engines import SessionOptions, open_backend
     from engines.host_memory import drop_mapped_pages, release_freed_heap
 
     manifest = load_manifest(args.bundle)
     backend = open_backend(SessionOptions(intra_op_threads=args.threads))
-    rows, sessions = {}, []
+    rows, sessions, sizes = {}, [], graph_bytes(manifest)
     for name, graph in manifest.graphs.items():
-        own = [f for n, f in manifest.files.items() if n == graph.file or n.startswith(graph.file + ".")]
-        size = sum(f.bytes for f in own)
+        size = sizes[name][1]
         before = rss_bytes()
         names = tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs)
         sessions.append(backend.open(args.bundle / graph.file, *names))

@@ -13,12 +13,16 @@ transformers' per-sequence Python loop, which an exported graph cannot hold. Qwe
 blocks attend window by window: the patches are gathered into padded slots [windows, slots] (the
 window count is a dynamic axis, the slots per window a constant), attention runs per window with
 the empty slots masked, and each patch's row is gathered back, so a windowed block costs what the
-windows cost, not a P x P attention. Tests compare the result with transformers' own tower.
+windows cost, not a P x P attention. Blocks that attend over the whole image (all of Qwen2-VL's,
+Qwen2.5-VL's full-attention ones) take their queries QUERY_BLOCKS slices at a time, so a block's
+scores are [heads, P / QUERY_BLOCKS, P] at once instead of [heads, P, P] (1.4 GiB per block at
+1280x720). Tests compare the result with transformers' own tower.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -257,6 +261,11 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     processor_class = "Qwen2_5_VLProcessor"
 
 
+# Query slices of a full-attention block: the scores of 16 heads over the most patches Qwen's
+# processor makes (16,384) stay near 1 GiB per slice, and 1280x720's 4,784 patches take 299 rows.
+QUERY_BLOCKS = 16
+
+
 def _vision_block(block, hidden, cos, sin, windows, apply_rotary) -> torch.Tensor:
     """One vision block: attention over the whole image (or within each window: `windows` =
     (gather [W, S], slots [P])), in fp32 for fp16 graphs, then the MLP."""
@@ -266,12 +275,20 @@ def _vision_block(block, hidden, cos, sin, windows, apply_rotary) -> torch.Tenso
     q, k, v = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary(q, k, cos, sin)
     q, k, v = (t.float() for t in (q, k, v))  # [P, H, head_dim]
-    if windows is None:
-        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
-    else:
-        out = _windowed_attention(q, k, v, *windows)
+    out = _query_blocked_attention(q, k, v) if windows is None else _windowed_attention(q, k, v, *windows)
     hidden = hidden + attn.proj(out.reshape(length, -1).to(x.dtype))
     return hidden + block.mlp(block.norm2(hidden))
+
+
+def _query_blocked_attention(q, k, v) -> torch.Tensor:
+    """[P, H, d] each -> [P, H, d]: attention over all patches, the queries QUERY_BLOCKS slices at
+    a time (slice i is rows i*P//n to (i+1)*P//n; an image with fewer patches than slices leaves
+    some slices empty, which ONNX Runtime runs as empty tensors)."""
+    length = q.shape[0]
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, P, d]
+    bounds = [i * length // QUERY_BLOCKS for i in range(QUERY_BLOCKS + 1)]
+    slices = [F.scaled_dot_product_attention(q[:, :, a:b], k, v) for a, b in itertools.pairwise(bounds)]
+    return torch.cat(slices, dim=2)[0].transpose(0, 1)
 
 
 def _windowed_attention(q, k, v, gather: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -116,3 +116,40 @@ def test_bundles_from_before_the_slots_get_the_masked_form_s_window_ids():
     assert (
         slotted[io_names.WINDOW_GATHER].reshape(-1)[slotted[io_names.WINDOW_SLOTS]] == np.arange(len(windows))
     ).all()
+
+
+class _FullAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        from export.families.qwen2_vl import _query_blocked_attention
+
+        return _query_blocked_attention(q, k, v)
+
+
+def test_query_blocked_attention_equals_one_attention_in_torch_and_onnx_runtime(tmp_path):
+    """A full-attention block's queries in QUERY_BLOCKS slices: the same rows as one attention, in
+    PyTorch and exported (one graph for every patch count, fewer patches than slices included,
+    whose empty slices ONNX Runtime must run)."""
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    from export.families.qwen2_vl import QUERY_BLOCKS
+
+    def one_attention(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(0, 1)[None] for t in (q, k, v))
+        )[0].transpose(0, 1)
+
+    rng = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(3, 40, 4, 8, generator=rng))
+    patches = Dim("patches", min=1, max=1 << 14)
+    program = torch.onnx.export(
+        _FullAttention(), example, dynamo=True, dynamic_shapes=({0: patches},) * 3, opset_version=18
+    )
+    program.save(tmp_path / "attention.onnx")
+    session = ort.InferenceSession(tmp_path / "attention.onnx", providers=["CPUExecutionProvider"])
+    for count in (1, QUERY_BLOCKS - 3, QUERY_BLOCKS, 301):
+        q, k, v = torch.randn(3, count, 4, 8, generator=rng)
+        expected = one_attention(q, k, v)
+        assert torch.allclose(_FullAttention()(q, k, v), expected, atol=1e-6)
+        got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
+        assert got.shape == (count, 4, 8) and np.abs(got - expected.numpy()).max() < 1e-5

@@ -34,6 +34,9 @@ from dyvte_rt.runtime.prune import PrunePolicy, parse_prune
 from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
 from engines import SessionOptions
 
+VISION_GRAPH = "vision"  # the image encoder's graph in every bundle with images
+VISION_PRIORITIES = ("normal", "low")
+
 
 class DyvteModel:
     def __init__(self, bundle: Bundle) -> None:
@@ -55,13 +58,19 @@ class DyvteModel:
         dtype: str | None = None,
         memory_arena: bool = False,
         lean_memory: bool = True,
+        vision_priority: str = "normal",
     ) -> DyvteModel:
         """`dtype` (fp32 | fp16): refuse a bundle of another precision; None accepts the bundle's
         own, except fp16 on the CPU. `spin`: let idle worker threads spin-wait (lower latency only
         where cores are to spare). `memory_arena`: keep ONNX Runtime's CPU arena (holds a prefill's
         activations between requests). `lean_memory`: return to the OS what loading left resident
         beyond the packed weights, and the heap pages each prefill and request freed (glibc;
-        engines/host_memory.py)."""
+        engines/host_memory.py). `vision_priority` "low": the image encoder's worker threads run at
+        the lowest CPU priority (Linux), for a server that encodes images while others decode; the
+        thread that calls `encode_image` should lower its own (engines.host_threads)."""
+        if vision_priority not in VISION_PRIORITIES:
+            choices = ", ".join(VISION_PRIORITIES)
+            raise InputError(f"vision priority must be one of {choices}, not {vision_priority!r}")
         options = SessionOptions(
             device=device,
             intra_op_threads=threads,
@@ -70,7 +79,8 @@ class DyvteModel:
             memory_arena=memory_arena,
             lean_host_memory=lean_memory,
         )
-        return cls(Bundle.open(bundle, options, verify_hashes=verify_hashes, dtype=dtype))
+        low = frozenset({VISION_GRAPH}) if vision_priority == "low" else frozenset()
+        return cls(Bundle.open(bundle, options, verify_hashes=verify_hashes, dtype=dtype, low_priority=low))
 
     def close(self) -> None:
         self.bundle.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from dyvte_rt.errors import BackendUnavailableError
 from dyvte_rt.families import Family, family_for
 from engines import Backend, BackendError, Session, SessionOptions, open_backend
 from engines.host_memory import drop_mapped_pages, release_freed_heap
+from engines.host_threads import threads_started_at_low_priority
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -91,6 +93,7 @@ class Bundle:
     sessions: dict[str, Session]  # graph name -> session
     family: Family  # what the runtime asks about images and positions
     lean_memory: bool = True  # freed heap pages returned after each prefill and request (host_memory)
+    low_priority: frozenset[str] = frozenset()  # graphs whose worker threads run at the lowest priority
 
     @classmethod
     def open(
@@ -99,8 +102,11 @@ class Bundle:
         options: SessionOptions | None = None,
         verify_hashes: bool = True,
         dtype: str | None = None,
+        low_priority: frozenset[str] = frozenset(),
     ) -> Bundle:
-        """`dtype`: the precision the caller expects; a bundle of another one is refused."""
+        """`dtype`: the precision the caller expects; a bundle of another one is refused.
+        `low_priority`: graphs whose sessions' worker threads run at the lowest CPU priority
+        (engines/host_threads.py; a server's image encoder, so decode steps take the cores first)."""
         path = Path(path)
         manifest = load_manifest(path, verify_hashes=verify_hashes)
         if manifest.dtype not in NUMPY_DTYPES:
@@ -113,7 +119,9 @@ class Bundle:
             backend = open_backend(options)
             for name, graph in manifest.graphs.items():
                 names = tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs)
-                sessions[name] = backend.open(path / graph.file, *names)
+                lowered = threads_started_at_low_priority() if name in low_priority else nullcontext()
+                with lowered:
+                    sessions[name] = backend.open(path / graph.file, *names)
         except BaseException as err:
             for session in sessions.values():
                 session.close()
@@ -123,7 +131,9 @@ class Bundle:
         if options.lean_host_memory:  # what packing left behind (engines/host_memory.py)
             drop_mapped_pages(path)
             release_freed_heap()
-        return cls(path, manifest, backend, sessions, family_for(manifest), options.lean_host_memory)
+        return cls(
+            path, manifest, backend, sessions, family_for(manifest), options.lean_host_memory, low_priority
+        )
 
     @property
     def float_dtype(self) -> np.dtype:

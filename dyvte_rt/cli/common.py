@@ -15,6 +15,7 @@ class RunnerConfig:
     dtype: str | None = None  # None: the bundle's
     threads: int = 0  # 0: ONNX Runtime's default
     spin: bool = False
+    vision_priority: str = "normal"  # "low": the image encoder's threads at the lowest CPU priority
 
 
 def open_model(config: RunnerConfig):
@@ -26,4 +27,5 @@ def open_model(config: RunnerConfig):
         threads=config.threads,
         spin=config.spin,
         dtype=config.dtype,
+        vision_priority=config.vision_priority,
     )

@@ -22,6 +22,7 @@ class ServeConfig(RunnerConfig):
     max_batch: int = 8
     max_queue: int = 64
     prefill_chunk: int = 128  # a longer prompt's prefill goes through each segment this many tokens at a time
+    vision_priority: str = "low"  # images are encoded beside running streams: let their decode steps go first
     context: int | None = None  # None: the model's context, at most 2048, per request
     api_key: str | None = None
     allow_local_images: Path | None = None
@@ -64,6 +65,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="prefills run a step at a time between decode steps: a prompt longer than TOKENS goes "
         "through each segment TOKENS at a time (like chunked prefill in vLLM, or llama.cpp's "
         "--ubatch-size), so running streams keep their pace; 0: a segment at a time",
+    )
+    parser.add_argument(
+        "--vision-priority",
+        choices=("low", "normal"),
+        help="CPU priority of the image encoder, which runs while other requests decode: low (nice 19) "
+        "lets running streams' decode steps take the cores first and the encoder the cycles they leave; "
+        "normal shares the cores evenly (Linux; elsewhere always normal)",
     )
     parser.add_argument(
         "--context",

@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dyvte_rt.api.answer import Answer
-from dyvte_rt.api.model import DyvteModel
+from dyvte_rt.api.model import VISION_GRAPH, DyvteModel
 from dyvte_rt.errors import DyvteError, InputError
 from dyvte_rt.inputs.images import MAX_IMAGE_BYTES, load_image
 from dyvte_rt.runtime.sampling import Sampler, SamplingConfig
@@ -46,6 +46,7 @@ from dyvte_rt.serving.engine import BatchEngine, EngineDown, QueueFullError, Req
 from dyvte_rt.serving.metrics import ServerMetrics
 from dyvte_rt.serving.schema import ChatRequest, Message, parse_chat_request
 from dyvte_rt.serving.webpage import web_routes
+from engines.host_threads import lower_current_thread_priority
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,12 @@ class _Api:
             metrics,
         )
         # images are decoded and prepared one at a time, off the event loop: a burst of big images
-        # costs the memory of one
-        self.preparer = ThreadPoolExecutor(1, thread_name_prefix="dyvte-prepare")
+        # costs the memory of one. With the vision graph at low priority (--vision-priority) this
+        # thread, which runs it, is lowered too: running streams' decode steps take the cores first.
+        low = VISION_GRAPH in model.bundle.low_priority
+        self.preparer = ThreadPoolExecutor(
+            1, thread_name_prefix="dyvte-prepare", initializer=lower_current_thread_priority if low else None
+        )
 
     async def health(self, request: Request) -> Response:
         if self.engine.failure is not None:

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -366,6 +367,54 @@ def test_decode_steps_go_on_while_an_arriving_image_is_encoded(model, monkeypatc
     assert len(seen) == 1 and seen[0] >= 5, seen  # encoded once, on the preparing thread, while decoding
     assert answer["choices"][0]["message"]["content"] == expected.text
     assert answer["dyvte"]["exit_layer"] == expected.exit_layer
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_with_low_vision_priority_the_encoder_runs_low_and_decoding_does_not(model, demo_bundle, monkeypatch):
+    """`--vision-priority low` (serve's default): the vision session's worker and the preparing
+    thread that runs it at nice 19, every other graph's worker and the engine thread as before,
+    and the same answer."""
+    from dyvte_rt import DyvteModel
+    from dyvte_rt.runtime.batch import DecodeBatch
+    from engines import host_threads
+
+    expected = model.ask(IMAGE, QUESTION, max_new_tokens=8)
+    normal = host_threads.nice_of(threading.get_native_id())
+    before = host_threads.thread_ids()
+    with DyvteModel.load(demo_bundle, threads=2, vision_priority="low") as low_model:
+        workers = host_threads.thread_ids() - before  # one per graph (2 threads: the caller + 1)
+        lowered = [t for t in workers if host_threads.nice_of(t) == host_threads.LOWEST]
+        assert len(workers) == len(low_model.bundle.sessions) and len(lowered) == 1
+        seen: dict[str, set[int]] = {"vision": set(), "step": set()}
+
+        def recorded(kind, real):
+            def run(*args, **kwargs):
+                seen[kind].add(host_threads.nice_of(threading.get_native_id()))
+                return real(*args, **kwargs)
+
+            return run
+
+        vision = low_model.pipeline.sessions["vision"]
+        monkeypatch.setattr(vision, "run", recorded("vision", vision.run))
+        monkeypatch.setattr(DecodeBatch, "step", recorded("step", DecodeBatch.step))
+        with _live(low_model) as (url, _):
+            request = urllib.request.Request(
+                url + "/v1/chat/completions",
+                json.dumps({"messages": _messages(), "max_tokens": 8}).encode(),
+                {"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                answer = json.load(reply)
+    assert seen == {"vision": {host_threads.LOWEST}, "step": {normal}}
+    assert answer["choices"][0]["message"]["content"] == expected.text
+
+
+def test_an_unknown_vision_priority_is_refused_in_one_line(demo_bundle):
+    from dyvte_rt import DyvteModel
+    from dyvte_rt.errors import InputError
+
+    with pytest.raises(InputError, match="vision priority must be one of normal, low, not 'high'"):
+        DyvteModel.load(demo_bundle, vision_priority="high")
 
 
 @pytest.mark.parametrize("stream", [True, False])

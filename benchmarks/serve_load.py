@@ -24,6 +24,13 @@ the end.
 answered, --requests of them in all or for --seconds; below saturation this is what a service with
 many occasional users sees, where a closed loop of clients measures the saturated queue.
 
+    python benchmarks/serve_load.py --bundle runs/slice4-bundle-int4 --burst 4 --requests 2
+
+--burst N sends N requests at the same moment, --requests times (each burst once the last one is
+answered), and reports every request's TTFT and latency in the order they were answered: what
+scheduling does with requests that arrive together (in a closed loop of N clients the queue always
+holds N, so by Little's law the mean latency is N over the throughput whatever the order).
+
 --bad-per-second R also sends R bad requests a second from one more client, in turn from a battery
 (broken JSON, wrong types, out-of-range values, unknown routes, images too wide, too big or not
 images, a lone surrogate, a tiny temperature) and counts those not answered as they should be
@@ -59,6 +66,9 @@ def main() -> int:
     parser.add_argument(
         "--rate", type=_rates, default=None, help="comma-separated arrival rates (requests/s): an open loop"
     )
+    parser.add_argument(
+        "--burst", type=int, default=None, help="N requests at once, --requests times (instead of clients)"
+    )
     parser.add_argument("--seconds", type=float, default=None, help="run each client count this long")
     parser.add_argument(
         "--requests", type=int, default=None, help="or this many requests per client (per rate with --rate)"
@@ -77,7 +87,10 @@ def main() -> int:
     )
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
-    if (args.seconds is None) == (args.requests is None):
+    if args.burst is not None:
+        if args.burst < 1 or args.rate or args.seconds:
+            parser.error("--burst takes a positive count and --requests, not --rate or --seconds")
+    elif (args.seconds is None) == (args.requests is None):
         parser.error("give --seconds or --requests")
 
     command = [
@@ -142,21 +155,36 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
     # warm-up at the largest client count (and the bad requests, if any) for --warmup-seconds, so
     # the batch's buffers, the allocator's arenas and every path's first use are behind us before
     # memory is read (two requests a client left 8 clients 8% short of their plateau)
-    most = 1 if args.rate else max(int(c) for c in args.clients.split(","))
+    most = 1 if args.rate or args.burst else max(int(c) for c in args.clients.split(","))
     with _BadClient(url, args.bad_per_second):
         _load(url, body, most, seconds=args.warmup_seconds, requests=2)
     report = {"warm_rss_mb": _rss_mb(server.pid), "runs": {}}
-    loads = args.rate or [int(c) for c in args.clients.split(",")]
+    loads = [args.burst] if args.burst else args.rate or [int(c) for c in args.clients.split(",")]
     for run_index, load in enumerate(loads):
         with _BadClient(url, args.bad_per_second) as bad:
-            if args.rate:
+            if args.burst:
+                run = _bursts(url, body, load, args.requests or 1)
+            elif args.rate:
                 run = _open_loop(url, body, load, args.seconds, args.requests)
             else:
                 run = _load(url, body, load, args.seconds, args.requests)
         report["runs"][f"{run_index}:{load}"] = run
         run["bad"] = bad.report()
         run["rss_mb"] = _rss_mb(server.pid)
-        label = f"{load:g} requests/s (open loop)" if args.rate else f"{load} clients"
+        label = (
+            f"bursts of {load}"
+            if args.burst
+            else f"{load:g} requests/s (open loop)"
+            if args.rate
+            else f"{load} clients"
+        )
+        if args.burst:
+            for burst in run["bursts"]:
+                print(
+                    f"burst: TTFT {', '.join(f'{t:.0f}' for t in burst['ttft_ms'])} ms; latency "
+                    f"{', '.join(f'{t:.0f}' for t in burst['latency_ms'])} ms (in the order answered)",
+                    flush=True,
+                )
         print(
             f"{label}: {run['rss_mb']:.0f} MB resident after {run['requests']} requests, "
             f"{run['errors']} errors, "
@@ -217,6 +245,21 @@ def _open_loop(url: str, body: dict, rate: float, seconds: float | None, request
     elapsed = time.perf_counter() - started
     summary = _summary(rows, elapsed, _token_gaps(url) - gaps_before)
     return {"rate": rate, "offered_per_s": len(arrivals) / arrivals[-1], **summary}
+
+
+def _bursts(url: str, body: dict, size: int, bursts: int) -> dict:
+    """`bursts` times, `size` requests sent at once; the next burst once all are answered."""
+    gaps_before = _token_gaps(url)
+    started = time.perf_counter()
+    rows, each = [], []
+    with concurrent.futures.ThreadPoolExecutor(size) as pool:
+        for _ in range(bursts):
+            burst = list(pool.map(lambda _: _request(url, body), range(size)))
+            rows += burst
+            ok = sorted((r for r in burst if r["ok"]), key=lambda r: r["latency_ms"])
+            each.append({"ttft_ms": [r["ttft_ms"] for r in ok], "latency_ms": [r["latency_ms"] for r in ok]})
+    elapsed = time.perf_counter() - started
+    return {"burst": size, "bursts": each, **_summary(rows, elapsed, _token_gaps(url) - gaps_before)}
 
 
 def _summary(rows: list[dict], elapsed: float, token_gaps: np.ndarray) -> dict:

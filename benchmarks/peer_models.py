@@ -8,7 +8,10 @@
 - `mmproj_model`: the checkpoint's CLIP tower and projector as llama.cpp's image encoder (mmproj
   GGUF, F16 or F32), written by the converter llama.cpp ships for LLaVA-1.5
   (`tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py`), taken from the sources inside the
-  installed llama-cpp-python's sdist.
+  installed llama-cpp-python's sdist; for Qwen2-VL / Qwen2.5-VL by llama.cpp's main converter
+  (`convert_hf_to_gguf.py --mmproj`), unchanged, on the checkpoint itself;
+- `qwen2vl_gguf_model`: a Qwen2(.5)-VL checkpoint's decoder as llama.cpp's `qwen2vl` architecture
+  (attention biases, multimodal rotary sections), written with `gguf` like the Llama one.
 
 Nothing here is hand-tuned per peer: each gets its own tool's defaults except where equal conditions
 require a setting (thread count, block size), and every choice is recorded in the harness output.
@@ -41,6 +44,10 @@ _LANGUAGE_PREFIXES = {
     "model.language_model.": "model.",
     "language_model.lm_head.": "lm_head.",
     "lm_head.": "lm_head.",
+    # Qwen2(.5)-VL as the hub stores it: the decoder at the top level beside `visual.`
+    "model.layers.": "model.layers.",
+    "model.embed_tokens.": "model.embed_tokens.",
+    "model.norm.": "model.norm.",
 }
 
 
@@ -198,6 +205,109 @@ def _write_gguf(lm_dir: Path, out: Path, kind: str) -> None:
     Path(str(out) + ".partial").rename(out)
 
 
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def is_qwen_vl(checkpoint: Path) -> bool:
+    return json.loads((checkpoint / "config.json").read_text()).get("model_type") in QWEN_VL_TYPES
+
+
+def qwen2vl_gguf_model(checkpoint: Path, kind: str, cache: Path) -> Path:
+    """A Qwen2(.5)-VL checkpoint's decoder as GGUF (`qwen2vl`): F32/F16 written here, Q8_0/Q4_0 by
+    llama.cpp's quantiser."""
+    if kind not in GGUF_TYPES:
+        raise ValueError(f"GGUF type must be one of {GGUF_TYPES}")
+    out = cache / f"qwen2vl-{checkpoint_key(checkpoint)}-{kind}.gguf"
+    if out.is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    if kind in ("F32", "F16"):
+        _write_qwen2vl_gguf(checkpoint, out, kind)
+    else:
+        _quantize_gguf(qwen2vl_gguf_model(checkpoint, "F32", cache), out, kind)
+    return out
+
+
+def _write_qwen2vl_gguf(checkpoint: Path, out: Path, kind: str) -> None:
+    """llama.cpp's `qwen2vl` layout, as its converter writes it: q/k/v with their biases, rotary
+    halves as stored (NeoX order, no permutation), the three rotary sections padded to four. The
+    harness feeds token ids, so the vocabulary is placeholders, except the checkpoint's special
+    tokens (vision start and end, the image pad), which libmtmd writes around an image by name."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    text = config.get("text_config", config)
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    sections = list(rope.get("mrope_section", []))
+    if len(sections) != 3:
+        raise ValueError(f"{checkpoint} has no three multimodal rotary sections (mrope_section)")
+    dtype = np.float32 if kind == "F32" else np.float16
+    writer = gguf.GGUFWriter(str(out) + ".partial", "qwen2vl")
+    writer.add_block_count(text["num_hidden_layers"])
+    writer.add_context_length(text["max_position_embeddings"])
+    writer.add_embedding_length(text["hidden_size"])
+    writer.add_feed_forward_length(text["intermediate_size"])
+    writer.add_head_count(text["num_attention_heads"])
+    writer.add_head_count_kv(text["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(text["rms_norm_eps"])
+    writer.add_rope_freq_base(float(rope.get("rope_theta", text.get("rope_theta", 1000000.0))))
+    writer.add_rope_dimension_sections([*sections, 0])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if kind == "F32" else gguf.LlamaFileType.MOSTLY_F16)
+    vocab = text["vocab_size"]
+    tokens = [f"<t{i}>".encode() for i in range(vocab)]
+    types = [gguf.TokenType.NORMAL] * vocab
+    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    for added in tokenizer.get("added_tokens", []):
+        if added.get("special") and added["id"] < vocab:
+            tokens[added["id"]] = added["content"].encode()
+            types[added["id"]] = gguf.TokenType.CONTROL
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(text.get("bos_token_id") or 1)
+    writer.add_eos_token_id(text.get("eos_token_id") or 2)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(shard), framework="numpy") as handle:
+            for name in handle.keys():  # noqa: SIM118
+                source = language_model_name(name)
+                if source is None:
+                    continue
+                if source.startswith("model.layers."):
+                    index, rest = source.removeprefix("model.layers.").split(".", 1)
+                    target = f"blk.{index}.{per_layer[rest]}"
+                else:
+                    target = names[source]
+                tensor = handle.get_tensor(name)
+                writer.add_tensor(target, tensor.astype(np.float32 if tensor.ndim == 1 else dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    Path(str(out) + ".partial").rename(out)
+
+
 def _permute_rope(weight, heads: int):
     """HF stores q/k rotary halves split; llama.cpp expects them interleaved (as its converter does)."""
     rows = weight.shape[0]
@@ -221,8 +331,11 @@ def _quantize_gguf(source: Path, out: Path, kind: str) -> None:
     partial.rename(out)
 
 
-MMPROJ_TYPES = ("F16", "F32")  # what llama.cpp's LLaVA-1.5 image-encoder converter writes
+# what llama.cpp's converters write for an image encoder: its LLaVA-1.5 converter F16 or F32, its
+# main converter (Qwen2-VL, Qwen2.5-VL) Q8_0 too
+MMPROJ_TYPES = ("F16", "F32", "Q8_0")
 _CONVERTER = "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py"
+_MAIN_CONVERTER = "convert_hf_to_gguf.py"  # with its `conversion` package (Qwen2-VL's mmproj among them)
 
 
 def llama_cpp_sources(cache: Path) -> Path:
@@ -231,7 +344,7 @@ def llama_cpp_sources(cache: Path) -> Path:
     output."""
     release = version("llama-cpp-python")
     out = cache / f"llama.cpp-{release}"
-    if (out / _CONVERTER).is_file():
+    if (out / _CONVERTER).is_file() and (out / _MAIN_CONVERTER).is_file():
         return out
     sdist = cache / f"llama_cpp_python-{release}.tar.gz"
     if not sdist.is_file():
@@ -245,7 +358,12 @@ def llama_cpp_sources(cache: Path) -> Path:
                 f"could not download llama-cpp-python {release}'s sources: {done.stderr[-500:]}"
             )
     prefix = f"llama_cpp_python-{release}/vendor/llama.cpp/"
-    wanted = (prefix + "tools/mtmd/legacy-models/", prefix + "gguf-py/")
+    wanted = (
+        prefix + "tools/mtmd/legacy-models/",
+        prefix + "gguf-py/",
+        prefix + "conversion/",
+        prefix + _MAIN_CONVERTER,
+    )
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     with tarfile.open(sdist) as archive:
@@ -274,6 +392,11 @@ def mmproj_model(checkpoint: Path, kind: str, cache: Path) -> Path:
     out = cache / f"mmproj-{key}-{kind}.gguf"
     if out.is_file():
         return out
+    if is_qwen_vl(checkpoint):
+        cache.mkdir(parents=True, exist_ok=True)
+        return _qwen_vl_mmproj(checkpoint, kind, cache, out)
+    if kind == "Q8_0":
+        raise ValueError("llama.cpp's LLaVA-1.5 image-encoder converter writes F16 or F32 only")
     work = cache / f"mmproj-{key}-inputs"
     vit, projector = converter_inputs(checkpoint, work)
     sources = llama_cpp_sources(cache)
@@ -294,6 +417,23 @@ def mmproj_model(checkpoint: Path, kind: str, cache: Path) -> Path:
         raise RuntimeError(f"llama.cpp's image-encoder converter failed: {done.stderr.strip()[-1000:]}")
     (work / "out" / f"mmproj-model-{kind.lower()}.gguf").rename(out)
     shutil.rmtree(work)
+    return out
+
+
+def _qwen_vl_mmproj(checkpoint: Path, kind: str, cache: Path, out: Path) -> Path:
+    """llama.cpp's main converter, unchanged, on the Qwen2(.5)-VL checkpoint: `--mmproj` writes its
+    vision tower and merger (the projector type and window pattern from the checkpoint's config)."""
+    sources = llama_cpp_sources(cache).resolve()  # the converter runs from its own folder
+    partial = out.with_name(out.name + ".partial")
+    command = [
+        sys.executable, str(sources / _MAIN_CONVERTER), str(checkpoint.resolve()), "--mmproj",
+        "--outtype", kind.lower(), "--outfile", str(partial.resolve()),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(sources / "gguf-py")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=sources)
+    if done.returncode != 0 or not partial.is_file():
+        raise RuntimeError(f"llama.cpp's converter failed on the mmproj: {done.stderr.strip()[-1000:]}")
+    partial.rename(out)
     return out
 
 

@@ -37,10 +37,12 @@ from limits import matmul_gflop_per_s, memory_bandwidth_gb_per_s
 from peer_models import (
     MMPROJ_TYPES,
     gguf_model,
+    is_qwen_vl,
     language_model_dir,
     language_model_name,
     mmproj_model,
     ort_genai_model,
+    qwen2vl_gguf_model,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,11 +73,11 @@ def main() -> int:
     bundles = {load_manifest(b, verify_hashes=False).precision: b for b in args.bundle}
     reference_bundle = next(iter(bundles.values()))
     with DyvteModel.load(reference_bundle, verify_hashes=False) as model:
-        prompt = model.prompts.encode(args.question)[0]
+        visual_tokens = model.prepare_image(args.image).visual_tokens  # Qwen2-VL's depend on the image
+        prompt = model.prompts.encode(args.question, visual_tokens=visual_tokens)[0]
         prompt_tokens = len(prompt)
         text_before_image = int(np.argmax(prompt == model.manifest.tokens.image))
         dims = model.manifest.dims
-        visual_tokens = model.manifest.vision.visual_tokens
     common = {
         "threads": args.threads,
         "max_new_tokens": args.max_new_tokens,
@@ -133,9 +135,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--mmproj-type",
-        choices=MMPROJ_TYPES,
         default="F16",
-        help="llama.cpp-image: the mmproj's type (llama.cpp's LLaVA-1.5 converter writes F16 or F32)",
+        help=f"llama.cpp-image: the mmproj's types, comma-separated ({', '.join(MMPROJ_TYPES)}; llama.cpp's "
+        "LLaVA-1.5 converter writes F16 or F32, its main converter for Qwen2-VL Q8_0 too)",
     )
     parser.add_argument(
         "--block-size", type=int, default=32, help="int4/int8 block size of ONNX Runtime GenAI"
@@ -149,12 +151,16 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
+    args.mmproj_type = [t.strip() for t in args.mmproj_type.split(",") if t.strip()]
     unknown = sorted(set(args.peers) - set(PEERS)) + sorted(set(args.precision) - set(PRECISIONS))
+    unknown += sorted(set(args.mmproj_type) - set(MMPROJ_TYPES))
     if unknown:
-        parser.error(f"unknown peers or precisions: {unknown}")
+        parser.error(f"unknown peers, precisions or mmproj types: {unknown}")
     for path in (args.model, *args.bundle):
         if not path.is_dir():
             parser.error(f"{path} is not a directory (a checkpoint for --model, a bundle for --bundle)")
+    if is_qwen_vl(args.model) and set(args.peers) - {"llama.cpp", "llama.cpp-image"}:
+        parser.error("for a Qwen2-VL or Qwen2.5-VL checkpoint the harness runs llama.cpp and llama.cpp-image")
     for peer, module in PEER_MODULES.items():
         if peer in args.peers and importlib.util.find_spec(module) is None:
             parser.error(f"the {peer} peer needs {module}: pip install 'dyvte-rt[peers]'")
@@ -166,7 +172,8 @@ def build_systems(args, bundles: dict[str, Path], common: dict, dims) -> list[Sy
     kv_row = 2 * dims.num_kv_heads * dims.head_dim * dims.num_layers  # elements per position
     spins = (False, True) if args.spinning == "both" else (False,)
     lm_dir = None
-    if {"ort-genai", "llama.cpp", "llama.cpp-image"} & set(args.peers):
+    qwen = is_qwen_vl(args.model)
+    if {"ort-genai", "llama.cpp", "llama.cpp-image"} & set(args.peers) and not qwen:
         progress("extracting the language model")
         lm_dir = language_model_dir(args.model, args.cache)
     for precision in args.precision:
@@ -212,7 +219,10 @@ def build_systems(args, bundles: dict[str, Path], common: dict, dims) -> list[Sy
         if "llama.cpp" in args.peers or with_image:
             kind = args.gguf_fp if precision == "fp32" else GGUF_FOR[precision]
             progress(f"GGUF {kind}")
-            path = gguf_model(lm_dir, kind, args.cache)
+            if qwen:
+                path = qwen2vl_gguf_model(args.model, kind, args.cache)
+            else:
+                path = gguf_model(lm_dir, kind, args.cache)
             read = gguf_weight_bytes(path)
             spec = {**common, "kind": "llama.cpp", "path": str(path)}
             kv = 2 * kv_row  # llama.cpp keeps its KV cache in f16
@@ -221,10 +231,10 @@ def build_systems(args, bundles: dict[str, Path], common: dict, dims) -> list[Sy
                 systems.append(
                     System(f"llama.cpp {kind}", spec, path.stat().st_size, read, kv, precision, notes)
                 )
-            if with_image:
-                progress(f"llama.cpp's mmproj {args.mmproj_type}")
-                mmproj = mmproj_model(args.model, args.mmproj_type, args.cache)
-                name = f"llama.cpp {kind} + mmproj {args.mmproj_type}"
+            for mmproj_type in args.mmproj_type if with_image else []:
+                progress(f"llama.cpp's mmproj {mmproj_type}")
+                mmproj = mmproj_model(args.model, mmproj_type, args.cache)
+                name = f"llama.cpp {kind} + mmproj {mmproj_type}"
                 size = path.stat().st_size + mmproj.stat().st_size
                 image_spec = {**spec, "mmproj": str(mmproj)}
                 notes = "its own image path (libmtmd)"

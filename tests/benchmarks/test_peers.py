@@ -144,3 +144,57 @@ def test_feature_agreement_sees_a_shifted_token_layout_that_the_plain_cosine_hid
     assert same["cosine_min"] > 0.999 and same["centred_cosine_min"] > 0.99
     assert shifted["cosine_median"] > 0.99
     assert shifted["centred_cosine_median"] < 0.5
+
+
+def test_qwen2vl_gguf_holds_the_checkpoint_s_decoder_as_llama_cpp_s_converter_lays_it_out(tmp_path):
+    """The Qwen2.5-VL peer's language model (`peer_models.qwen2vl_gguf_model`): llama.cpp's `qwen2vl`
+    architecture, every decoder tensor with its attention biases unpermuted, the rotary sections
+    padded to four, and the special tokens libmtmd writes around an image present by name."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peer_models import is_qwen_vl, qwen2vl_gguf_model
+
+    from tests.conftest import tiny_checkpoint
+
+    checkpoint = tiny_checkpoint("qwen2.5-vl", "tiny", 0)
+    assert is_qwen_vl(checkpoint)
+    path = qwen2vl_gguf_model(checkpoint, "F32", tmp_path)
+    config = json.loads((checkpoint / "config.json").read_text())
+    text = config["text_config"]
+    reader = gguf.GGUFReader(str(path))
+
+    def field(name):
+        value = reader.fields[name]
+        return [value.parts[i].tolist() for i in value.data]
+
+    assert bytes(field("general.architecture")[0]).decode() == "qwen2vl"
+    sections = text["rope_parameters"]["mrope_section"]
+    assert [v[0] for v in field("qwen2vl.rope.dimension_sections")] == [*sections, 0]
+    assert field("qwen2vl.block_count")[0][0] == text["num_hidden_layers"]
+    tokens = [bytes(t).decode() for t in field("tokenizer.ggml.tokens")]
+    assert tokens[config["vision_start_token_id"]] == "<|vision_start|>"
+    assert tokens[config["vision_end_token_id"]] == "<|vision_end|>"
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 3 + 12 * text["num_hidden_layers"]
+    with safe_open(str(next(checkpoint.glob("*.safetensors"))), framework="numpy") as handle:
+        for source, target in (
+            ("model.layers.0.self_attn.q_proj.bias", "blk.0.attn_q.bias"),
+            ("model.layers.0.self_attn.k_proj.weight", "blk.0.attn_k.weight"),
+            ("lm_head.weight", "output.weight"),
+        ):
+            expected = handle.get_tensor(source)
+            got = np.asarray(tensors[target].data).reshape(expected.shape)
+            assert np.array_equal(got, expected), target
+
+
+def test_a_qwen_checkpoint_is_refused_for_peers_the_harness_cannot_build_from_it():
+    from tests.conftest import tiny_checkpoint
+
+    checkpoint = tiny_checkpoint("qwen2.5-vl", "tiny", 0)
+    command = [sys.executable, str(ROOT / "benchmarks/peers.py"), "--model", str(checkpoint),
+               "--bundle", str(checkpoint), "--peers", "hf,llama.cpp-image"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "runs llama.cpp and llama.cpp-image" in done.stderr

@@ -10,7 +10,10 @@ builder, llama.cpp (llama-cpp-python) from GGUF; dyvte-rt runs the bundles given
 (one per precision). `llama.cpp-image` is llama.cpp with its own image path: the checkpoint's CLIP
 tower and projector converted by llama.cpp's converter into an mmproj GGUF (--mmproj-type), the
 image read, preprocessed and encoded by libmtmd, its embeddings decoded between the prompt's text
-tokens; the harness compares its image embeddings with dyvte-rt's vision graph's once. All decode
+tokens; the harness compares its image embeddings with dyvte-rt's vision graph's once. A Qwen2-VL
+or Qwen2.5-VL checkpoint runs llama.cpp and llama.cpp-image: its decoder as llama.cpp's `qwen2vl`
+GGUF, its mmproj by llama.cpp's main converter (F16, F32 or Q8_0), the image's token count the
+one both preprocessors give it (--image at 1280x720: 1196). All decode
 exactly --max-new-tokens tokens greedily from a prompt of the same token count, with the same
 thread count; each system runs in a process of its own, and systems
 alternate round by round so that machine drift hits all. The machine's read bandwidth and matmul

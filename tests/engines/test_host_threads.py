@@ -37,8 +37,9 @@ def test_threads_started_in_the_block_are_lowered_and_no_other_is():
         assert host_threads.nice_of(before_id[0]) == main
         assert _own_nice() == main
     finally:
-        release_before.set(), release_inside.set()
-        before.join(), inside.join()
+        for release, thread in ((release_before, before), (release_inside, inside)):
+            release.set()
+            thread.join()
 
 
 def test_a_pool_thread_lowers_itself_and_the_caller_keeps_its_priority():

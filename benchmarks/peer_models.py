@@ -141,68 +141,16 @@ def gguf_model(lm_dir: Path, kind: str, cache: Path) -> Path:
 
 def _write_gguf(lm_dir: Path, out: Path, kind: str) -> None:
     """A llama-architecture GGUF of the decoder (Llama/Qwen2-style layouts, no attention biases)."""
-    import gguf
-    import numpy as np
-    from safetensors import safe_open
-
     config = json.loads((lm_dir / "config.json").read_text())
     if config.get("attention_bias") or config["model_type"] == "qwen2":
         raise ValueError("the GGUF writer here covers Llama-layout decoders without attention biases")
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    dtype = np.float32 if kind == "F32" else np.float16
-    writer = gguf.GGUFWriter(str(out) + ".partial", "llama")
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if kind == "F32" else gguf.LlamaFileType.MOSTLY_F16)
-    vocab = config["vocab_size"]
-    # The harness feeds token ids; llama.cpp still wants a vocabulary, so each id gets a placeholder.
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([f"<t{i}>".encode() for i in range(vocab)])
-    writer.add_token_scores([0.0] * vocab)
-    writer.add_token_types([gguf.TokenType.NORMAL] * vocab)
-    writer.add_bos_token_id(config.get("bos_token_id") or 1)
-    writer.add_eos_token_id(config.get("eos_token_id") or 2)
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    per_layer = {
-        "input_layernorm.weight": "attn_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight",
-        "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.v_proj.weight": "attn_v.weight",
-        "self_attn.o_proj.weight": "attn_output.weight",
-        "post_attention_layernorm.weight": "ffn_norm.weight",
-        "mlp.gate_proj.weight": "ffn_gate.weight",
-        "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight",
-    }
-    with safe_open(str(lm_dir / "model.safetensors"), framework="numpy") as handle:
-        for name in handle.keys():  # noqa: SIM118
-            tensor = handle.get_tensor(name)
-            if name.startswith("model.layers."):
-                index, rest = name.removeprefix("model.layers.").split(".", 1)
-                target = f"blk.{index}.{per_layer[rest]}"
-                if rest == "self_attn.q_proj.weight":
-                    tensor = _permute_rope(tensor, heads)
-                elif rest == "self_attn.k_proj.weight":
-                    tensor = _permute_rope(tensor, kv_heads)
-            else:
-                target = names[name]
-            # norms stay F32, as llama.cpp's own converter keeps 1-D tensors
-            writer.add_tensor(target, tensor.astype(np.float32 if tensor.ndim == 1 else dtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    Path(str(out) + ".partial").rename(out)
+    writer = _decoder_gguf(out, "llama", config, kind, float(config.get("rope_theta", 10000.0)))
+    _add_placeholder_vocab(writer, config)
+    # HF stores q/k rotary halves split; llama.cpp's llama architecture expects them interleaved
+    permute = {"self_attn.q_proj.weight": heads, "self_attn.k_proj.weight": kv_heads}
+    _add_decoder_tensors(writer, lm_dir, kind, permute)
+    _finish_gguf(writer, out)
 
 
 QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -231,76 +179,111 @@ def qwen2vl_gguf_model(checkpoint: Path, kind: str, cache: Path) -> Path:
 def _write_qwen2vl_gguf(checkpoint: Path, out: Path, kind: str) -> None:
     """llama.cpp's `qwen2vl` layout, as its converter writes it: q/k/v with their biases, rotary
     halves as stored (NeoX order, no permutation), the three rotary sections padded to four. The
-    harness feeds token ids, so the vocabulary is placeholders, except the checkpoint's special
-    tokens (vision start and end, the image pad), which libmtmd writes around an image by name."""
-    import gguf
-    import numpy as np
-    from safetensors import safe_open
-
+    vocabulary's placeholders keep the checkpoint's special tokens (vision start and end, the image
+    pad) by name: libmtmd writes them around an image."""
     config = json.loads((checkpoint / "config.json").read_text())
     text = config.get("text_config", config)
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     sections = list(rope.get("mrope_section", []))
     if len(sections) != 3:
         raise ValueError(f"{checkpoint} has no three multimodal rotary sections (mrope_section)")
-    dtype = np.float32 if kind == "F32" else np.float16
-    writer = gguf.GGUFWriter(str(out) + ".partial", "qwen2vl")
-    writer.add_block_count(text["num_hidden_layers"])
-    writer.add_context_length(text["max_position_embeddings"])
-    writer.add_embedding_length(text["hidden_size"])
-    writer.add_feed_forward_length(text["intermediate_size"])
-    writer.add_head_count(text["num_attention_heads"])
-    writer.add_head_count_kv(text["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(text["rms_norm_eps"])
-    writer.add_rope_freq_base(float(rope.get("rope_theta", text.get("rope_theta", 1000000.0))))
-    writer.add_rope_dimension_sections([*sections, 0])
+    theta = float(rope.get("rope_theta", text.get("rope_theta", 1000000.0)))
+    writer = _decoder_gguf(out, "qwen2vl", text, kind, theta, rope_sections=[*sections, 0])
+    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    special = {t["id"]: t["content"] for t in tokenizer.get("added_tokens", []) if t.get("special")}
+    _add_placeholder_vocab(writer, text, special)
+    _add_decoder_tensors(writer, checkpoint, kind)
+    _finish_gguf(writer, out)
+
+
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _decoder_gguf(
+    out: Path, arch: str, config: dict, kind: str, rope_theta: float, rope_sections: list[int] | None = None
+):
+    """A GGUF writer (to `out`.partial) with a decoder's hyperparameters from its HF config
+    (`rope_sections`: multimodal rotary sections, for `qwen2vl`)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(out) + ".partial", arch)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(rope_theta)
+    if rope_sections is not None:
+        writer.add_rope_dimension_sections(rope_sections)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if kind == "F32" else gguf.LlamaFileType.MOSTLY_F16)
-    vocab = text["vocab_size"]
+    return writer
+
+
+def _add_placeholder_vocab(writer, config: dict, named: dict[int, str] | None = None) -> None:
+    """The harness feeds token ids; llama.cpp still wants a vocabulary, so each id gets a
+    placeholder, except `named` ones (id -> text), written as control tokens."""
+    import gguf
+
+    vocab = config["vocab_size"]
     tokens = [f"<t{i}>".encode() for i in range(vocab)]
     types = [gguf.TokenType.NORMAL] * vocab
-    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
-    for added in tokenizer.get("added_tokens", []):
-        if added.get("special") and added["id"] < vocab:
-            tokens[added["id"]] = added["content"].encode()
-            types[added["id"]] = gguf.TokenType.CONTROL
+    for index, text in (named or {}).items():
+        if index < vocab:
+            tokens[index], types[index] = text.encode(), gguf.TokenType.CONTROL
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores([0.0] * vocab)
     writer.add_token_types(types)
-    writer.add_bos_token_id(text.get("bos_token_id") or 1)
-    writer.add_eos_token_id(text.get("eos_token_id") or 2)
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    per_layer = {
-        "input_layernorm.weight": "attn_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight",
-        "self_attn.q_proj.bias": "attn_q.bias",
-        "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.k_proj.bias": "attn_k.bias",
-        "self_attn.v_proj.weight": "attn_v.weight",
-        "self_attn.v_proj.bias": "attn_v.bias",
-        "self_attn.o_proj.weight": "attn_output.weight",
-        "post_attention_layernorm.weight": "ffn_norm.weight",
-        "mlp.gate_proj.weight": "ffn_gate.weight",
-        "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight",
-    }
-    for shard in sorted(checkpoint.glob("*.safetensors")):
+    writer.add_bos_token_id(config.get("bos_token_id") or 1)
+    writer.add_eos_token_id(config.get("eos_token_id") or 2)
+
+
+def _add_decoder_tensors(writer, directory: Path, kind: str, permute: dict[str, int] | None = None) -> None:
+    """Every decoder tensor of the safetensors files in `directory` under llama.cpp's names; the
+    layer tensors named in `permute` get their rotary halves interleaved for that many heads."""
+    import numpy as np
+    from safetensors import safe_open
+
+    dtype = np.float32 if kind == "F32" else np.float16
+    for shard in sorted(directory.glob("*.safetensors")):
         with safe_open(str(shard), framework="numpy") as handle:
             for name in handle.keys():  # noqa: SIM118
                 source = language_model_name(name)
                 if source is None:
                     continue
+                tensor = handle.get_tensor(name)
                 if source.startswith("model.layers."):
                     index, rest = source.removeprefix("model.layers.").split(".", 1)
-                    target = f"blk.{index}.{per_layer[rest]}"
+                    target = f"blk.{index}.{_GGUF_LAYER_NAMES[rest]}"
+                    if permute and rest in permute:
+                        tensor = _permute_rope(tensor, permute[rest])
                 else:
-                    target = names[source]
-                tensor = handle.get_tensor(name)
+                    target = _GGUF_NAMES[source]
+                # norms stay F32, as llama.cpp's own converter keeps 1-D tensors
                 writer.add_tensor(target, tensor.astype(np.float32 if tensor.ndim == 1 else dtype))
+
+
+def _finish_gguf(writer, out: Path) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -163,21 +163,15 @@ def _drive(url: str, server: subprocess.Popen, log, args) -> dict:
     for run_index, load in enumerate(loads):
         with _BadClient(url, args.bad_per_second) as bad:
             if args.burst:
-                run = _bursts(url, body, load, args.requests or 1)
+                run, label = _bursts(url, body, load, args.requests or 1), f"bursts of {load}"
             elif args.rate:
                 run = _open_loop(url, body, load, args.seconds, args.requests)
+                label = f"{load:g} requests/s (open loop)"
             else:
-                run = _load(url, body, load, args.seconds, args.requests)
+                run, label = _load(url, body, load, args.seconds, args.requests), f"{load} clients"
         report["runs"][f"{run_index}:{load}"] = run
         run["bad"] = bad.report()
         run["rss_mb"] = _rss_mb(server.pid)
-        label = (
-            f"bursts of {load}"
-            if args.burst
-            else f"{load:g} requests/s (open loop)"
-            if args.rate
-            else f"{load} clients"
-        )
         if args.burst:
             for burst in run["bursts"]:
                 print(

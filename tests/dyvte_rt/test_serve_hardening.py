@@ -319,6 +319,15 @@ def _live(model):
         engine.stop()
 
 
+def _chat(url: str, body: dict) -> dict:
+    """One chat completion from the live server, answered in full."""
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.load(reply)
+
+
 def _cancelled(url: str) -> float:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as metrics:
         for line in metrics.read().decode().splitlines():
@@ -356,13 +365,7 @@ def test_decode_steps_go_on_while_an_arriving_image_is_encoded(model, monkeypatc
             urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
                                    {"Content-Type": "application/json"}), timeout=60)  # fmt: skip
         running.readline()  # the stream has started: its request holds a slot and decodes
-        request = urllib.request.Request(
-            url + "/v1/chat/completions",
-            json.dumps({"messages": _messages(), "max_tokens": 8}).encode(),
-            {"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            answer = json.load(reply)
+        answer = _chat(url, {"messages": _messages(), "max_tokens": 8})
         running.close()
     assert len(seen) == 1 and seen[0] >= 5, seen  # encoded once, on the preparing thread, while decoding
     assert answer["choices"][0]["message"]["content"] == expected.text
@@ -398,13 +401,7 @@ def test_with_low_vision_priority_the_encoder_runs_low_and_decoding_does_not(mod
         monkeypatch.setattr(vision, "run", recorded("vision", vision.run))
         monkeypatch.setattr(DecodeBatch, "step", recorded("step", DecodeBatch.step))
         with _live(low_model) as (url, _):
-            request = urllib.request.Request(
-                url + "/v1/chat/completions",
-                json.dumps({"messages": _messages(), "max_tokens": 8}).encode(),
-                {"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=60) as reply:
-                answer = json.load(reply)
+            answer = _chat(url, {"messages": _messages(), "max_tokens": 8})
     assert seen == {"vision": {host_threads.LOWEST}, "step": {normal}}
     assert answer["choices"][0]["message"]["content"] == expected.text
 

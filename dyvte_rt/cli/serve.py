@@ -22,7 +22,6 @@ class ServeConfig(RunnerConfig):
     max_batch: int = 8
     max_queue: int = 64
     prefill_chunk: int = 128  # a longer prompt's prefill goes through each segment this many tokens at a time
-    vision_priority: str = "low"  # images are encoded beside running streams: let their decode steps go first
     context: int | None = None  # None: the model's context, at most 2048, per request
     api_key: str | None = None
     allow_local_images: Path | None = None
@@ -70,8 +69,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--vision-priority",
         choices=("low", "normal"),
         help="CPU priority of the image encoder, which runs while other requests decode: low (nice 19) "
-        "lets running streams' decode steps take the cores first and the encoder the cycles they leave; "
-        "normal shares the cores evenly (Linux; elsewhere always normal)",
+        "lets running streams' decode steps take the cores first, for a machine that serves and does "
+        "little else (it yields to every other busy process too); normal shares the cores evenly "
+        "(Linux; elsewhere always normal)",
     )
     parser.add_argument(
         "--context",

@@ -161,3 +161,20 @@ def test_an_extra_found_missing_later_is_one_line_too(capsys):
 
     with pytest.raises(ModuleNotFoundError):  # not an optional extra: a bug keeps its traceback
         run_command(bug)
+
+
+def test_serve_takes_the_vision_priority_to_the_model_it_opens(monkeypatch):
+    """`dyvte-rt serve --vision-priority low` reaches DyvteModel.load; the default stays normal."""
+    from dyvte_rt.api.model import DyvteModel
+    from dyvte_rt.cli.commands import build_parser
+    from dyvte_rt.cli.common import open_model
+
+    asked = []
+    def load(cls, *args, **options):
+        asked.append(options["vision_priority"])
+
+    monkeypatch.setattr(DyvteModel, "load", classmethod(load))
+    for argv, expected in ((["serve"], "normal"), (["serve", "--vision-priority", "low"], "low")):
+        args = build_parser().parse_args(argv)
+        open_model(args.make_config(args))
+        assert asked.pop() == expected

@@ -374,7 +374,7 @@ def test_decode_steps_go_on_while_an_arriving_image_is_encoded(model, monkeypatc
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
 def test_with_low_vision_priority_the_encoder_runs_low_and_decoding_does_not(model, demo_bundle, monkeypatch):
-    """`--vision-priority low` (serve's default): the vision session's worker and the preparing
+    """`--vision-priority low`: the vision session's worker and the preparing
     thread that runs it at nice 19, every other graph's worker and the engine thread as before,
     and the same answer."""
     from dyvte_rt import DyvteModel

@@ -7,6 +7,10 @@ does what a home-made balancer would not: it restarts a replica that dies, asks 
 `check_health` every few seconds (a replica whose engine has stopped reports itself unhealthy and is
 replaced), and with `--replicas 0` autoscales between 1 and `--max-replicas` on the requests each
 replica holds — its engine's batch slots plus its queue — aiming at `--max-batch` per replica.
+Requests reach the replicas through Ray Serve's HAProxy ingress by default (`--ray-ingress haproxy`,
+Ray's documented high-throughput mode: HAProxy, in C, forwards each connection to the HTTP server
+each replica runs itself), or through its Python proxy actor (`proxy`), which relays every streamed
+token and on the demo cost as much CPU as a second replica brings (docs/benchmarks.md).
 Replicas are pinned to what Ray reserves for them: `--replica-cpus` CPUs (and as many ONNX Runtime
 threads unless --threads says otherwise) or `--replica-gpus 1`, one GPU each (Ray sets the visible
 device). Without `--ray-address` a local Ray instance is started for the server's lifetime;
@@ -18,7 +22,9 @@ Serve configs: `serve run dyvte_rt.serving.ray_serve:build bundle=DIR replicas=2
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
 import threading
 import typing
@@ -30,6 +36,12 @@ from dyvte_rt.errors import InputError
 
 DEPLOYMENT = "dyvte"  # the Ray Serve application and deployment name
 HEALTH_PERIOD_S = 2.0
+# Ray Serve reads its ingress mode from the environment of the processes Ray starts (the controller,
+# the proxies, the replicas): Ray's documented high-throughput pair, or both off for its Python proxy.
+INGRESS_ENVIRONMENT = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+}
 
 
 def replica_class() -> type:
@@ -82,13 +94,37 @@ def application(config):
     return serve.deployment(replica_class(), name=DEPLOYMENT, **options).bind(config)
 
 
+def ingress_environment(ingress: str) -> dict[str, str]:
+    """The variables that choose Ray Serve's ingress, for a Ray this process starts. HAProxy's
+    stats page and metrics listen on fixed ports (8404, 9101) by default; free ones are taken so
+    that a second local server, or another Ray, does not collide with this one."""
+    if ingress not in INGRESS_ENVIRONMENT:
+        raise InputError(f"--ray-ingress must be haproxy or proxy, not {ingress!r}")
+    variables = dict(INGRESS_ENVIRONMENT[ingress])
+    if ingress == "haproxy":
+        variables["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
+        variables["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
+    return variables
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def serve_on_ray(config) -> int:
     """Deploy, serve until SIGTERM or Ctrl-C, then shut the deployment (and a local Ray) down."""
+    if config.ray_address is None:  # before Ray Serve is imported: it reads them once, at import
+        os.environ.update(ingress_environment(config.ray_ingress))
     import ray
     from ray import serve
 
     app = application(config)  # the bundle resolved (and a bad one refused) before Ray starts
-    ray.init(address=config.ray_address, include_dashboard=False, logging_level="WARNING")
+    # "local": a Ray of its own even when `ray start` runs one here (a plain ray.init() would join
+    # that one, whose environment, not --ray-ingress, decides the ingress)
+    address = config.ray_address or "local"
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
     stop = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
@@ -96,7 +132,9 @@ def serve_on_ray(config) -> int:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(app, name=DEPLOYMENT, route_prefix="/")
         count = f"{config.replicas} replicas" if config.replicas else f"1-{config.max_replicas} replicas"
-        print(f"serving on http://{config.host}:{config.port}/v1 ({count} on Ray Serve)", file=sys.stderr)
+        where = f"cluster {config.ray_address}" if config.ray_address else f"{config.ray_ingress} ingress"
+        url = f"http://{config.host}:{config.port}/v1"
+        print(f"serving on {url} ({count} on Ray Serve, {where})", file=sys.stderr)
         stop.wait()
     finally:
         serve.delete(DEPLOYMENT)
@@ -115,6 +153,12 @@ def config_from_args(args: dict[str, str]):
     values: dict = {"ray": True}
     for key, text in args.items():
         name = key.replace("-", "_")
+        if name == "ray_ingress":  # Ray Serve reads it from the cluster's environment, set before this
+            raise InputError(
+                "ray_ingress applies to a Ray that dyvte-rt serve starts itself",
+                hint="for HAProxy, start the cluster with RAY_SERVE_ENABLE_HA_PROXY=1 and "
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in its environment",
+            )
         if name not in known or name == "ray":
             raise InputError(
                 f"unknown server option {key!r}", hint=f"use one of {', '.join(sorted(known - {'ray'}))}"

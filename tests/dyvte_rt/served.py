@@ -45,7 +45,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(bundle: Path, *options: str) -> tuple[subprocess.Popen, str]:
+def start_server(bundle: Path, *options: str, wait_s: float = 30.0) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [
         sys.executable,
@@ -60,7 +60,8 @@ def start_server(bundle: Path, *options: str) -> tuple[subprocess.Popen, str]:
     ]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
                 if json.load(response)["status"] == "ok":

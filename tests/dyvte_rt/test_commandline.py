@@ -163,8 +163,9 @@ def test_an_extra_found_missing_later_is_one_line_too(capsys):
         run_command(bug)
 
 
-def test_serve_takes_the_vision_priority_to_the_model_it_opens(monkeypatch):
-    """`dyvte-rt serve --vision-priority low` reaches DyvteModel.load; the default stays normal."""
+def test_serve_takes_the_vision_priority_to_the_model_it_opens(monkeypatch, demo_bundle):
+    """`dyvte-rt serve --vision-priority low` reaches DyvteModel.load; the default stays normal.
+    The bundle is named: a fresh machine has no default one before the quickstart."""
     from dyvte_rt.api.model import DyvteModel
     from dyvte_rt.cli.commands import build_parser
     from dyvte_rt.cli.common import open_model
@@ -174,7 +175,7 @@ def test_serve_takes_the_vision_priority_to_the_model_it_opens(monkeypatch):
         asked.append(options["vision_priority"])
 
     monkeypatch.setattr(DyvteModel, "load", classmethod(load))
-    for argv, expected in ((["serve"], "normal"), (["serve", "--vision-priority", "low"], "low")):
-        args = build_parser().parse_args(argv)
+    for options, expected in (([], "normal"), (["--vision-priority", "low"], "low")):
+        args = build_parser().parse_args(["serve", "--bundle", str(demo_bundle), *options])
         open_model(args.make_config(args))
         assert asked.pop() == expected

@@ -129,16 +129,20 @@ def choose_ingress(asked: str | None) -> str:
     return asked
 
 
-def ingress_environment(ingress: str) -> dict[str, str]:
+def ingress_environment(ingress: str, drain_seconds: int) -> dict[str, str]:
     """The variables that choose Ray Serve's ingress, for a Ray this process starts. HAProxy's
     stats page and metrics listen on fixed ports (8404, 9101) by default; free ones are taken so
-    that a second local server, or another Ray, does not collide with this one."""
+    that a second local server, or another Ray, does not collide with this one. A replica behind
+    HAProxy stays open for Ray's minimum draining period when it stops, 30 s by default (time for
+    load balancers elsewhere to notice): here it is the server's --drain-seconds, which is what a
+    SIGTERM waits for in one process too, and HAProxy retries a connection the replica refuses."""
     if ingress not in INGRESS_ENVIRONMENT:
         raise InputError(f"--ray-ingress must be haproxy or proxy, not {ingress!r}")
     variables = {**INGRESS_ENVIRONMENT[ingress], "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": READY_TIMEOUT_S}
     if ingress == "haproxy":
         variables["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
         variables["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
+        variables["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(drain_seconds)
     return variables
 
 
@@ -152,7 +156,7 @@ def serve_on_ray(config) -> int:
     """Deploy, serve until SIGTERM or Ctrl-C, then shut the deployment (and a local Ray) down."""
     ingress = choose_ingress(config.ray_ingress) if config.ray_address is None else None
     if ingress is not None:  # before Ray Serve is imported: it reads them once, at import
-        os.environ.update(ingress_environment(ingress))
+        os.environ.update(ingress_environment(ingress, config.drain_seconds))
     import ray
     from ray import serve
 

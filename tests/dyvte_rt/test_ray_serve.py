@@ -35,20 +35,25 @@ def _haproxies() -> list[int]:
 
 def test_the_ray_the_server_starts_runs_the_ingress_asked_for(demo_bundle):
     """Without --ray-address the server starts its own Ray, whose processes inherit the ingress
-    variables: with the default, HAProxy answers on --port and forwards to the replica."""
+    variables: with the default, HAProxy answers on --port and forwards to the replica, and on
+    SIGTERM the replica drains for --drain-seconds, not Ray's 30 s minimum."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")
         before = set(_haproxies())
-        process, url = start_server(demo_bundle, "--ray", "--replicas", "1", "--max-batch", "2", wait_s=120)
+        process, url = start_server(
+            demo_bundle, "--ray", "--replicas", "1", "--max-batch", "2", "--drain-seconds", "2", wait_s=120
+        )
     try:
         started = set(_haproxies()) - before
         assert started, "no HAProxy started for the default --ray-ingress"
         reply = _ask(url, QUESTIONS[0])
         assert reply["choices"][0]["message"]["content"]
     finally:
+        stopping = time.monotonic()
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
-    assert "haproxy ingress" in stderr
+    assert process.returncode == 0 and "haproxy ingress" in stderr
+    assert time.monotonic() - stopping < 25  # 6 s here; 34 s with Ray's default drain
     _wait_for(lambda: not set(_haproxies()) & started, 60)  # Ray's shutdown stops it
 
 
@@ -79,19 +84,20 @@ def test_the_ingress_variables():
     from dyvte_rt.errors import InputError
     from dyvte_rt.serving.ray_serve import ingress_environment
 
-    haproxy = ingress_environment("haproxy")
+    haproxy = ingress_environment("haproxy", drain_seconds=10)
     assert haproxy["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and haproxy["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     ports = {haproxy["RAY_SERVE_HAPROXY_STATS_PORT"], haproxy["RAY_SERVE_HAPROXY_METRICS_PORT"]}
     assert len(ports) == 2 and not ports & {"8404", "9101"}  # free ones, not HAProxy's fixed defaults
-    proxy = ingress_environment("proxy")
+    proxy = ingress_environment("proxy", drain_seconds=10)
     assert proxy == {
         "RAY_SERVE_ENABLE_HA_PROXY": "0",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
         "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",  # Ray Serve's 5 s killed HAProxy on busy cores
     }
     assert haproxy["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "30"
+    assert haproxy["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "10"  # --drain-seconds, not 30
     with pytest.raises(InputError, match="haproxy or proxy"):
-        ingress_environment("nginx")
+        ingress_environment("nginx", drain_seconds=10)
 
 
 def test_the_default_ingress_is_haproxy_where_ray_serve_has_it(monkeypatch):
@@ -122,7 +128,7 @@ def cluster(request):
     earlier local `ray.init()` leaves behind; the cluster and its clients must agree)."""
     from dyvte_rt.serving.ray_serve import ingress_environment
 
-    environment = ingress_environment(request.param)
+    environment = ingress_environment(request.param, drain_seconds=10)
     temp = Path(f"/tmp/ray-test-{os.getpid()}")  # Ray's socket paths must stay short
     port = free_port()
     start = [RAY, "start", "--head", "--num-cpus", "2", "--include-dashboard=false", f"--port={port}",

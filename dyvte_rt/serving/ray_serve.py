@@ -2,7 +2,7 @@
 
 Each replica is a Ray actor that loads the bundle and runs its own `BatchEngine` and the same
 Starlette app as `dyvte-rt serve` (every route, the web page included), mounted through Ray Serve's
-ASGI ingress; Ray Serve's HTTP proxy on --host:--port hands each request to a replica. Ray Serve
+ASGI ingress; the ingress on --host:--port (below) hands each request to a replica. Ray Serve
 does what a home-made balancer would not: it restarts a replica that dies, asks each replica's
 `check_health` every few seconds (a replica whose engine has stopped reports itself unhealthy and is
 replaced), and with `--replicas 0` autoscales between 1 and `--max-replicas` on the requests each

@@ -45,19 +45,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serve_command(bundle: Path, *options: str) -> list[str]:
+    """`dyvte-rt serve --bundle BUNDLE OPTIONS...` as this interpreter runs it."""
+    return [sys.executable, "-m", "dyvte_rt.cli", "serve", "--bundle", str(bundle), *options]
+
+
 def start_server(bundle: Path, *options: str, wait_s: float = 30.0) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "dyvte_rt.cli",
-        "serve",
-        "--bundle",
-        str(bundle),
-        "--port",
-        str(port),
-        *options,
-    ]
+    command = serve_command(bundle, "--port", str(port), *options)
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + wait_s

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.dyvte_rt.served import IMAGE, QUESTIONS, free_port, messages, start_server
+from tests.dyvte_rt.served import IMAGE, QUESTIONS, free_port, messages, serve_command, start_server
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -64,10 +64,9 @@ def test_a_port_in_use_is_one_line_and_leaves_nothing_running(demo_bundle):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        command = [sys.executable, "-m", "dyvte_rt.cli", "serve", "--bundle", str(demo_bundle), "--ray",
-                   "--replicas", "1", "--port", str(taken.getsockname()[1])]  # fmt: skip
+        port = str(taken.getsockname()[1])
         done = subprocess.run(
-            command,
+            serve_command(demo_bundle, "--ray", "--replicas", "1", "--port", port),
             capture_output=True,
             text=True,
             timeout=300,
@@ -313,17 +312,7 @@ def test_serve_run_s_arguments_become_the_server_s_options(demo_bundle):
 
 def test_a_bad_replica_count_is_one_line(demo_bundle):
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dyvte_rt.cli",
-            "serve",
-            "--bundle",
-            str(demo_bundle),
-            "--ray",
-            "--replicas",
-            "-1",
-        ],
+        serve_command(demo_bundle, "--ray", "--replicas", "-1"),
         capture_output=True,
         text=True,
         timeout=120,

@@ -10,6 +10,7 @@ into place only when all of it succeeded: a failed or interrupted export leaves 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -132,8 +133,11 @@ def export_graphs(plans: list, staging: Path, loader, config: BuildConfig, adapt
     from export.graph_cache import GraphCache
     from export.manifest_builder import graph_info
     from export.memory import plan_weights, resident_gib
+    from export.shared_table import shared_files
 
     cache = GraphCache(config.graph_cache) if config.graph_cache is not None else None
+    tied = adapter.ties_word_embeddings  # the head may read the embed graph's quantised table
+    table_graph = staging / next(p.file for p in plans if p.role in EMBEDDING_ROLES)
     done = ExportedGraphs()
     bar = tqdm(plans, desc="export", unit="graph", disable=config.quiet, file=sys.stderr)
     for plan in bar:
@@ -141,13 +145,13 @@ def export_graphs(plans: list, staging: Path, loader, config: BuildConfig, adapt
         started = time.perf_counter()
         with plan_weights(loader, plan) as release_weights:
             plan_files, parameters, error, quality = _graph(
-                plan, staging, config, cache, adapter, release_weights
+                plan, staging, config, cache, adapter, release_weights, tied, table_graph
             )
         if quality is not None:
             done.qualities[plan.name] = quality
         settings = config.quantize_settings(plan.role) if quality is not None else None
         precision = f"int{settings.bits}" if settings is not None else config.dtype
-        done.graphs[plan.name] = graph_info(staging / plan.file, precision)
+        done.graphs[plan.name] = graph_info(staging / plan.file, precision, shared_files(staging / plan.file))
         done.files.extend(plan_files)
         size = sum((staging / f).stat().st_size for f in plan_files)
         cosine = quality.min_cosine if quality is not None else None
@@ -156,14 +160,28 @@ def export_graphs(plans: list, staging: Path, loader, config: BuildConfig, adapt
     return done
 
 
-def _graph(plan, staging: Path, config: BuildConfig, cache, adapter, release_weights):
-    """One graph into `staging` -> (files, parameters, max abs error, quality if quantised)."""
+def _graph(
+    plan,
+    staging: Path,
+    config: BuildConfig,
+    cache,
+    adapter,
+    release_weights,
+    tied: bool = False,
+    table_graph: Path | None = None,
+):
+    """One graph into `staging` -> (files, parameters, max abs error, quality if quantised).
+    `tied`: the checkpoint ties its LM head to the embedding table, which the head then reads from
+    `table_graph` (the embed graph, exported before it)."""
     from export.graph_cache import CacheEntry, plan_fingerprint, quantized_fingerprint
     from export.memory import release_freed_memory
     from export.onnx_export import export_plan
     from export.quantize import GraphQuality, check_quality, quantize_exported
 
     settings = config.quantize_settings(plan.role)
+    shares_table = tied and settings is not None and plan.role in ("head", *EMBEDDING_ROLES)
+    if shares_table and settings.format == "matmulnbits":
+        settings = dataclasses.replace(settings, tied_table=True)
     key = plan_fingerprint(plan, adapter, config.opset) if cache is not None else None
     final_key = quantized_fingerprint(key, settings) if key and settings else key
     hit = cache.get(final_key, staging) if cache is not None else None
@@ -183,9 +201,10 @@ def _graph(plan, staging: Path, config: BuildConfig, cache, adapter, release_wei
             cache.put(key, staging, CacheEntry(tuple(files), parameters, error))
     if settings is None:
         return files, parameters, error, None
-    files, quality = quantize_exported(plan, staging, settings, config.force)
+    table = table_graph if settings.tied_table and plan.role == "head" else None
+    files, quality = quantize_exported(plan, staging, settings, config.force, table)
     release_freed_memory()
-    if cache is not None:
+    if cache is not None and table is None:  # a head reading the table is made afresh with its embed
         entry = CacheEntry(tuple(files), parameters, error, quality.min_cosine, quality.max_abs_error)
         cache.put(final_key, staging, entry)
     return files, parameters, error, quality

@@ -189,8 +189,9 @@ def write_tokenizer(loaded: LoadedModel, path: Path) -> None:
     backend.save(str(path))
 
 
-def graph_info(path: Path, precision: str | None = None) -> GraphInfo:
-    """I/O names, dtypes and shapes as the exported graph declares them, and its weights' precision."""
+def graph_info(path: Path, precision: str | None = None, shared_files: list[str] | None = None) -> GraphInfo:
+    """I/O names, dtypes and shapes as the exported graph declares them, its weights' precision and
+    the other graphs' files it reads."""
     model = onnx.load(str(path), load_external_data=False)
 
     def tensors(values) -> tuple[TensorInfo, ...]:
@@ -206,4 +207,5 @@ def graph_info(path: Path, precision: str | None = None) -> GraphInfo:
         inputs=tensors(model.graph.input),
         outputs=tensors(model.graph.output),
         precision=precision,
+        shared_files=tuple(shared_files or ()),
     )

@@ -40,6 +40,9 @@ class QuantizeSettings:
     format: str = "matmulnbits"  # matmulnbits | qdq
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations inside the kernel (CPU); 0 = as the weights
     symmetric: bool = True
+    # The checkpoint ties its LM head to the embedding table: the embed graph keeps its quantised
+    # table in external data, the head reads the same bytes (export.shared_table)
+    tied_table: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,17 +62,24 @@ class QualityError(DyvteError):
 EXTERNAL_WEIGHTS_BYTES = 8 << 20
 
 
-def quantize_graph(source: Path, path: Path, settings: QuantizeSettings) -> list[str]:
+def quantize_graph(
+    source: Path, path: Path, settings: QuantizeSettings, table_graph: Path | None = None
+) -> list[str]:
     """Write `source` with its constant-weight MatMuls (and, with `matmulnbits`, its embedding
-    tables) quantised to `path`; returns the files written."""
+    tables) quantised to `path`; returns the files written. With `settings.tied_table`, a MatMul
+    whose weight is the quantised table `table_graph` (the embed graph, already written beside
+    `path`) stored reads that table's bytes instead of a copy of its own."""
     import onnx
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from export.shared_table import point_matmul_at_table, store_table_externally
 
     for name in ("onnxruntime.quantization", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
     model = onnx.load(str(source))
     gemms_as_matmuls(model)  # the quantiser reads MatMul weights only
+    shared = _shared_table_matmul(model, settings, table_graph)
     quantizer = MatMulNBitsQuantizer(
         model,
         bits=settings.bits,
@@ -77,12 +87,17 @@ def quantize_graph(source: Path, path: Path, settings: QuantizeSettings) -> list
         is_symmetric=settings.symmetric,
         accuracy_level=settings.accuracy_level,
         quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
+        nodes_to_exclude=[shared[0]] if shared else None,
     )
     quantizer.process()
     data = path.with_name(path.name + ".data")
     quantized = quantizer.model.model
+    if shared:
+        point_matmul_at_table(quantized, shared[0], shared[1], settings.accuracy_level)
     if settings.format == "matmulnbits":
         quantize_embedding_gathers(quantized, settings.bits, settings.block_size)
+        if settings.tied_table:
+            store_table_externally(quantized, data.name)
     external = sum(t.ByteSize() for t in quantized.graph.initializer) > EXTERNAL_WEIGHTS_BYTES
     onnx.save(
         quantized,
@@ -97,6 +112,22 @@ def quantize_graph(source: Path, path: Path, settings: QuantizeSettings) -> list
     return sorted(
         p.name for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + ".")
     )
+
+
+def _shared_table_matmul(model, settings: QuantizeSettings, table_graph: Path | None):
+    """(MatMul node name, stored table) when the graph's LM-head MatMul can read `table_graph`'s
+    quantised table: settings ask for it and the weight quantises to exactly the stored bytes."""
+    from export.shared_table import read_stored_table, same_table, tied_head_matmul
+
+    if not settings.tied_table or settings.format != "matmulnbits" or table_graph is None:
+        return None
+    table = read_stored_table(table_graph)
+    if table is None or (table.bits, table.block_size) != (settings.bits, settings.block_size):
+        return None
+    found = tied_head_matmul(model, table)
+    if found is None or not same_table(found[1], table):
+        return None
+    return found[0], table
 
 
 def gemms_as_matmuls(model) -> int:
@@ -268,9 +299,11 @@ def check_quality(name: str, quality: GraphQuality, bits: int, force: bool) -> N
         )
 
 
-def quantize_exported(plan, staging: Path, settings: QuantizeSettings, force: bool):
+def quantize_exported(
+    plan, staging: Path, settings: QuantizeSettings, force: bool, table_graph: Path | None = None
+):
     """Quantise an exported, verified float graph in place; check it against the float graph on the
-    plan's verification inputs -> (files written, quality)."""
+    plan's verification inputs -> (files written, quality). `table_graph`: see `quantize_graph`."""
     import shutil
 
     from export.memory import release_freed_memory
@@ -280,7 +313,7 @@ def quantize_exported(plan, staging: Path, settings: QuantizeSettings, force: bo
     for path in staging.glob(plan.file + "*"):
         path.rename(floats / path.name)
     try:
-        files = quantize_graph(floats / plan.file, staging / plan.file, settings)
+        files = quantize_graph(floats / plan.file, staging / plan.file, settings, table_graph)
         release_freed_memory()  # the quantiser's copies of the float graph
         plan_cases = plan.cases()
         cases = [{n: t.numpy() for n, t in zip(plan.input_names, case, strict=True)} for case in plan_cases]

@@ -48,6 +48,7 @@ class TinySpec:
     mlp: int = 128
     init_std: float = 0.1  # larger than HF's 0.02 so the random model is not near-uniform
     head_std: float = 0.6  # sharper LM head: greedy picks win by clear margins, not near-ties
+    tie_embeddings: bool = False  # the LM head is the embedding table (as small released models have it)
 
 
 def decoder_sizes(spec: TinySpec) -> dict:
@@ -172,6 +173,12 @@ def build_parser():
         help="draw and write the weights tensor by tensor into 2 GB shards, never holding the model in "
         "memory (a full-depth 7B: --backbone llava-7b-slice --layers 32 --dtype fp16 --streamed)",
     )
+    parser.add_argument(
+        "--tie-embeddings",
+        action="store_true",
+        help="the LM head is the embedding table, as in small released models (Qwen2-VL-2B); a quantised "
+        "bundle then stores the table once",
+    )
     return parser
 
 
@@ -183,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
         options = {"layers": args.layers, "dtype": dtype, "streamed": args.streamed}
+        if args.tie_embeddings:
+            options["tie_embeddings"] = True
         try:
             path = build_tiny(args.family, args.backbone, args.out, args.seed, **options)
         except ValueError as err:

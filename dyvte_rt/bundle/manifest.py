@@ -100,6 +100,8 @@ class GraphInfo:
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     precision: str | None = None  # its weights: fp32 | fp16 | int8 | int4 (None: a manifest from before)
+    # other graphs' files it reads weights from (a tied LM head: the embed graph's quantised table)
+    shared_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,11 @@ class Manifest:
         return f"int{self.quantization.bits}" if self.quantization is not None else self.dtype
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+        data = dataclasses.asdict(self)
+        for graph in data["graphs"].values():  # written only where used: older readers know no such key
+            if not graph["shared_files"]:
+                del graph["shared_files"]
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_FILE) -> Manifest:

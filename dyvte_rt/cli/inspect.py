@@ -105,6 +105,16 @@ def graph_files(m: Manifest, graph: str) -> list[str]:
     return [file for file in m.files if file == stem or file.startswith(stem + ".")]
 
 
+def shared_note(m: Manifest, graph: str) -> str:
+    """What a graph reads from other graphs' files (a tied LM head: the embed graph's table),
+    counted there, not here."""
+    shared = m.graphs[graph].shared_files
+    if not shared:
+        return ""
+    size = sum(m.files[file].bytes for file in shared if file in m.files)
+    return f"  + {size / 2**20:.2f} MiB shared: {', '.join(shared)}"
+
+
 def graph_bytes(m: Manifest) -> dict[str, tuple[str, int]]:
     """graph -> (weight precision, bytes of its files)."""
     return {
@@ -168,7 +178,10 @@ def summary(bundle: Path, m: Manifest, verified: bool) -> str:
         + (", sha256 verified" if verified else ""),
     ]
     sizes = graph_bytes(m)
-    lines += [f"  {name:<24} {kind:>5} {size / 2**20:>9.2f} MiB" for name, (kind, size) in sizes.items()]
+    lines += [
+        f"  {name:<24} {kind:>5} {size / 2**20:>9.2f} MiB" + shared_note(m, name)
+        for name, (kind, size) in sizes.items()
+    ]
     in_graphs = {file for name in m.graphs for file in graph_files(m, name)}
     lines += [
         f"  {name:<24} {'':>5} {info.bytes / 2**20:>9.2f} MiB"

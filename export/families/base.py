@@ -132,6 +132,16 @@ class FamilyAdapter:
         """The final norm and the LM head."""
         return [self._language_model.norm, self._model.lm_head]
 
+    @property
+    def ties_word_embeddings(self) -> bool:
+        """Whether the LM head reads the embedding table itself (the checkpoint ties them): a
+        quantised bundle then stores the table once (export.shared_table, which shares it only if
+        the bytes agree). A model built without weights (a streamed export) is not tied in memory;
+        its config says so and the loader reads the head from the table."""
+        from export.lazy_weights import tied_parameters
+
+        return self._model.lm_head.weight is self.embed_module.weight or bool(tied_parameters(self._model))
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, N] ids -> [B, N, D] token embeddings (image placeholders still unfilled)."""
         return self._language_model.embed_tokens(input_ids)

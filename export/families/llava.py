@@ -214,13 +214,17 @@ def build_tiny_llava(
     streamed: bool = False,
     classes: LlavaClasses | None = None,
     spec: TinySpec | None = None,
+    tie_embeddings: bool = False,
 ) -> Path:
     """A tiny random checkpoint of `variant` (a TINY_BACKBONES key), written to `out`; `spec`
-    overrides the backbone's sizes, `layers` its decoder depth."""
+    overrides the backbone's sizes, `layers` its decoder depth; `tie_embeddings`: the LM head is the
+    embedding table."""
     choice = TINY_BACKBONES[variant]
     spec = spec or choice.spec
     if layers is not None:
         spec = dataclasses.replace(spec, layers=layers)
+    if tie_embeddings:
+        spec = dataclasses.replace(spec, tie_embeddings=True)
     write = write_random_llava_streamed if streamed else build_random_llava
     return write(choice.text_config, spec, out, seed, dtype, classes or llava_classes())
 
@@ -360,6 +364,7 @@ def llava_config_and_processor(
         projector_hidden_act="gelu",
         **extra,
     )
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = spec.tie_embeddings
     image_processor = classes.image_processor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},

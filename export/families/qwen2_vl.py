@@ -182,7 +182,8 @@ class Qwen2VLAdapter(FamilyAdapter):
         layers = None if variant == "tiny" else options.get("layers")
         if variant != "tiny" and layers is None:
             raise ValueError(f"the {variant} needs a number of decoder layers")
-        return build_tiny_qwen_vl(cls.family, out, seed, slice_layers=layers)
+        tie = bool(options.get("tie_embeddings", False))
+        return build_tiny_qwen_vl(cls.family, out, seed, slice_layers=layers, tie_embeddings=tie)
 
     @property
     def traced_visual_tokens(self) -> int:
@@ -368,11 +369,19 @@ def slice_pixels(preset=QWEN25_VL_7B) -> dict:
     return {"shortest_edge": layout["min_pixels"], "longest_edge": layout["max_pixels"]}
 
 
-def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0, *, slice_layers: int | None = None) -> Path:
+def build_tiny_qwen_vl(
+    variant: str,
+    out: Path,
+    seed: int = 0,
+    *,
+    slice_layers: int | None = None,
+    tie_embeddings: bool = False,
+) -> Path:
     """A tiny random Qwen2-VL (`variant` "qwen2-vl") or Qwen2.5-VL ("qwen2.5-vl", windowed vision
     attention in its first block) checkpoint with its image processor, tokenizer and chat template
     (no video processor: transformers builds those only with torchvision). With `slice_layers`, a
-    Qwen2.5-VL-7B-shaped slice instead: true sizes and pixel budget, that many decoder layers."""
+    Qwen2.5-VL-7B-shaped slice instead: true sizes and pixel budget, that many decoder layers.
+    `tie_embeddings`: the LM head is the embedding table, as in Qwen2-VL-2B."""
     import transformers
 
     if slice_layers is not None and variant != "qwen2.5-vl":
@@ -417,6 +426,7 @@ def build_tiny_qwen_vl(variant: str, out: Path, seed: int = 0, *, slice_layers: 
         vision = {**vision, **QWEN25_VL_7B.tower, "initializer_range": 0.02}
         pixels, head_std = slice_pixels(), 0.02
     config = config_class(text_config=text, vision_config=vision, **token_ids)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = tie_embeddings
     model = random_model(model_class, config, seed, head_std, tokenizer)
     image_processor = transformers.Qwen2VLImageProcessorPil(size=pixels)
     return save_tiny(out, model, image_processor, tokenizer, QWEN_VL_CHAT_TEMPLATE)

@@ -1,0 +1,184 @@
+"""One quantised table for a tied embedding and LM head (checkpoints that tie them: Qwen2-VL-2B,
+InternVL3-1B/2B, Qwen2.5-VL-3B, ...).
+
+The embed graph reads the table with `GatherBlockQuantized`: [vocab, hidden] in symmetric blocks
+along each row, the values offset by the default zero point, two 4-bit values a byte, the lower
+nibble first (`export.quantize.block_quantize_rows`). `MatMulNBits` reads its weight B as [N, K]
+in exactly that layout when N = vocab and K = hidden — the LM head's weight is the same table. So
+a tied head's `MatMulNBits` can point its B and scales at the embed graph's external data file,
+at the same offsets: the bundle stores the table once.
+
+Sharing is decided by the bytes, not by the config: the head's weight is quantised as the table is
+and used only if every byte equals what the embed graph stored. A checkpoint that merely claims to
+tie them keeps a head of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StoredTable:
+    """Where the embed graph keeps its quantised table: its file, and for its data and its scales
+    the external data entries (location, offset, length) and the arrays."""
+
+    graph: str  # the embed graph's file name
+    bits: int
+    block_size: int
+    data: np.ndarray  # uint8 [vocab, hidden * bits / 8]
+    scales: np.ndarray  # [vocab, hidden / block]
+    data_location: dict[str, str]
+    scales_location: dict[str, str]
+
+
+def table_tensor_names(model) -> tuple[str, str] | None:
+    """The (data, scales) initializers of the graph's GatherBlockQuantized table, if it has one."""
+    for node in model.graph.node:
+        if node.op_type == "GatherBlockQuantized" and node.domain == "com.microsoft":
+            return node.input[0], node.input[2]
+    return None
+
+
+def store_table_externally(model, location: str) -> None:
+    """Mark the table's data and scales to be written to external data `location` whatever their
+    size, so that another graph can read them there (onnx.save writes marked tensors)."""
+    from onnx.external_data_helper import set_external_data
+
+    names = table_tensor_names(model)
+    if names is None:
+        return
+    for tensor in model.graph.initializer:
+        if tensor.name in names:
+            set_external_data(tensor, location)
+
+
+def read_stored_table(embed_path: Path) -> StoredTable | None:
+    """The quantised table of an embed graph written with `store_table_externally`, or None when
+    the graph has no quantised table kept in external data."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(embed_path), load_external_data=False)
+    names = table_tensor_names(model)
+    if names is None:
+        return None
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    tensors = {t.name: t for t in model.graph.initializer if t.name in names}
+    if any(t.data_location != onnx.TensorProto.EXTERNAL for t in tensors.values()):
+        return None
+    arrays = {
+        name: numpy_helper.to_array(tensor, base_dir=str(embed_path.parent))
+        for name, tensor in tensors.items()
+    }
+    data, scales = names
+    return StoredTable(
+        graph=embed_path.name,
+        bits=int(attrs.get("bits", 4)),
+        block_size=int(attrs["block_size"]),
+        data=arrays[data],
+        scales=arrays[scales],
+        data_location={e.key: e.value for e in tensors[data].external_data},
+        scales_location={e.key: e.value for e in tensors[scales].external_data},
+    )
+
+
+def tied_head_matmul(model, table: StoredTable) -> tuple[str, np.ndarray] | None:
+    """The graph's MatMul whose constant weight is the stored table, transposed ([hidden, vocab]):
+    (node name, weight). None when no MatMul has a weight of that shape. A nameless node is named
+    here (the quantiser leaves nodes out by name)."""
+    from onnx import numpy_helper
+
+    vocab, hidden = table.scales.shape[0], table.scales.shape[1] * table.block_size
+    constants = {t.name: t for t in model.graph.initializer}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in constants:
+            continue
+        weight = constants[node.input[1]]
+        if tuple(weight.dims) == (hidden, vocab):
+            node.name = node.name or f"lm_head_matmul_{index}"
+            return node.name, numpy_helper.to_array(weight)
+    return None
+
+
+def same_table(weight: np.ndarray, table: StoredTable) -> bool:
+    """Whether `weight` [hidden, vocab] quantises to exactly the stored table's bytes."""
+    from export.quantize import block_quantize_rows
+
+    data, scales = block_quantize_rows(np.ascontiguousarray(weight.T), table.bits, table.block_size)
+    return np.array_equal(data, table.data) and np.array_equal(
+        scales.astype(table.scales.dtype), table.scales
+    )
+
+
+def point_matmul_at_table(model, node_name: str, table: StoredTable, accuracy_level: int) -> None:
+    """Replace MatMul `node_name` (weight [hidden, vocab]) by a MatMulNBits whose B and scales are
+    the stored table's bytes in the embed graph's external data file; the float weight goes."""
+    import onnx
+    from onnx import helper
+
+    vocab, blocks = table.scales.shape
+    hidden = blocks * table.block_size
+    node = next(n for n in model.graph.node if n.name == node_name)
+    base = node.input[1]
+    shapes = {
+        f"{base}_shared_q{table.bits}": (
+            onnx.TensorProto.UINT8,
+            [vocab, blocks, table.block_size * table.bits // 8],
+            table.data_location,
+        ),
+        f"{base}_shared_scales": (
+            helper.np_dtype_to_tensor_dtype(table.scales.dtype),
+            [vocab * blocks],
+            table.scales_location,
+        ),
+    }
+    for name, (dtype, dims, location) in shapes.items():
+        tensor = onnx.TensorProto(name=name, data_type=dtype, dims=dims)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key in ("location", "offset", "length"):
+            if key in location:
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, location[key]
+        model.graph.initializer.append(tensor)
+    replacement = helper.make_node(
+        "MatMulNBits",
+        [node.input[0], *shapes],
+        list(node.output),
+        name=node.name + "_shared_table",
+        domain="com.microsoft",
+        K=hidden,
+        N=vocab,
+        bits=table.bits,
+        block_size=table.block_size,
+        accuracy_level=accuracy_level,
+    )
+    position = list(model.graph.node).index(node)
+    model.graph.node.remove(node)
+    model.graph.node.insert(position, replacement)
+    if not any(n.input[1] == base for n in model.graph.node if len(n.input) > 1):
+        kept = [t for t in model.graph.initializer if t.name != base]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def shared_files(graph_path: Path) -> list[str]:
+    """Files of other graphs that this graph reads through external data (a tied head: the embed
+    graph's data file)."""
+    import onnx
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    own = graph_path.name + ".data"
+    found = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location and location != own:
+                found.add(location)
+    return sorted(found)

@@ -47,7 +47,8 @@ def measure(args, lean: bool) -> dict:
     weights = weight_bytes(args.bundle)
     before = rss_bytes()
     answers, after = [], []
-    with DyvteModel.load(args.bundle, threads=args.threads, lean_memory=lean) as model:
+    dtype = json.loads((args.bundle / "manifest.json").read_text())["dtype"]  # fp16 runs here too, slowly
+    with DyvteModel.load(args.bundle, threads=args.threads, lean_memory=lean, dtype=dtype) as model:
         loaded = rss_bytes()
         for _ in range(args.requests):
             answer = model.ask(

@@ -1,7 +1,8 @@
 """What storing a tied LM head's table once saves: two otherwise equal checkpoints, one tying its
-head to the embedding table, exported at int4, bytes per graph and resident memory side by side.
+head to the embedding table, exported alike, bytes per graph and resident memory side by side.
 
-    python benchmarks/tied_table.py --out runs/tied-table --json
+    python benchmarks/tied_table.py --out runs/tied-table --json                 # int4
+    python benchmarks/tied_table.py --out runs/tied-table --precision fp16 --json
 
 The checkpoints are LLaVA-layout random models with a small vision tower, `--layers` decoder
 layers and the vocabulary and width of the model named by --shape (default Qwen2-VL-2B's: 151,936 ×
@@ -80,6 +81,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for the checkpoints and bundles")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-vl-2b")
     parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument(
+        "--precision", choices=("int4", "int8", "fp16", "fp32"), default="int4", help="the bundles' weights"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="loads of each bundle, alternating")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -92,17 +96,27 @@ def main() -> int:
         checkpoint = args.out / f"{args.shape}-{name}"
         if not checkpoint.is_dir():
             build(checkpoint, args.shape, args.layers, tie)
-        bundle = args.out / f"{args.shape}-{name}-int4"
+        bundle = args.out / f"{args.shape}-{name}-{args.precision}"
         if not (bundle / "manifest.json").is_file():
+            weights = (
+                {"quantize": args.precision}
+                if args.precision.startswith("int")
+                else {"dtype": args.precision}
+            )
             build_bundle(
-                BuildConfig(model=str(checkpoint), out=bundle, quantize="int4", quiet=True, overwrite=True)
+                BuildConfig(model=str(checkpoint), out=bundle, quiet=True, overwrite=True, **weights)
             )
         bundles[name] = bundle
     runs: dict[str, list[dict]] = {name: [] for name in bundles}
     for round_ in range(args.rounds):
         for name in list(bundles) if round_ % 2 == 0 else list(bundles)[::-1]:
             runs[name].append(resident(bundles[name]))
-    report = {"shape": args.shape, "vocab_hidden": SHAPES[args.shape][:2], "layers": args.layers}
+    report = {
+        "shape": args.shape,
+        "vocab_hidden": SHAPES[args.shape][:2],
+        "layers": args.layers,
+        "precision": args.precision,
+    }
     for name, bundle in bundles.items():
         sizes = graph_bytes(bundle)
         report[name] = {

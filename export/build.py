@@ -173,6 +173,18 @@ def _graph(
     """One graph into `staging` -> (files, parameters, max abs error, quality if quantised).
     `tied`: the checkpoint ties its LM head to the embedding table, which the head then reads from
     `table_graph` (the embed graph, exported before it)."""
+    files, parameters, error, quality = _exported_graph(
+        plan, staging, config, cache, adapter, release_weights, tied, table_graph
+    )
+    if tied and config.quantize is None and plan.role in ("head", *EMBEDDING_ROLES):
+        files = _share_float_table(plan, staging, table_graph)  # made or from the cache: unshared
+    return files, parameters, error, quality
+
+
+def _exported_graph(
+    plan, staging: Path, config: BuildConfig, cache, adapter, release_weights, tied, table_graph
+):
+    """`_graph`'s graph as exported (and quantised), from the graph cache where it can be."""
     from export.graph_cache import CacheEntry, plan_fingerprint, quantized_fingerprint
     from export.memory import release_freed_memory
     from export.onnx_export import export_plan
@@ -208,6 +220,38 @@ def _graph(
         entry = CacheEntry(tuple(files), parameters, error, quality.min_cosine, quality.max_abs_error)
         cache.put(final_key, staging, entry)
     return files, parameters, error, quality
+
+
+def _share_float_table(plan, staging: Path, table_graph: Path) -> list[str]:
+    """A float bundle of a tied checkpoint: the embed graph keeps its table in external data and
+    the head multiplies by it, transposed, instead of a copy (export.shared_table); the head is
+    checked against itself before the change on its verification inputs. Returns the graph's files."""
+    import shutil
+
+    from export.onnx_export import VerificationError
+    from export.quantize import compare_graphs
+    from export.shared_table import graph_files, share_float_table, store_float_table_externally
+
+    path = staging / plan.file
+    if plan.role in EMBEDDING_ROLES:
+        return store_float_table_externally(path)
+    aside = staging / ".unshared"
+    aside.mkdir(exist_ok=True)
+    try:
+        for file in staging.glob(plan.file + "*"):
+            shutil.copy2(file, aside / file.name)
+        if share_float_table(path, table_graph):
+            cases = [{n: t.numpy() for n, t in zip(plan.input_names, c, strict=True)} for c in plan.cases()]
+            quality = compare_graphs(aside / plan.file, path, cases)
+            if quality.min_cosine < 0.99999:
+                raise VerificationError(
+                    f"{plan.name}: reading the embedding table changed its outputs "
+                    f"(cosine {quality.min_cosine:.6f})",
+                    hint="this is a bug in the exporter; please report it",
+                )
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return graph_files(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

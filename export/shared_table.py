@@ -182,3 +182,94 @@ def shared_files(graph_path: Path) -> list[str]:
             if location and location != own:
                 found.add(location)
     return sorted(found)
+
+
+# -- float bundles: the head multiplies by the table, transposed ----------------------------------
+
+
+def gather_table_name(model) -> str | None:
+    """The float embedding table the graph's Gather reads (a 2-D initializer, axis 0), if any."""
+    tables = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (
+            node.op_type == "Gather"
+            and node.domain in ("", "ai.onnx")
+            and axis == 0
+            and node.input[0] in tables
+        ):
+            return node.input[0]
+    return None
+
+
+def store_float_table_externally(embed_path: Path) -> list[str]:
+    """Re-save a float embed graph with its table in external data `<graph>.data` (where another
+    graph can read it), whatever its size; returns the graph's files."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    model = onnx.load(str(embed_path))  # every weight in memory: all are written again below
+    name = gather_table_name(model)
+    data = embed_path.with_name(embed_path.name + ".data")
+    if name is None:
+        return graph_files(embed_path)
+    for tensor in model.graph.initializer:
+        if tensor.name == name or len(tensor.raw_data) > 1024:  # the table, and what was external before
+            set_external_data(tensor, data.name)
+    mode = embed_path.stat().st_mode & 0o777
+    data.unlink(missing_ok=True)  # every external tensor is written afresh
+    onnx.save(model, str(embed_path))
+    data.chmod(mode)
+    return graph_files(embed_path)
+
+
+def share_float_table(head_path: Path, embed_path: Path) -> bool:
+    """Point a float head's LM-head MatMul at the embed graph's table: MatMul(x, Transpose(table))
+    with the table read from the embed graph's external data. Only where the head's weight is
+    exactly the table, transposed; returns whether it was shared."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    embed = onnx.load(str(embed_path), load_external_data=False)
+    name = gather_table_name(embed)
+    stored = next((t for t in embed.graph.initializer if t.name == name), None)
+    if stored is None or stored.data_location != onnx.TensorProto.EXTERNAL:
+        return False
+    table = numpy_helper.to_array(stored, base_dir=str(embed_path.parent))
+    head = onnx.load(str(head_path))
+    constants = {t.name: t for t in head.graph.initializer}
+    for node in head.graph.node:
+        weight = constants.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or tuple(weight.dims) != table.shape[::-1]:
+            continue
+        if not np.array_equal(numpy_helper.to_array(weight).T, table):
+            return False
+        shared = onnx.TensorProto(
+            name=f"{weight.name}_shared_table", data_type=stored.data_type, dims=stored.dims
+        )
+        shared.data_location = onnx.TensorProto.EXTERNAL
+        shared.external_data.extend(stored.external_data)
+        transposed = f"{weight.name}_shared_table_t"
+        position = list(head.graph.node).index(node)
+        head.graph.node.insert(
+            position,
+            helper.make_node(
+                "Transpose", [shared.name], [transposed], name=f"{node.name}_table_t", perm=[1, 0]
+            ),
+        )
+        node.input[1] = transposed
+        head.graph.initializer.remove(weight)
+        head.graph.initializer.append(shared)
+        onnx.save(head, str(head_path))  # loaded whole, its other weights are written inline
+        head_path.with_name(head_path.name + ".data").unlink(missing_ok=True)
+        return True
+    return False
+
+
+def graph_files(graph_path: Path) -> list[str]:
+    """A graph's files: its .onnx and its own external data."""
+    return sorted(
+        p.name
+        for p in graph_path.parent.iterdir()
+        if p.name == graph_path.name or p.name.startswith(graph_path.name + ".")
+    )

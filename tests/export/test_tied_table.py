@@ -129,4 +129,55 @@ def test_a_head_that_is_not_the_table_keeps_its_own(tiny_checkpoints, tmp_path):
     head = onnx.load(str(bundle / "head.onnx"), load_external_data=False)
     matmul = next(n for n in head.graph.node if n.op_type == "MatMulNBits")
     weight = next(t for t in head.graph.initializer if t.name == matmul.input[1])
-    assert weight.data_location != onnx.TensorProto.EXTERNAL or _external(weight)["location"] != "embed.onnx.data"
+    assert (
+        weight.data_location != onnx.TensorProto.EXTERNAL
+        or _external(weight)["location"] != "embed.onnx.data"
+    )
+
+
+FLOAT_CASES = {"llava-fp32": "fp32", "llava-fp16": "fp16"}  # the tied llama-gqa checkpoint
+
+
+@pytest.fixture(scope="module", params=list(FLOAT_CASES))
+def tied_float(request):
+    checkpoint = tied_checkpoint("llava", "llama-gqa", 1)
+    dtype = FLOAT_CASES[request.param]
+    bundle = shared(f"bundle-{request.param}-tied", lambda out: export(checkpoint, out, dtype=dtype))
+    return checkpoint, bundle, dtype
+
+
+def test_a_float_tied_head_multiplies_by_the_embed_graphs_table(tied_float):
+    """fp32 and fp16: the head reads the table from the embed graph's file through a Transpose and
+    keeps the runtime's logits equal to the reference's, with the same greedy tokens."""
+    from export.loading import load_checkpoint
+    from tests.helpers import runtime_vs_reference
+
+    checkpoint, bundle, dtype = tied_float
+    assert load_manifest(bundle).graphs["head"].shared_files == ("embed.onnx.data",)
+    embed = onnx.load(str(bundle / "embed.onnx"), load_external_data=False)
+    gather = next(n for n in embed.graph.node if n.op_type == "Gather")
+    table = next(t for t in embed.graph.initializer if t.name == gather.input[0])
+    head = onnx.load(str(bundle / "head.onnx"), load_external_data=False)
+    transpose = next(n for n in head.graph.node if n.op_type == "Transpose")
+    weight = next(t for t in head.graph.initializer if t.name == transpose.input[0])
+    assert _external(weight) == _external(table) and _external(table)["location"] == "embed.onnx.data"
+    assert not (bundle / "head.onnx.data").exists()
+
+    loaded = load_checkpoint(str(checkpoint))
+    image = Path(__file__).resolve().parents[2] / "examples" / "three_shapes.png"
+    inputs = hf_inputs(loaded.processor, image, QUESTION)
+    reference = DyVTEReference(loaded.adapter)
+    with DyvteModel.load(bundle, dtype=dtype) as model, Image.open(image) as picture:
+        prepared = model.family.prepare_image(picture)
+        for policy in (NeverExit(), FixedLayerExit(1)):
+            worst, got, expected = runtime_vs_reference(
+                model.pipeline,
+                reference,
+                inputs["input_ids"],
+                loaded.adapter.image_input(inputs),
+                prepared,
+                policy,
+            )
+            scale = max(1.0, float(expected.logits.abs().max()))
+            assert worst <= (1e-4 if dtype == "fp32" else 5e-3) * scale, (dtype, policy.describe(), worst)
+            assert int(got.logits[0].argmax()) == int(expected.logits[0, -1].argmax())

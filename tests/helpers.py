@@ -13,6 +13,16 @@ def eval_json(capsys, bundle, data, *options: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def prefill_cosine(pipeline, reference, adapter, inputs, prepared, policy) -> float:
+    """Cosine similarity of the runtime's prefill logits to the PyTorch reference's (last position):
+    how close a quantised bundle answers to the float model."""
+    import numpy as np
+
+    want = reference.prefill(inputs["input_ids"], adapter.image_input(inputs), policy).logits[0, -1].numpy()
+    got = pipeline.prefill(inputs["input_ids"].numpy(), prepared, policy).logits[0]
+    return float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
+
+
 DECODE_STEPS = 4
 
 

@@ -1,7 +1,5 @@
 """fp16 and int4 bundles of every family: sound graphs, answers close to the fp32 reference."""
 
-import numpy as np
-
 from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.bundle.manifest import load_manifest
 from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit
@@ -10,7 +8,7 @@ from export.prompting import hf_inputs
 from export.reference import DyVTEReference
 from tests.conformance.cases import PRIMARY
 from tests.conformance.conftest import QUESTION, case_bundle
-from tests.helpers import runtime_vs_reference
+from tests.helpers import prefill_cosine, runtime_vs_reference
 
 FAMILY_CASES = PRIMARY
 # each family is quantised once, the two widths alternating (test_quantize.py takes both widths and
@@ -60,8 +58,5 @@ def test_quantized_bundles_pass_the_quality_bar_and_answer_close_to_float(
     with DyvteModel.load(bundle) as model:
         prepared = model.family.prepare_image(images[name])
         for policy in (NeverExit(), FixedLayerExit(1)):
-            want = reference.prefill(inputs["input_ids"], loaded.adapter.image_input(inputs), policy)
-            want = want.logits[0, -1].numpy()
-            got = model.pipeline.prefill(inputs["input_ids"].numpy(), prepared, policy).logits[0]
-            cosine = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
+            cosine = prefill_cosine(model.pipeline, reference, loaded.adapter, inputs, prepared, policy)
             assert cosine > (0.99 if bits == "int8" else 0.9), (bits, policy.describe(), cosine)

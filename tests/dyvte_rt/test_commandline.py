@@ -171,6 +171,7 @@ def test_serve_takes_the_vision_priority_to_the_model_it_opens(monkeypatch, demo
     from dyvte_rt.cli.common import open_model
 
     asked = []
+
     def load(cls, *args, **options):
         asked.append(options["vision_priority"])
 

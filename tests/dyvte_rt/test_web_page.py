@@ -90,8 +90,7 @@ def test_a_person_asks_about_an_image_and_sees_the_answer_and_where_the_image_le
 
     Select(_by(browser, "#exit-policy")[0]).select_by_value("router")
     browser.execute_script(
-        "const t = document.getElementById('threshold');"
-        "t.value = '0.35'; t.dispatchEvent(new Event('input'))"
+        "const t = document.getElementById('threshold');t.value = '0.35'; t.dispatchEvent(new Event('input'))"
     )
     assert _by(browser, "#threshold-value")[0].text == "0.35"
     _ask(browser, QUESTION)

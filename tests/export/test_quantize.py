@@ -123,6 +123,7 @@ def _prefill_feeds(bundle: Path, prompt) -> dict[str, list[dict[str, np.ndarray]
     with DyvteModel.load(bundle) as model:
         backend = model.bundle.backend
         for graph, session in model.bundle.sessions.items():
+
             def recording(values, into=None, run=session.run, graph=graph):
                 host = {k: v if isinstance(v, np.ndarray) else backend.download(v) for k, v in values.items()}
                 feeds.setdefault(graph, []).append(host)
@@ -160,9 +161,7 @@ def test_a_graph_below_the_quality_bar_is_refused_unless_forced(tiny_checkpoints
 
     monkeypatch.setitem(quantize.MIN_COSINE, 4, 1.0)  # nothing int4 reaches a cosine of exactly 1
     out = tmp_path / "bundle"
-    with pytest.raises(
-        quantize.QualityError, match=r"embed: int4 outputs keep a cosine similarity of 0\.9"
-    ):
+    with pytest.raises(quantize.QualityError, match=r"embed: int4 outputs keep a cosine similarity of 0\.9"):
         export(tiny_checkpoints["llama-mha"], out, quantize="int4")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
     export(tiny_checkpoints["llama-mha"], out, quantize="int4", force=True)

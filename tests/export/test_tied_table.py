@@ -19,6 +19,7 @@ from dyvte_rt.runtime.policy import FixedLayerExit, NeverExit
 from export.prompting import hf_inputs
 from export.reference import DyVTEReference
 from tests.artefacts import export, shared
+from tests.helpers import prefill_cosine
 
 CASES = {  # bundle -> (family, tiny variant, seed, --quantize)
     "llava-int4": ("llava", "llama-gqa", 1, "int4"),
@@ -108,10 +109,7 @@ def test_a_tied_bundle_answers_close_to_the_float_reference(tied):
     with DyvteModel.load(bundle) as model, Image.open(image) as picture:
         prepared = model.family.prepare_image(picture)
         for policy in (NeverExit(), FixedLayerExit(1)):
-            want = reference.prefill(inputs["input_ids"], loaded.adapter.image_input(inputs), policy)
-            want = want.logits[0, -1].numpy()
-            got = model.pipeline.prefill(inputs["input_ids"].numpy(), prepared, policy).logits[0]
-            cosine = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
+            cosine = prefill_cosine(model.pipeline, reference, loaded.adapter, inputs, prepared, policy)
             assert cosine > (0.99 if bits == "int8" else 0.9), (bits, policy.describe(), cosine)
 
 

@@ -136,7 +136,7 @@ def export_graphs(plans: list, staging: Path, loader, config: BuildConfig, adapt
     from export.shared_table import shared_files
 
     cache = GraphCache(config.graph_cache) if config.graph_cache is not None else None
-    tied = adapter.ties_word_embeddings  # the head may read the embed graph's quantised table
+    tied = adapter.ties_word_embeddings  # the head may read the embed graph's table (export.shared_table)
     table_graph = staging / next(p.file for p in plans if p.role in EMBEDDING_ROLES)
     done = ExportedGraphs()
     bar = tqdm(plans, desc="export", unit="graph", disable=config.quiet, file=sys.stderr)

@@ -1,16 +1,18 @@
-"""One quantised table for a tied embedding and LM head (checkpoints that tie them: Qwen2-VL-2B,
-InternVL3-1B/2B, Qwen2.5-VL-3B, ...).
+"""One table for a tied embedding and LM head (checkpoints that tie them: Qwen2-VL-2B,
+InternVL3-1B/2B, Qwen2.5-VL-3B, ...): the head graph reads the embed graph's table from the embed
+graph's external data file instead of holding a copy.
 
-The embed graph reads the table with `GatherBlockQuantized`: [vocab, hidden] in symmetric blocks
-along each row, the values offset by the default zero point, two 4-bit values a byte, the lower
-nibble first (`export.quantize.block_quantize_rows`). `MatMulNBits` reads its weight B as [N, K]
-in exactly that layout when N = vocab and K = hidden — the LM head's weight is the same table. So
-a tied head's `MatMulNBits` can point its B and scales at the embed graph's external data file,
-at the same offsets: the bundle stores the table once.
+Quantised: the embed graph reads the table with `GatherBlockQuantized`: [vocab, hidden] in
+symmetric blocks along each row, the values offset by the default zero point, two 4-bit values a
+byte, the lower nibble first (`export.quantize.block_quantize_rows`). `MatMulNBits` reads its weight
+B as [N, K] in exactly that layout when N = vocab and K = hidden — the LM head's weight is the same
+table. So a tied head's `MatMulNBits` points its B and scales at the embed graph's bytes.
 
-Sharing is decided by the bytes, not by the config: the head's weight is quantised as the table is
-and used only if every byte equals what the embed graph stored. A checkpoint that merely claims to
-tie them keeps a head of its own.
+Float: the head multiplies by `Transpose(table)`, the table read from the same file.
+
+Sharing is decided by the bytes, not by the config: the head's weight is used from the table only
+if it equals the table exactly (quantised: every byte it quantises to). A checkpoint that merely
+claims to tie them keeps a head of its own.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class StoredTable:
-    """Where the embed graph keeps its quantised table: its file, and for its data and its scales
-    the external data entries (location, offset, length) and the arrays."""
+    """Where the embed graph keeps its quantised table: for its data and its scales the external
+    data entries (location, offset, length) and the arrays."""
 
-    graph: str  # the embed graph's file name
     bits: int
     block_size: int
     data: np.ndarray  # uint8 [vocab, hidden * bits / 8]
@@ -77,7 +78,6 @@ def read_stored_table(embed_path: Path) -> StoredTable | None:
     }
     data, scales = names
     return StoredTable(
-        graph=embed_path.name,
         bits=int(attrs.get("bits", 4)),
         block_size=int(attrs["block_size"]),
         data=arrays[data],

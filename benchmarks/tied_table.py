@@ -24,6 +24,7 @@ SHAPES = {  # tied checkpoints' (vocabulary, hidden, heads, kv heads)
     "qwen2-vl-2b": (151_936, 1536, 12, 2),
     "qwen2.5-vl-3b": (151_936, 2048, 16, 2),
     "internvl3-1b": (151_674, 896, 14, 2),
+    "tiny": (512, 64, 4, 2),  # for the benchmark's own test
 }
 
 

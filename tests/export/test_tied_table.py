@@ -88,8 +88,8 @@ def test_the_tied_head_computes_with_the_tables_rows(tied):
     head = ort.InferenceSession(str(bundle / "head.onnx"), options, providers=["CPUExecutionProvider"])
     states = np.random.default_rng(0).standard_normal((1, 3, hidden)).astype(np.float32)
     logits = head.run(None, {"hidden_states_out": states, "last_index": np.array([2])})[0][0]
-    float_head = onnx.load(str(bundle / "head.onnx"), load_external_data=False)
-    norm = next(t for t in float_head.graph.initializer if t.name.endswith("norm.weight"))
+    head_graph = onnx.load(str(bundle / "head.onnx"), load_external_data=False)
+    norm = next(t for t in head_graph.graph.initializer if t.name.endswith("norm.weight"))
     scale = onnx.numpy_helper.to_array(norm)
     last = states[0, 2]
     normed = last / np.sqrt(np.mean(last**2) + 1e-6) * scale

@@ -47,12 +47,11 @@ def build(out: Path, shape: str, layers: int, tie: bool) -> Path:
 
 
 def graph_bytes(bundle: Path) -> dict[str, int]:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    sizes: dict[str, int] = {}
-    for name, graph in manifest["graphs"].items():
-        own = graph["file"]
-        sizes[name] = sum(f["bytes"] for file, f in manifest["files"].items() if file.startswith(own))
-    return sizes
+    """Bytes of each graph's own files, as `dyvte-rt inspect` counts them."""
+    from dyvte_rt.bundle.manifest import load_manifest
+    from dyvte_rt.cli.inspect import graph_bytes as sizes
+
+    return {name: size for name, (_, size) in sizes(load_manifest(bundle, verify_hashes=False)).items()}
 
 
 def resident(bundle: Path) -> dict:

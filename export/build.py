@@ -133,7 +133,6 @@ def export_graphs(plans: list, staging: Path, loader, config: BuildConfig, adapt
     from export.graph_cache import GraphCache
     from export.manifest_builder import graph_info
     from export.memory import plan_weights, resident_gib
-    from export.shared_table import shared_files
 
     cache = GraphCache(config.graph_cache) if config.graph_cache is not None else None
     tied = adapter.ties_word_embeddings  # the head may read the embed graph's table (export.shared_table)
@@ -151,7 +150,7 @@ def export_graphs(plans: list, staging: Path, loader, config: BuildConfig, adapt
             done.qualities[plan.name] = quality
         settings = config.quantize_settings(plan.role) if quality is not None else None
         precision = f"int{settings.bits}" if settings is not None else config.dtype
-        done.graphs[plan.name] = graph_info(staging / plan.file, precision, shared_files(staging / plan.file))
+        done.graphs[plan.name] = graph_info(staging / plan.file, precision)
         done.files.extend(plan_files)
         size = sum((staging / f).stat().st_size for f in plan_files)
         cosine = quality.min_cosine if quality is not None else None

@@ -189,9 +189,11 @@ def write_tokenizer(loaded: LoadedModel, path: Path) -> None:
     backend.save(str(path))
 
 
-def graph_info(path: Path, precision: str | None = None, shared_files: list[str] | None = None) -> GraphInfo:
+def graph_info(path: Path, precision: str | None = None) -> GraphInfo:
     """I/O names, dtypes and shapes as the exported graph declares them, its weights' precision and
-    the other graphs' files it reads."""
+    the other graphs' files it reads (export.shared_table)."""
+    from export.shared_table import shared_files
+
     model = onnx.load(str(path), load_external_data=False)
 
     def tensors(values) -> tuple[TensorInfo, ...]:
@@ -207,5 +209,5 @@ def graph_info(path: Path, precision: str | None = None, shared_files: list[str]
         inputs=tensors(model.graph.input),
         outputs=tensors(model.graph.output),
         precision=precision,
-        shared_files=tuple(shared_files or ()),
+        shared_files=tuple(shared_files(model, path.name)),
     )

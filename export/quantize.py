@@ -172,6 +172,23 @@ def gemms_as_matmuls(model) -> int:
     return rewritten
 
 
+def embedding_gathers(model) -> list:
+    """(node, table) for each Gather that reads rows (axis 0) of a constant 2-D table: an
+    embedding table."""
+    tables = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
+    found = []
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (
+            node.op_type == "Gather"
+            and node.domain in ("", "ai.onnx")
+            and axis == 0
+            and node.input[0] in tables
+        ):
+            found.append((node, tables[node.input[0]]))
+    return found
+
+
 def quantize_embedding_gathers(model, bits: int, block_size: int) -> int:
     """Replace each Gather that reads rows of a constant 2-D float table (the embedding table) with
     ONNX Runtime's `GatherBlockQuantized`: the table stored in `bits` bits per weight, symmetric
@@ -180,22 +197,9 @@ def quantize_embedding_gathers(model, bits: int, block_size: int) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
-    tables = {t.name: t for t in model.graph.initializer}
     count = 0
-    for node in list(model.graph.node):
-        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.input[0] not in tables:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        table = tables[node.input[0]]
-        if (
-            axis != 0
-            or len(table.dims) != 2
-            or table.data_type
-            not in (
-                onnx.TensorProto.FLOAT,
-                onnx.TensorProto.FLOAT16,
-            )
-        ):
+    for node, table in embedding_gathers(model):
+        if table.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
             continue
         weights = numpy_helper.to_array(table)
         rows, width = weights.shape

@@ -160,21 +160,18 @@ def point_matmul_at_table(model, node_name: str, table: StoredTable, accuracy_le
     position = list(model.graph.node).index(node)
     model.graph.node.remove(node)
     model.graph.node.insert(position, replacement)
-    if not any(n.input[1] == base for n in model.graph.node if len(n.input) > 1):
-        kept = [t for t in model.graph.initializer if t.name != base]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
+    if not any(base in n.input for n in model.graph.node):  # nothing else reads the float weight
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == base))
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-def shared_files(graph_path: Path) -> list[str]:
-    """Files of other graphs that this graph reads through external data (a tied head: the embed
-    graph's data file)."""
+def shared_files(model, graph_file: str) -> list[str]:
+    """Files of other graphs that the graph `graph_file` (its loaded model, external data not read)
+    reads through external data (a tied head: the embed graph's data file)."""
     import onnx
 
-    model = onnx.load(str(graph_path), load_external_data=False)
-    own = graph_path.name + ".data"
+    own = graph_file + ".data"
     found = set()
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -188,18 +185,11 @@ def shared_files(graph_path: Path) -> list[str]:
 
 
 def gather_table_name(model) -> str | None:
-    """The float embedding table the graph's Gather reads (a 2-D initializer, axis 0), if any."""
-    tables = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
-    for node in model.graph.node:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if (
-            node.op_type == "Gather"
-            and node.domain in ("", "ai.onnx")
-            and axis == 0
-            and node.input[0] in tables
-        ):
-            return node.input[0]
-    return None
+    """The float embedding table the graph's Gather reads, if any."""
+    from export.quantize import embedding_gathers
+
+    found = embedding_gathers(model)
+    return found[0][1].name if found else None
 
 
 def store_float_table_externally(embed_path: Path) -> list[str]:

@@ -68,6 +68,8 @@ class DyvteModel:
         engines/host_memory.py). `vision_priority` "low": the image encoder's worker threads run at
         the lowest CPU priority (Linux), for a server that encodes images while others decode; the
         thread that calls `encode_image` should lower its own (engines.host_threads)."""
+        if threads < 0:
+            raise InputError(f"threads must be 0 (let dyvte-rt choose) or a positive count, not {threads}")
         if vision_priority not in VISION_PRIORITIES:
             choices = ", ".join(VISION_PRIORITIES)
             raise InputError(f"vision priority must be one of {choices}, not {vision_priority!r}")

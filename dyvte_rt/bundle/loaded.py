@@ -25,6 +25,11 @@ def check_dtype_and_device(bundle_dtype: str, device: str, asked: str | None) ->
     ONNX Runtime's CPU kernels mostly lack fp16: such a bundle runs, but several times slower than
     its fp32 export, which is never what someone who did not ask for it wants.
     """
+    if asked is not None and asked not in NUMPY_DTYPES:
+        raise BundleError(
+            f"dtype must be one of {', '.join(NUMPY_DTYPES)}, not {asked!r}",
+            hint="int8 and int4 bundles compute in fp32: their weights are what is quantised",
+        )
     if asked is not None and asked != bundle_dtype:
         raise BundleError(
             f"the bundle was exported as {bundle_dtype}, not {asked}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -173,22 +174,21 @@ def run(config: ServeConfig) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(config, name)}")
     if config.allow_local_images is not None and not config.allow_local_images.is_dir():
         raise InputError(f"--allow-local-images {config.allow_local_images} is not a directory")
+    if not 0 <= config.port <= 65535:
+        raise InputError(f"--port must lie in 0..65535, not {config.port}")
     if config.ray:
         from dyvte_rt.serving.ray_serve import serve_on_ray
 
         return serve_on_ray(config)
-    with open_model(config) as model:
+    with listening_socket(config.host, config.port) as sock, open_model(config) as model:
         app, engine = build_app(config, model)
-        name = app.state.model_name
-        print(
-            f"serving {name} on http://{config.host}:{config.port}/v1 (batch {config.max_batch})",
-            file=sys.stderr,
-        )
+        name, port = app.state.model_name, sock.getsockname()[1]
+        print(f"serving {name} on http://{config.host}:{port}/v1 (batch {config.max_batch})", file=sys.stderr)
         server = draining_server()(
             uvicorn.Config(
                 app,
                 host=config.host,
-                port=config.port,
+                port=port,
                 log_level="warning",
                 timeout_graceful_shutdown=config.drain_seconds,
                 timeout_keep_alive=config.idle_timeout,
@@ -196,10 +196,28 @@ def run(config: ServeConfig) -> int:
             )
         )
         try:
-            server.run()
+            server.run(sockets=[sock])
         finally:
             engine.stop(timeout=config.drain_seconds)
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a port already taken (or a host
+    not on this machine) is one line at once, not an error after the model loaded. Port 0: the
+    system picks one, and the start line says which."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        reason = err.strerror or str(err)
+        raise InputError(
+            f"cannot listen on {host}:{port}: {reason}", hint="choose another --port or --host"
+        ) from None
+    return sock
 
 
 def build_app(config: ServeConfig, model):

@@ -29,6 +29,8 @@ class SamplingConfig:
             raise InputError(f"top-k must be >= 0, got {self.top_k}")
         if not 0 <= self.top_p <= 1:  # 0 keeps only the most likely token, as OpenAI's API reads it
             raise InputError(f"top-p must lie in [0, 1], got {self.top_p}")
+        if self.seed is not None and self.seed < 0:  # numpy's generators take none
+            raise InputError(f"seed must be a non-negative integer, got {self.seed}")
 
 
 class Sampler:

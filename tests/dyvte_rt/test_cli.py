@@ -33,6 +33,44 @@ def test_user_errors_exit_1_and_usage_errors_exit_2(capsys):
     assert usage.value.code == 2
 
 
+def test_a_negative_thread_count_is_refused_in_one_line(capsys, demo_bundle, sample_image):
+    command = ["infer", "--bundle", str(demo_bundle), "--threads", "-2", str(sample_image), "what shape?"]
+    assert main(command) == 1
+    expected = "error: threads must be 0 (let dyvte-rt choose) or a positive count, not -2\n"
+    assert capsys.readouterr().err == expected
+
+
+def test_a_negative_seed_is_refused_in_one_line(capsys, demo_bundle, sample_image):
+    command = ["infer", "--bundle", str(demo_bundle), "--temperature", "1", "--seed", "-1"]
+    assert main([*command, str(sample_image), "what shape?"]) == 1
+    assert capsys.readouterr().err == "error: seed must be a non-negative integer, got -1\n"
+
+
+def test_eval_refuses_a_limit_below_one(capsys, demo_bundle, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"image": "x.png", "question": "what?", "answer": "circle"}\n')
+    assert main(["eval", "--bundle", str(demo_bundle), "--data", str(data), "--limit", "-1"]) == 1
+    assert capsys.readouterr().err == "error: --limit must be at least 1, not -1\n"
+
+
+def test_serve_refuses_a_port_it_cannot_listen_on_before_loading_the_model(capsys, monkeypatch, demo_bundle):
+    import socket
+
+    import dyvte_rt.cli.serve as serve
+
+    monkeypatch.setattr(serve, "open_model", lambda config: pytest.fail("the model was loaded"))
+    assert main(["serve", "--bundle", str(demo_bundle), "--port", "70000"]) == 1
+    assert capsys.readouterr().err == "error: --port must lie in 0..65535, not 70000\n"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--bundle", str(demo_bundle), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1
+    assert "choose another --port" in err
+
+
 def test_inspect_takes_the_bundle_either_way_and_prints_json(capsys, bundles):
     bundle = str(bundles["qwen2"])
     assert main(["inspect", bundle]) == 0

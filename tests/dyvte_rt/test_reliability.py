@@ -177,6 +177,12 @@ def test_bundle_of_another_dtype_than_asked_is_refused(bundles, sample_image):
     assert done.stderr.count("\n") == 1 and "exported as fp32, not fp16" in done.stderr, done.stderr
 
 
+def test_a_dtype_that_is_no_float_type_is_refused_by_name(bundles):
+    with pytest.raises(BundleError, match="dtype must be one of fp32, fp16, not 'int4'") as refused:
+        DyvteModel.load(bundles["llama-gqa"], dtype="int4")
+    assert "weights are what is quantised" in refused.value.hint
+
+
 def test_fp16_bundle_on_cpu_must_be_asked_for(bundles, tmp_path):
     copy = shutil.copytree(bundles["llama-gqa"], tmp_path / "bundle")
     manifest = (copy / MANIFEST_FILE).read_text()

@@ -144,6 +144,8 @@ def test_seeded_sampling_is_reproducible_and_degenerates_to_greedy():
     for bad in ({"top_p": 1.5}, {"top_p": -0.1}, {"temperature": -1.0}, {"temperature": float("inf")}):
         with pytest.raises(InputError):
             SamplingConfig(**bad)
+    with pytest.raises(InputError, match="seed must be a non-negative integer, got -1"):
+        SamplingConfig(temperature=1.0, seed=-1)  # numpy's generator raised its own ValueError
 
 
 def test_sampling_never_sees_nan_whatever_the_temperature_or_the_logits():

@@ -143,7 +143,7 @@ def test_query_blocked_attention_equals_one_attention_in_torch_and_onnx_runtime(
     example = tuple(torch.randn(3, 40, 4, 8, generator=rng))
     patches = Dim("patches", min=1, max=1 << 14)
     program = torch.onnx.export(
-        _FullAttention(), example, dynamo=True, dynamic_shapes=({0: patches},) * 3, opset_version=18
+        _FullAttention().eval(), example, dynamo=True, dynamic_shapes=({0: patches},) * 3, opset_version=18
     )
     program.save(tmp_path / "attention.onnx")
     session = ort.InferenceSession(tmp_path / "attention.onnx", providers=["CPUExecutionProvider"])

@@ -1,22 +1,16 @@
 """decode_profile.py --ops: ONNX Runtime's profile of the measured decode steps, op type by op type."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_benchmark
 
 
 def test_ops_split_the_measured_steps_and_name_the_int4_matmuls_by_graph():
     from tests.artefacts import export, shared
 
     bundle = shared("bundle-demo-int4", lambda out: export("demo", out, quantize="int4"))
-    command = [
-        sys.executable, str(ROOT / "benchmarks/decode_profile.py"), "--bundle", str(bundle),
-        "--steps", "4", "--repeats", "2", "--ops",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    args = ["--bundle", str(bundle), "--steps", "4", "--repeats", "2", "--ops"]
+    done = run_benchmark("decode_profile.py", *args)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = dict(re.findall(r"^(.+?)\s+(-?\d+\.\d+)\s+-?\d+\.\d%$", done.stdout, re.MULTILINE))
     step = float(re.search(r"\(the step, Python included\)\s+(\d+\.\d+)", done.stdout)[1])

@@ -3,16 +3,14 @@ ceiling an exit's speed-up can reach with these graphs, against the theoretical 
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_benchmark
 
 
 def _ceiling(bundle: Path, *options: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "benchmarks/exit_ceiling.py"), "--bundle", str(bundle),
-               "--rounds", "1", "--calls", "3", "--threads", "1", *options]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    common = ["--bundle", str(bundle), "--rounds", "1", "--calls", "3", "--threads", "1"]
+    return run_benchmark("exit_ceiling.py", *common, *options)
 
 
 def test_the_ceiling_combines_each_segment_s_times_as_the_exit_would(demo_bundle):

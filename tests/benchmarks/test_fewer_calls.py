@@ -12,6 +12,7 @@ import pytest
 
 from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.bundle import io_names as names
+from tests.helpers import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,9 +26,8 @@ def fewer_calls():
 
 
 def _run(bundle: Path, *options: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "benchmarks/fewer_calls.py"), "--bundle", str(bundle),
-               "--tokens", "75", "--visual", "64", "--threads", "1", *options]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    common = ["--bundle", str(bundle), "--tokens", "75", "--visual", "64", "--threads", "1"]
+    return run_benchmark("fewer_calls.py", *common, *options, timeout=600)
 
 
 def test_each_layout_is_timed_and_set_against_the_theoretical_speedup(demo_bundle):

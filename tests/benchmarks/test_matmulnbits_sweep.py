@@ -1,19 +1,15 @@
 """matmulnbits_sweep.py on small shapes: every configuration is its own quantisation."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_benchmark
 
 
 def test_each_block_size_and_layout_is_quantised_and_timed_apart():
-    command = [
-        sys.executable, str(ROOT / "benchmarks/matmulnbits_sweep.py"), "--hidden", "128", "--mlp", "256",
+    done = run_benchmark(
+        "matmulnbits_sweep.py", "--hidden", "128", "--mlp", "256",
         "--blocks", "32,128", "--levels", "0,4", "--rounds", "1", "--runs", "2", "--json",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)["rows"]
     configs = {(r["layout"], r["block"], r["accuracy_level"]) for r in rows}

@@ -2,16 +2,12 @@
 graph adds when opened (on the demo's int4 bundle)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_benchmark
 
 
 def run(*args: str) -> dict:
-    command = [sys.executable, str(ROOT / "benchmarks/resident_memory.py"), *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = run_benchmark("resident_memory.py", *args, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 

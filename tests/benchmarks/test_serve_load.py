@@ -2,23 +2,19 @@
 order answered, against a real `dyvte-rt serve` on the demo bundle."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_benchmark
 
 
 def test_bursts_report_each_request_in_the_order_answered(demo_bundle, tmp_path):
     from tests.dyvte_rt.served import free_port
 
     out = tmp_path / "burst.json"
-    command = [
-        sys.executable, str(ROOT / "benchmarks/serve_load.py"), "--bundle", str(demo_bundle),
+    done = run_benchmark(
+        "serve_load.py", "--bundle", str(demo_bundle),
         "--burst", "3", "--requests", "2", "--warmup-seconds", "1", "--threads", "1",
         "--max-tokens", "4", "--port", str(free_port()), "--json-out", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = json.loads(out.read_text())["runs"].values()
     assert run["burst"] == 3 and run["requests"] == 6 and run["errors"] == 0
@@ -30,7 +26,7 @@ def test_bursts_report_each_request_in_the_order_answered(demo_bundle, tmp_path)
 
 
 def test_a_burst_with_a_rate_is_refused(demo_bundle):
-    command = [sys.executable, str(ROOT / "benchmarks/serve_load.py"), "--bundle", str(demo_bundle),
-               "--burst", "2", "--rate", "1"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    done = run_benchmark(
+        "serve_load.py", "--bundle", str(demo_bundle), "--burst", "2", "--rate", "1", timeout=60
+    )
     assert done.returncode == 2 and "--burst takes a positive count" in done.stderr

@@ -2,17 +2,13 @@
 bundle is smaller by the table and the report says so."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_benchmark
 
 
 def test_the_tied_bundle_is_smaller_by_the_table(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks/tied_table.py"), "--out", str(tmp_path),
-               "--shape", "tiny", "--rounds", "1", "--json"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    args = ["--out", str(tmp_path), "--shape", "tiny", "--rounds", "1", "--json"]
+    done = run_benchmark("tied_table.py", *args, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     tied, untied = report["tied"], report["untied"]

@@ -65,6 +65,8 @@ def calibrate_routers(config: RoutersConfig) -> dict:
     from export.build import parse_exit_layers
     from export.loading import inspect_checkpoint, load_checkpoint
 
+    if config.epochs < 1:
+        raise InputError(f"--epochs must be at least 1, not {config.epochs}")
     if not 0 < config.val_fraction < 1:
         raise InputError(f"--val-fraction must lie in (0, 1), got {config.val_fraction}")
     if not 0 < config.target_agreement <= 1:

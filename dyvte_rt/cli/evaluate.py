@@ -13,7 +13,6 @@ from pathlib import Path
 from dyvte_rt.cli.commandline import HelpFormatter, config_from, use_config_defaults
 from dyvte_rt.cli.common import RunnerConfig, open_model
 from dyvte_rt.cli.options import PRUNE_HELP, bundle_options, device_options, json_option
-from dyvte_rt.errors import InputError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +59,6 @@ def run(config: EvalConfig) -> int:
     from dyvte_rt.inputs.datasets import read_jsonl
     from dyvte_rt.tools.evaluate import evaluate
 
-    if config.limit is not None and config.limit < 1:
-        raise InputError(f"--limit must be at least 1, not {config.limit}")
     examples = read_jsonl(config.data, config.limit)
     with contextlib.ExitStack() as stack:
         model = stack.enter_context(open_model(config))

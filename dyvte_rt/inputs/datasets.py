@@ -24,6 +24,7 @@ class Example:
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[Example]:
     """{"image", "question", "answer"} per line; image paths relative to the file's directory."""
+    _check_limit(limit)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"dataset {path} does not exist")
@@ -51,6 +52,7 @@ def read_llava_json(
     path: Path, image_root: Path | None = None, limit: int | None = None
 ) -> tuple[list[Example], int]:
     """LLaVA conversations -> (examples from each one's first question/answer pair, text-only skipped)."""
+    _check_limit(limit)
     path = Path(path)
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
@@ -100,3 +102,9 @@ def _text(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__}")
     return value
+
+
+def _check_limit(limit: int | None) -> None:
+    """A limit reads the first `limit` examples: below 1 it would read none (or, sliced, the wrong ones)."""
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, not {limit}")

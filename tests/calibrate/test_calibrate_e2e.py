@@ -99,3 +99,20 @@ def test_routers_recalibrate_on_the_pruned_model(tmp_path):
         RoutersConfig(model="demo", data=data, out=tmp_path / "plain", router_width=0, epochs=20)
     )
     assert next(p for p in plain["thresholds"] if p["threshold"] == 1.0)["macs_ratio"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+        (["--limit", "-1"], "--limit must be at least 1, not -1"),
+    ],
+)
+def test_no_epochs_or_no_samples_are_refused_before_any_work(tmp_path, capsys, option, message):
+    from calibrate import routers
+
+    out = tmp_path / "routers"
+    data = write_dataset(tmp_path / "data", 8, seed=1)
+    assert routers.main(["--model", "demo", "--data", str(data), "--out", str(out), *option]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not out.exists()

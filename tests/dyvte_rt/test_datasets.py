@@ -21,6 +21,11 @@ def test_jsonl_rows_become_examples_relative_to_the_file(tmp_path):
         (tmp_path / "b.png", "q2", "y"),
     ]
     assert len(read_jsonl(path, limit=1)) == 1
+    for limit in (0, -1):  # -1 read one example
+        with pytest.raises(InputError, match=f"--limit must be at least 1, not {limit}"):
+            read_jsonl(path, limit=limit)
+        with pytest.raises(InputError, match=f"--limit must be at least 1, not {limit}"):
+            read_examples(path, limit=limit)
 
 
 @pytest.mark.parametrize(

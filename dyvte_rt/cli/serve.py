@@ -167,9 +167,11 @@ def run(config: ServeConfig) -> int:
         raise InputError(f"--replicas must be at least 1 (or 0 for autoscaling), not {config.replicas}")
     import uvicorn
 
+    from dyvte_rt.serving.engine import check_engine_limits
     from dyvte_rt.serving.timeouts import header_timeout_protocol
 
-    for name in ("idle_timeout", "header_timeout", "body_timeout", "drain_seconds"):
+    check_engine_limits(config.max_batch, config.max_queue, config.context, config.prefill_chunk)
+    for name in ("idle_timeout", "header_timeout", "body_timeout", "drain_seconds", "max_body_mb"):
         if getattr(config, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(config, name)}")
     if config.allow_local_images is not None and not config.allow_local_images.is_dir():

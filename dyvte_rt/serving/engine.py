@@ -95,6 +95,14 @@ class _Starting:
         return [(slot, self.requests[slot]) for slot, _, _ in self.prefill.waiting]
 
 
+def check_engine_limits(max_batch: int, max_queue: int, context: int | None, prefill_chunk: int) -> None:
+    """Refuse limits no engine can run with (the server asks before it loads the model)."""
+    if max_batch < 1 or max_queue < 0 or prefill_chunk < 0:
+        raise InputError("--max-batch must be at least 1, --max-queue and --prefill-chunk at least 0")
+    if context is not None and context < 1:
+        raise InputError(f"--context must be at least 1 position, not {context}")
+
+
 class BatchEngine:
     def __init__(
         self,
@@ -104,8 +112,7 @@ class BatchEngine:
         context: int | None = None,
         prefill_chunk: int = 128,
     ) -> None:
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 0:
-            raise InputError("--max-batch must be at least 1, --max-queue and --prefill-chunk at least 0")
+        check_engine_limits(max_batch, max_queue, context, prefill_chunk)
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue

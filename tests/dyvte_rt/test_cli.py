@@ -71,6 +71,27 @@ def test_serve_refuses_a_port_it_cannot_listen_on_before_loading_the_model(capsy
     assert "choose another --port" in err
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (
+            ["--context", "-5"],
+            "--context must be at least 1 position, not -5",
+        ),  # was ONNX Runtime's traceback
+        (["--max-body-mb", "-1"], "--max-body-mb must be positive, not -1.0"),  # refused every request
+        (["--max-batch", "0"], "--max-batch must be at least 1, --max-queue and --prefill-chunk at least 0"),
+    ],
+)
+def test_serve_refuses_impossible_limits_before_loading_the_model(
+    capsys, monkeypatch, demo_bundle, option, message
+):
+    import dyvte_rt.cli.serve as serve
+
+    monkeypatch.setattr(serve, "open_model", lambda config: pytest.fail("the model was loaded"))
+    assert main(["serve", "--bundle", str(demo_bundle), *option]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_inspect_takes_the_bundle_either_way_and_prints_json(capsys, bundles):
     bundle = str(bundles["qwen2"])
     assert main(["inspect", bundle]) == 0

@@ -178,6 +178,11 @@ def run(config: ServeConfig) -> int:
         raise InputError(f"--allow-local-images {config.allow_local_images} is not a directory")
     if not 0 <= config.port <= 65535:
         raise InputError(f"--port must lie in 0..65535, not {config.port}")
+    if config.api_key is not None and not config.api_key.strip():  # --api-key "$KEY" with KEY unset
+        raise InputError(
+            "--api-key is empty, so no request could be authorised",
+            hint="set the variable it comes from, or leave --api-key out",
+        )
     if config.ray:
         from dyvte_rt.serving.ray_serve import serve_on_ray
 

@@ -80,6 +80,11 @@ def test_serve_refuses_a_port_it_cannot_listen_on_before_loading_the_model(capsy
         ),  # was ONNX Runtime's traceback
         (["--max-body-mb", "-1"], "--max-body-mb must be positive, not -1.0"),  # refused every request
         (["--max-batch", "0"], "--max-batch must be at least 1, --max-queue and --prefill-chunk at least 0"),
+        (  # every request was refused with 401
+            ["--api-key", ""],
+            "--api-key is empty, so no request could be authorised "
+            "(hint: set the variable it comes from, or leave --api-key out)",
+        ),
     ],
 )
 def test_serve_refuses_impossible_limits_before_loading_the_model(

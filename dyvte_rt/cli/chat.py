@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -14,7 +15,8 @@ from dyvte_rt.cli.common import RunnerConfig, open_model
 from dyvte_rt.cli.options import bundle_options, device_options, exit_options, json_option, sampling_options
 from dyvte_rt.errors import DyvteError
 
-COMMANDS = "/reset starts the conversation over (same image), /exit or end of input leaves"
+COMMANDS = "/reset starts the conversation over (same image), /exit or end of input leaves, /help lists these"
+COMMAND = re.compile(r"/[a-z]+(?=\s|$)")  # a line that starts with one is a command (a path is not)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +82,11 @@ def run(config: ChatConfig) -> int:
             if question == "/reset":
                 chat.reset()
                 print("(conversation reset)", file=sys.stderr)
+                continue
+            command = COMMAND.match(question)
+            if command:  # /help, or a command that does not exist: not a question for the model
+                known = question == "/help"
+                print(COMMANDS if known else f"unknown command {command[0]}; {COMMANDS}", file=sys.stderr)
                 continue
             try:
                 generation = chat.generate(question, max_new_tokens=config.max_new_tokens)

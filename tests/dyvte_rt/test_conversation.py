@@ -43,7 +43,8 @@ def test_a_conversation_past_its_context_is_refused_with_a_hint(bundles, sample_
 
 
 def test_chat_command_streams_answers_resets_and_leaves(bundles, sample_image):
-    stdin = f"{TURNS[0]}\n\n{TURNS[1]}\n/reset\n{TURNS[0]}\n/exit\nnever read\n"
+    # /help and an unknown command are answered on stderr, never sent to the model as questions
+    stdin = f"{TURNS[0]}\n\n/help\n{TURNS[1]}\n/image other.png\n/reset\n{TURNS[0]}\n/exit\nnever read\n"
     command = [
         sys.executable,
         "-m",
@@ -62,6 +63,7 @@ def test_chat_command_streams_answers_resets_and_leaves(bundles, sample_image):
         len(answers) == 3 and answers[0] == answers[2]
     )  # after /reset the first question gets its first answer
     assert "(conversation reset)" in done.stderr
+    assert "/help lists these" in done.stderr and "unknown command /image;" in done.stderr
     as_json = subprocess.run(
         [*command, "--max-new-tokens", "3", "--json"],
         input=f"{TURNS[0]}\n{TURNS[1]}\n",

@@ -229,7 +229,8 @@ def _share_float_table(plan, staging: Path, table_graph: Path) -> list[str]:
 
     from export.onnx_export import VerificationError
     from export.quantize import compare_graphs
-    from export.shared_table import graph_files, share_float_table, store_float_table_externally
+    from export.shared_table import share_float_table, store_float_table_externally
+    from export.staging import graph_files
 
     path = staging / plan.file
     if plan.role in EMBEDDING_ROLES:

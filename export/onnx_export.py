@@ -18,6 +18,7 @@ from dyvte_rt.errors import DyvteError
 from export.attention import TRANSLATIONS
 from export.graph_plans import GraphPlan
 from export.graph_rewrites import divide_by_square_roots
+from export.staging import graph_files
 
 EXTERNAL_DATA_BYTES = 1536 << 20  # well under protobuf's 2 GB limit
 
@@ -75,9 +76,7 @@ def export_plan(
         divide_by_square_roots(program.model.graph)  # before saving: RMSNorms ONNX Runtime fuses
         program.save(str(path), external_data=external)
         del program  # its initializers hold the module's weights (a streamed export drops them next)
-    files = tuple(
-        sorted(p.name for p in out_dir.iterdir() if p.name == plan.file or p.name.startswith(plan.file + "."))
-    )
+    files = tuple(graph_files(path))
     error = verify_plan(plan, path, release_weights=release_weights)
     return ExportedGraph(plan.name, files, count, error)
 

@@ -74,6 +74,7 @@ def quantize_graph(
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from export.shared_table import point_matmul_at_table, store_table_externally
+    from export.staging import graph_files
 
     for name in ("onnxruntime.quantization", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -109,9 +110,7 @@ def quantize_graph(
     )
     if data.is_file():  # onnx creates external data owner-only (0600); as readable as the graph beside it
         data.chmod(path.stat().st_mode & 0o777)
-    return sorted(
-        p.name for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + ".")
-    )
+    return graph_files(path)
 
 
 def _shared_table_matmul(model, settings: QuantizeSettings, table_graph: Path | None):

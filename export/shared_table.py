@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.staging import graph_files
+
 
 @dataclass(frozen=True)
 class StoredTable:
@@ -94,14 +96,22 @@ def tied_head_matmul(model, table: StoredTable) -> tuple[str, np.ndarray] | None
     from onnx import numpy_helper
 
     vocab, hidden = table.scales.shape[0], table.scales.shape[1] * table.block_size
+    found = matmul_with_weight(model, (hidden, vocab))
+    if found is None:
+        return None
+    node, weight = found
+    node.name = node.name or f"lm_head_matmul_{list(model.graph.node).index(node)}"
+    return node.name, numpy_helper.to_array(weight)
+
+
+def matmul_with_weight(model, shape: tuple[int, ...]):
+    """The graph's first MatMul whose second input is a constant of `shape` (the LM head's, when
+    `shape` is [hidden, vocab]): (node, weight initializer), or None."""
     constants = {t.name: t for t in model.graph.initializer}
-    for index, node in enumerate(model.graph.node):
-        if node.op_type != "MatMul" or node.input[1] not in constants:
-            continue
-        weight = constants[node.input[1]]
-        if tuple(weight.dims) == (hidden, vocab):
-            node.name = node.name or f"lm_head_matmul_{index}"
-            return node.name, numpy_helper.to_array(weight)
+    for node in model.graph.node:
+        weight = constants.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is not None and tuple(weight.dims) == tuple(shape):
+            return node, weight
     return None
 
 
@@ -227,39 +237,24 @@ def share_float_table(head_path: Path, embed_path: Path) -> bool:
         return False
     table = numpy_helper.to_array(stored, base_dir=str(embed_path.parent))
     head = onnx.load(str(head_path))
-    constants = {t.name: t for t in head.graph.initializer}
-    for node in head.graph.node:
-        weight = constants.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is None or tuple(weight.dims) != table.shape[::-1]:
-            continue
-        if not np.array_equal(numpy_helper.to_array(weight).T, table):
-            return False
-        shared = onnx.TensorProto(
-            name=f"{weight.name}_shared_table", data_type=stored.data_type, dims=stored.dims
-        )
-        shared.data_location = onnx.TensorProto.EXTERNAL
-        shared.external_data.extend(stored.external_data)
-        transposed = f"{weight.name}_shared_table_t"
-        position = list(head.graph.node).index(node)
-        head.graph.node.insert(
-            position,
-            helper.make_node(
-                "Transpose", [shared.name], [transposed], name=f"{node.name}_table_t", perm=[1, 0]
-            ),
-        )
-        node.input[1] = transposed
-        head.graph.initializer.remove(weight)
-        head.graph.initializer.append(shared)
-        onnx.save(head, str(head_path))  # loaded whole, its other weights are written inline
-        head_path.with_name(head_path.name + ".data").unlink(missing_ok=True)
-        return True
-    return False
-
-
-def graph_files(graph_path: Path) -> list[str]:
-    """A graph's files: its .onnx and its own external data."""
-    return sorted(
-        p.name
-        for p in graph_path.parent.iterdir()
-        if p.name == graph_path.name or p.name.startswith(graph_path.name + ".")
+    found = matmul_with_weight(head, table.shape[::-1])
+    if found is None or not np.array_equal(numpy_helper.to_array(found[1]).T, table):
+        return False
+    node, weight = found
+    shared = onnx.TensorProto(
+        name=f"{weight.name}_shared_table", data_type=stored.data_type, dims=stored.dims
     )
+    shared.data_location = onnx.TensorProto.EXTERNAL
+    shared.external_data.extend(stored.external_data)
+    transposed = f"{weight.name}_shared_table_t"
+    position = list(head.graph.node).index(node)
+    head.graph.node.insert(
+        position,
+        helper.make_node("Transpose", [shared.name], [transposed], name=f"{node.name}_table_t", perm=[1, 0]),
+    )
+    node.input[1] = transposed
+    head.graph.initializer.remove(weight)
+    head.graph.initializer.append(shared)
+    onnx.save(head, str(head_path))  # loaded whole, its other weights are written inline
+    head_path.with_name(head_path.name + ".data").unlink(missing_ok=True)
+    return True

@@ -56,3 +56,12 @@ def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)
+
+
+def graph_files(graph_path: Path) -> list[str]:
+    """A graph's files: its .onnx and its own external data."""
+    return sorted(
+        p.name
+        for p in graph_path.parent.iterdir()
+        if p.name == graph_path.name or p.name.startswith(graph_path.name + ".")
+    )

@@ -90,6 +90,25 @@ class FamilyAdapter:
         """Write a tiny random-weight checkpoint of this family (`TINY_VARIANTS`) to `out`."""
         raise NotImplementedError(f"family {cls.family!r} has no tiny checkpoints")
 
+    @classmethod
+    def whole_fp32_tiny_layers(cls, variant: str, options: dict[str, Any], ties: bool = False) -> int | None:
+        """`build_tiny`'s options checked for a family whose tiny checkpoints are written whole, in
+        fp32 -> the slice's decoder layers (None for `tiny`). `ties`: its tiny checkpoints can tie
+        the LM head to the embedding table."""
+        if variant not in cls.TINY_VARIANTS:
+            raise ValueError(f"{cls.family} has no tiny variant {variant!r}")
+        if options.get("streamed") or options.get("dtype", torch.float32) != torch.float32:
+            raise ValueError(f"{cls.family} checkpoints are written whole, in fp32")
+        if options.get("tie_embeddings") and not ties:
+            raise ValueError(
+                f"{cls.family} tiny checkpoints have an LM head of their own "
+                "(--tie-embeddings: llava, llava-next, qwen2-vl)"
+            )
+        layers = None if variant == "tiny" else options.get("layers")
+        if variant != "tiny" and layers is None:
+            raise ValueError(f"the {variant} needs a number of decoder layers")
+        return layers
+
     # -- the loaded model -------------------------------------------------------------------------
 
     @property

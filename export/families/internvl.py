@@ -112,19 +112,7 @@ class InternVLAdapter(FamilyAdapter):
     @classmethod
     def build_tiny(cls, variant: str, out: Path, seed: int = 0, **options: Any) -> Path:
         """`tiny`, or `internvl3-8b-slice` with `layers` decoder layers; fp32 weights, written whole."""
-        if variant not in cls.TINY_VARIANTS:
-            raise ValueError(f"internvl has no tiny variant {variant!r}")
-        if options.get("streamed") or options.get("dtype", torch.float32) != torch.float32:
-            raise ValueError("internvl checkpoints are written whole, in fp32")
-        if options.get("tie_embeddings"):
-            raise ValueError(
-                f"{cls.family} tiny checkpoints have an LM head of their own "
-                "(--tie-embeddings: llava, llava-next, qwen2-vl)"
-            )
-        layers = None if variant == "tiny" else options.get("layers")
-        if variant != "tiny" and layers is None:
-            raise ValueError(f"the {variant} needs a number of decoder layers")
-        return build_tiny_internvl(out, seed, slice_layers=layers)
+        return build_tiny_internvl(out, seed, slice_layers=cls.whole_fp32_tiny_layers(variant, options))
 
     @property
     def vision_modules(self) -> list[nn.Module]:

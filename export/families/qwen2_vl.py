@@ -175,13 +175,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     def build_tiny(cls, variant: str, out: Path, seed: int = 0, **options: Any) -> Path:
         """`tiny`, or (Qwen2.5-VL) `qwen2.5-vl-7b-slice` with `layers` decoder layers; fp32 weights,
         written whole."""
-        if variant not in cls.TINY_VARIANTS:
-            raise ValueError(f"{cls.family} has no tiny variant {variant!r}")
-        if options.get("streamed") or options.get("dtype", torch.float32) != torch.float32:
-            raise ValueError(f"{cls.family} checkpoints are written whole, in fp32")
-        layers = None if variant == "tiny" else options.get("layers")
-        if variant != "tiny" and layers is None:
-            raise ValueError(f"the {variant} needs a number of decoder layers")
+        layers = cls.whole_fp32_tiny_layers(variant, options, ties=True)
         tie = bool(options.get("tie_embeddings", False))
         return build_tiny_qwen_vl(cls.family, out, seed, slice_layers=layers, tie_embeddings=tie)
 

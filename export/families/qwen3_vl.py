@@ -74,19 +74,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     @classmethod
     def build_tiny(cls, variant: str, out: Path, seed: int = 0, **options: Any) -> Path:
-        if variant not in cls.TINY_VARIANTS:
-            raise ValueError(f"{cls.family} has no tiny variant {variant!r}")
-        if options.get("streamed") or options.get("dtype", torch.float32) != torch.float32:
-            raise ValueError(f"{cls.family} checkpoints are written whole, in fp32")
-        if options.get("tie_embeddings"):
-            raise ValueError(
-                f"{cls.family} tiny checkpoints have an LM head of their own "
-                "(--tie-embeddings: llava, llava-next, qwen2-vl)"
-            )
-        layers = None if variant == "tiny" else options.get("layers")
-        if variant != "tiny" and layers is None:
-            raise ValueError(f"the {variant} needs a number of decoder layers")
-        return build_tiny_qwen3_vl(out, seed, slice_layers=layers)
+        return build_tiny_qwen3_vl(out, seed, slice_layers=cls.whole_fp32_tiny_layers(variant, options))
 
     # -- images ------------------------------------------------------------------------------
 

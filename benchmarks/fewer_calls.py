@@ -47,7 +47,6 @@ from dyvte_rt.api.model import DyvteModel
 from dyvte_rt.bundle import io_names as names
 from dyvte_rt.bundle.manifest import SegmentInfo
 from dyvte_rt.runtime.compute import prefill_macs
-from dyvte_rt.runtime.pipeline import Pipeline
 from engines import Session
 
 EXIT_HIDDEN = "exit_hidden_states"  # a fused router's gathered rows (the segment's input is HIDDEN_IN)
@@ -160,10 +159,10 @@ def _joined(models: list, hidden_outputs: set[str]):
 class _Graphs:
     """The bundle's sessions and the composed ones, called as the runtime calls its segments."""
 
-    def __init__(self, pipeline: Pipeline, model: DyvteModel, folder: Path, exit_layer: int) -> None:
+    def __init__(self, model: DyvteModel, folder: Path, exit_layer: int) -> None:
         import onnx
 
-        self.pipeline = pipeline
+        self.pipeline = pipeline = model.pipeline
         segments = pipeline.segments
         self.before = [s for s in segments if s.last_layer <= exit_layer]
         self.after = [s for s in segments if s.last_layer > exit_layer]
@@ -310,7 +309,7 @@ def main() -> int:
                 "this benchmark composes graphs in memory, each a second copy of its weights: "
                 "small models only (bundles under 1 GiB)"
             )
-        graphs = _Graphs(pipeline, model, Path(tmp), args.exit_layer)
+        graphs = _Graphs(model, Path(tmp), args.exit_layer)
         last = pipeline.dims.num_layers - 1
         every, up_to = range(0, last + 1), range(0, args.exit_layer + 1)
         after = range(args.exit_layer + 1, last + 1)

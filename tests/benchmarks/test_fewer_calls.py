@@ -63,7 +63,7 @@ def test_an_exit_layer_without_a_router_is_refused_in_one_line(demo_bundle):
 
 def test_composed_graphs_give_the_outputs_of_the_calls_they_replace(demo_bundle, tmp_path, fewer_calls):
     with DyvteModel.load(demo_bundle, threads=1) as model:
-        graphs = fewer_calls._Graphs(model.pipeline, model, tmp_path, exit_layer=1)
+        graphs = fewer_calls._Graphs(model, tmp_path, exit_layer=1)
         ranges = range(0, 6), range(0, 2), range(2, 6)
         assert graphs.check(75, 11, *ranges) <= 1e-6
         # the check sees a wrong graph: the segments chained in another order
